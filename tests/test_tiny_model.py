@@ -1,0 +1,203 @@
+"""Tiny random-weight GGUF models: they load in llama.cpp, and the numpy reference
+forward matches llama.cpp's logits.
+
+Observed max |reference - llama.cpp| on logits (logit std ~3, f16 KV cache, 64 tokens):
+flash attention on (llama.cpp's CPU default) with ``kv_f16=True``: 1e-4 .. 2e-3
+(without the f16 rounding of K/V: ~5e-3); flash attention off with
+``kv_f16=q_f16=p_f16=True``: 6e-4 .. 3e-3 (defaults: ~5e-3).
+The tolerance below (``LOGIT_ATOL``) leaves headroom for thread-count and SIMD
+differences, and is far below the effect of masking a single token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spindle_local.testing.reference import PrefixKV, ReferenceModel, rope, rope_angles, unrope
+from spindle_local.testing.tiny_gguf import TinySpec, write_tiny_llama
+
+llama_cpp = pytest.importorskip("llama_cpp")
+from spindle_local.testing.llama_oracle import LlamaOracle  # noqa: E402
+
+LOGIT_ATOL = 1e-2
+
+CONFIGS = {
+    "mha-d16": dict(n_head=4, n_head_kv=4, head_dim=16),
+    "gqa-d16": dict(n_head=4, n_head_kv=2, head_dim=16),
+    "gqa3-d32": dict(n_head=6, n_head_kv=2, head_dim=32, n_embd=96, seed=1),
+    "mqa-d64-embd96": dict(n_head=4, n_head_kv=1, head_dim=64, n_embd=96, seed=2),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[TinySpec, ReferenceModel]]:
+    d = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for name, cfg in CONFIGS.items():
+        spec = write_tiny_llama(d / f"{name}.gguf", **cfg)
+        out[name] = (spec, ReferenceModel.load(spec.path))
+    return out
+
+
+def _tokens(n: int, n_vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n_vocab, n)
+
+
+def _ref_flags(flash_attn: bool) -> dict[str, bool]:
+    # Without flash attention llama.cpp rounds Q and softmax weights to f16 in mul_mat.
+    return dict(kv_f16=True, q_f16=not flash_attn, p_f16=not flash_attn)
+
+
+def test_spec_roundtrip(models: dict[str, tuple[TinySpec, ReferenceModel]]) -> None:
+    for spec, ref in models.values():
+        assert (ref.n_layer, ref.n_embd, ref.n_head, ref.n_head_kv) == (
+            spec.n_layer, spec.n_embd, spec.n_head, spec.n_head_kv)
+        assert (ref.head_dim, ref.head_dim_v, ref.n_rot, ref.n_ff, ref.n_vocab) == (
+            spec.head_dim, spec.head_dim, spec.head_dim, spec.n_ff, spec.n_vocab)
+        assert ref.rope_base == spec.rope_base and ref.rms_eps == pytest.approx(spec.rms_eps)
+        assert ref.layers[0].wq.shape == (spec.n_head * spec.head_dim, spec.n_embd)
+        assert ref.layers[0].wk.shape == (spec.n_head_kv * spec.head_dim, spec.n_embd)
+
+
+def test_loads_in_llama_cpp(models: dict[str, tuple[TinySpec, ReferenceModel]]) -> None:
+    for spec, _ in models.values():
+        with LlamaOracle(spec.path, n_ctx=64) as o:
+            assert o.n_vocab == spec.n_vocab
+            # Ids fed directly, including the control ids and the last id; no BOS added.
+            logits = o.decode([1, 2, 0, spec.n_vocab - 1, 5])
+            assert logits.shape == (5, spec.n_vocab) and np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("flash_attn", [True, False], ids=["fa", "nofa"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_llama_cpp(models: dict[str, tuple[TinySpec, ReferenceModel]], name: str,
+                                flash_attn: bool) -> None:
+    spec, ref = models[name]
+    with LlamaOracle(spec.path, n_ctx=128, flash_attn=flash_attn) as o:
+        for n in (1, 7, 64):
+            o.clear()
+            toks = _tokens(n, spec.n_vocab, seed=n)
+            got = o.decode(toks)
+            want = ref.forward(toks, **_ref_flags(flash_attn)).logits
+            diff = np.abs(got - want).max()
+            assert diff < LOGIT_ATOL, f"{name} n={n}: max abs diff {diff:.2e}"
+
+
+@pytest.mark.parametrize("name", ["gqa-d16", "mqa-d64-embd96"])
+def test_large_positions_match(models: dict[str, tuple[TinySpec, ReferenceModel]], name: str) -> None:
+    """Positions far from 0 check the RoPE angles (ggml builds them in f32)."""
+    spec, ref = models[name]
+    toks = _tokens(16, spec.n_vocab, seed=3)
+    pos = np.arange(3000, 3016)
+    with LlamaOracle(spec.path, n_ctx=64, flash_attn=True) as o:
+        got = o.decode(toks, pos)
+    want = ref.forward(toks, positions=pos).logits
+    assert np.abs(got - want).max() < LOGIT_ATOL
+
+
+@pytest.mark.parametrize("name", ["gqa-d16", "gqa3-d32"])
+def test_continuation_matches_prefix_forward(models: dict[str, tuple[TinySpec, ReferenceModel]],
+                                             name: str) -> None:
+    """llama.cpp decoding B after A (A in its cache) == reference forward(B, prefix=K/V of A)."""
+    spec, ref = models[name]
+    a, b = _tokens(20, spec.n_vocab, seed=4), _tokens(9, spec.n_vocab, seed=5)
+    with LlamaOracle(spec.path, n_ctx=64, flash_attn=True) as o:
+        o.decode(a)
+        got = o.decode(b, start=len(a))
+    out_a = ref.forward(a)
+    want = ref.forward(b, prefix=out_a.prefix(ref.n_head)).logits  # positions default to 20..
+    assert np.abs(got - want).max() < LOGIT_ATOL
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_prefix_all_visible_equals_concatenated_forward(
+        models: dict[str, tuple[TinySpec, ReferenceModel]], name: str) -> None:
+    spec, ref = models[name]
+    toks = _tokens(30, spec.n_vocab, seed=6)
+    full = ref.forward(toks)
+    head = ref.forward(toks[:18])
+    tail = ref.forward(toks[18:], prefix=[PrefixKV.all_visible(k, v, ref.n_head)
+                                          for k, v in zip(head.k, head.v)])
+    np.testing.assert_allclose(tail.logits, full.logits[18:], rtol=0, atol=1e-9)
+    for il in range(ref.n_layer):
+        np.testing.assert_allclose(tail.k[il], full.k[il][18:], atol=1e-12)
+        np.testing.assert_allclose(tail.q[il], full.q[il][18:], atol=1e-12)
+        np.testing.assert_allclose(tail.v[il], full.v[il][18:], atol=1e-12)
+    assert np.array_equal(tail.positions, np.arange(18, 30))
+
+
+def test_prefix_masks(models: dict[str, tuple[TinySpec, ReferenceModel]]) -> None:
+    """Hiding a slot from all heads == dropping it; hiding from one head changes logits."""
+    spec, ref = models["gqa-d16"]
+    toks = _tokens(24, spec.n_vocab, seed=7)
+    head = ref.forward(toks[:16])
+    tail_toks, tail_pos = toks[16:], np.arange(16, 24)
+    base = ref.forward(tail_toks, tail_pos, head.prefix(ref.n_head), return_attn=True)
+
+    drop = [3, 4, 10]
+    keep = np.setdiff1d(np.arange(16), drop)
+    masked = []
+    for k, v in zip(head.k, head.v):
+        vis = np.ones((ref.n_head, 16), dtype=bool)
+        vis[:, drop] = False
+        masked.append(PrefixKV(k, v, vis))
+    dropped = [PrefixKV.all_visible(k[keep], v[keep], ref.n_head) for k, v in zip(head.k, head.v)]
+    lm = ref.forward(tail_toks, tail_pos, masked, return_attn=True)
+    ld = ref.forward(tail_toks, tail_pos, dropped).logits
+    np.testing.assert_allclose(lm.logits, ld, atol=1e-10)
+    assert np.abs(lm.logits - base.logits).max() > 0.05  # attention is peaky enough to matter
+    assert np.all(lm.attn[0][:, :, drop] == 0)
+    np.testing.assert_allclose(base.attn[0].sum(axis=2), 1.0, atol=1e-12)
+
+    # Per-query-head visibility: hide the prefix from query head 1 only (GQA group 0).
+    one = []
+    for k, v in zip(head.k, head.v):
+        vis = np.ones((ref.n_head, 16), dtype=bool)
+        vis[1] = False
+        one.append(PrefixKV(k, v, vis))
+    lo = ref.forward(tail_toks, tail_pos, one, return_attn=True)
+    assert np.abs(lo.logits - base.logits).max() > 0.05
+    assert np.all(lo.attn[0][1, :, :16] == 0)
+    np.testing.assert_allclose(lo.attn[0][[0, 2, 3]], base.attn[0][[0, 2, 3]], atol=1e-12)
+
+
+def test_kv_outputs_shapes_and_rope(models: dict[str, tuple[TinySpec, ReferenceModel]]) -> None:
+    spec, ref = models["gqa3-d32"]
+    toks = _tokens(10, spec.n_vocab, seed=8)
+    pos = np.arange(100, 110)
+    out = ref.forward(toks, pos, kv_f16=False)
+    for il in range(ref.n_layer):
+        assert out.q[il].shape == (10, 6, 32)
+        assert out.k[il].shape == out.k_pre[il].shape == out.v[il].shape == (10, 2, 32)
+        np.testing.assert_allclose(unrope(out.k[il], pos, ref.rope_base), out.k_pre[il], atol=1e-12)
+    # With kv_f16 the stored K is the f16 rounding of rope(k_pre).
+    out16 = ref.forward(toks, pos)
+    k16 = rope(out16.k_pre[0], pos, ref.rope_base).astype(np.float16).astype(np.float64)
+    np.testing.assert_array_equal(out16.k[0], k16)
+
+
+def test_rope_roundtrip_and_properties() -> None:
+    rng = np.random.default_rng(9)
+    for d, n_rot in ((16, None), (64, None), (32, 16)):
+        x = rng.standard_normal((12, 3, d))
+        pos = rng.integers(0, 8000, 12)
+        y = rope(x, pos, 10000.0, n_rot)
+        np.testing.assert_allclose(unrope(y, pos, 10000.0, n_rot), x, atol=1e-12)
+        np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-12)
+        if n_rot is not None:
+            np.testing.assert_array_equal(y[..., n_rot:], x[..., n_rot:])
+    x = rng.standard_normal((1, 1, 16))
+    np.testing.assert_allclose(rope(x, [0], 10000.0), x, atol=0)
+    # Adjacent-pair (NORM) convention: pair 0 rotates by pos radians.
+    e = np.zeros((1, 1, 4))
+    e[0, 0, 0] = 1.0
+    y = rope(e, [1], 10000.0)
+    np.testing.assert_allclose(y[0, 0], [np.cos(1.0), np.sin(1.0), 0.0, 0.0], atol=1e-12)
+    # Relative property: <rope(q,m), rope(k,n)> depends on m-n only (up to f32 angles).
+    q, k = rng.standard_normal((1, 1, 16)), rng.standard_normal((1, 1, 16))
+    s1 = np.sum(rope(q, [50], 1e4) * rope(k, [40], 1e4))
+    s2 = np.sum(rope(q, [1010], 1e4) * rope(k, [1000], 1e4))
+    assert abs(s1 - s2) < 1e-3
+    th = rope_angles(np.array([2.0]), 10000.0, 8)
+    np.testing.assert_allclose(th[0], 2.0 * 10000.0 ** (-np.arange(4) * 2 / 8), rtol=1e-6)
