@@ -1,0 +1,29 @@
+"""Shared fixtures: the default model and a way to run the CLI as a user does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    from spindle_local.runtime.model_files import default_model_path
+
+    return default_model_path(quiet=True)
+
+
+def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``spindle-local ARGS`` in a fresh interpreter, capturing output."""
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    return subprocess.run([sys.executable, "-m", "spindle_local.cli", *args], input=input,
+                          capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)

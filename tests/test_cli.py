@@ -1,0 +1,89 @@
+"""The command line as a user meets it: answers, geometry, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import run_cli
+
+
+def _one_line_error(proc) -> str:
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert proc.returncode != 0, proc
+    assert len(lines) == 1, f"expected one error line, got: {proc.stderr!r}"
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_one_shot_chat_answers(default_model: Path) -> None:
+    proc = run_cli("chat", str(default_model), "--prompt", "What is the capital of France?",
+                   "--temperature", "0", "--max-tokens", "24", "--seed", "1", "--ctx", "512")
+    assert proc.returncode == 0, proc.stderr
+    answer = proc.stdout.strip()
+    assert answer, "empty answer"
+    assert "Paris" in answer
+
+
+def test_chat_keeps_conversation_from_stdin(default_model: Path) -> None:
+    # Non-interactive stdin: each line is a message; /stats reports two turns.
+    proc = run_cli("chat", str(default_model), "--temperature", "0", "--max-tokens", "8", "--ctx", "512",
+                   input="Say hello.\nSay goodbye.\n/stats\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "messages: 4" in proc.stderr
+    assert len(proc.stdout.strip().splitlines()) >= 2
+
+
+def test_info_reports_geometry(default_model: Path) -> None:
+    proc = run_cli("info", str(default_model), "--json")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads(proc.stdout)
+    assert (meta["n_layer"], meta["n_head"], meta["n_head_kv"], meta["head_dim_k"]) == (30, 9, 3, 64)
+    assert meta["kv_bytes_per_token_f16"] == 30 * 3 * (64 + 64) * 2
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    line = _one_line_error(run_cli("chat", str(tmp_path / "nope.gguf"), "--prompt", "hi"))
+    assert "not found" in line
+
+
+def test_directory(tmp_path: Path) -> None:
+    line = _one_line_error(run_cli("chat", str(tmp_path), "--prompt", "hi"))
+    assert "directory" in line
+
+
+def test_not_a_gguf(tmp_path: Path) -> None:
+    bogus = tmp_path / "model.gguf"
+    bogus.write_text("this is not a model\n")
+    line = _one_line_error(run_cli("info", str(bogus)))
+    assert "not a GGUF" in line
+
+
+def test_truncated_gguf(tmp_path: Path, default_model: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    with open(default_model, "rb") as f:
+        cut.write_bytes(f.read(5000))
+    line = _one_line_error(run_cli("chat", str(cut), "--prompt", "hi"))
+    assert "truncated" in line
+
+
+def test_truncated_tensor_data(tmp_path: Path, default_model: Path) -> None:
+    # A complete header with the tensor data cut off: llama.cpp itself must refuse it.
+    cut = tmp_path / "cut.gguf"
+    with open(default_model, "rb") as f:
+        cut.write_bytes(f.read(20_000_000))
+    _one_line_error(run_cli("chat", str(cut), "--prompt", "hi"))
+
+
+def test_runtime_library_missing(tmp_path: Path, default_model: Path) -> None:
+    # Pointing llama-cpp-python at a folder without a library: one line saying how to fix it.
+    line = _one_line_error(run_cli("chat", str(default_model), "--prompt", "hi",
+                                   env={"LLAMA_CPP_LIB_PATH": str(tmp_path)}))
+    assert "spindle-local setup" in line
+
+
+def test_bad_option_exits_2(default_model: Path) -> None:
+    proc = run_cli("chat", str(default_model), "--ctx", "-5", "--prompt", "hi")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
