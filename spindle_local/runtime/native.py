@@ -1,0 +1,301 @@
+"""ctypes declarations of the spindle-local patch to llama.cpp (``patches/0001-spindle-kv.patch``).
+
+The patch exports ``llama_spindle_*`` C functions from the same ``libllama`` that
+llama-cpp-python loads (``llama_cpp.llama_cpp._lib``). They are bound lazily on first use;
+a library without them, or with another API version, raises
+:class:`~spindle_local.errors.RuntimeNotPatchedError` with a one-line hint to run
+``spindle-local setup``. See ``patches/README.md`` for the C API and the store format.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from spindle_local.errors import RuntimeNotPatchedError, SpindleError
+
+#: The ``LLAMA_SPINDLE_API_VERSION`` this module was written against.
+API_VERSION = 1
+
+ERR_ARG = -1
+ERR_UNSUPPORTED = -2
+ERR_BUFFER = -3
+ERR_ALLOC = -4
+ERR_INTERNAL = -5
+
+
+class NativeError(SpindleError):
+    """A ``llama_spindle_*`` call failed; the message is llama_spindle_last_error()."""
+
+
+class llama_spindle_geometry(ctypes.Structure):
+    _fields_ = [
+        ("n_layer", ctypes.c_int32),
+        ("n_ctx_train", ctypes.c_int32),
+        ("n_ctx", ctypes.c_int32),
+        ("rope_type", ctypes.c_int32),
+        ("n_ctx_orig_yarn", ctypes.c_int32),
+        ("freq_base", ctypes.c_float),
+        ("freq_scale", ctypes.c_float),
+        ("ext_factor", ctypes.c_float),
+        ("attn_factor", ctypes.c_float),
+        ("beta_fast", ctypes.c_float),
+        ("beta_slow", ctypes.c_float),
+        ("swa_type", ctypes.c_int32),
+        ("n_swa", ctypes.c_int32),
+        ("flash_attn", ctypes.c_int32),
+        ("v_trans", ctypes.c_int32),
+        ("type_k", ctypes.c_int32),
+        ("type_v", ctypes.c_int32),
+    ]
+
+
+class llama_spindle_layer_geometry(ctypes.Structure):
+    _fields_ = [
+        ("n_head", ctypes.c_int32),
+        ("n_head_kv", ctypes.c_int32),
+        ("n_embd_head_k", ctypes.c_int32),
+        ("n_embd_head_v", ctypes.c_int32),
+        ("n_rot", ctypes.c_int32),
+        ("is_swa", ctypes.c_int32),
+        ("has_kv", ctypes.c_int32),
+        ("freq_base", ctypes.c_float),
+        ("freq_scale", ctypes.c_float),
+    ]
+
+
+_P = ctypes.c_void_p
+_I32 = ctypes.c_int32
+_I64 = ctypes.c_int64
+_FP = ctypes.POINTER(ctypes.c_float)
+_IP = ctypes.POINTER(ctypes.c_int32)
+
+# name -> (argtypes, restype); every symbol must exist for the runtime to count as patched
+_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
+    "llama_spindle_api_version": ([], _I32),
+    "llama_spindle_last_error": ([], ctypes.c_char_p),
+    "llama_spindle_get_geometry": ([_P, ctypes.POINTER(llama_spindle_geometry)], _I32),
+    "llama_spindle_get_layer_geometry": ([_P, _I32, ctypes.POINTER(llama_spindle_layer_geometry)], _I32),
+    "llama_spindle_kv_count": ([_P, _I32], _I32),
+    "llama_spindle_read_layer_kv": ([_P, _I32, _I32, _FP, _FP, _IP, _I32], _I32),
+}
+
+_HINT = "run `spindle-local setup` to build the patched runtime"
+
+
+class Native:
+    """The patch's C functions bound on one library object (normally ``llama_cpp.llama_cpp._lib``)."""
+
+    def __init__(self, lib: Any) -> None:
+        missing = [name for name in _SIGNATURES if not hasattr(lib, name)]
+        if missing:
+            raise RuntimeNotPatchedError(
+                f"llama.cpp runtime is not patched for spindle-local (missing {missing[0]}); {_HINT}"
+            )
+        for name, (argtypes, restype) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
+            fn.restype = restype
+            setattr(self, name[len("llama_") :], fn)
+        version = int(self.spindle_api_version())
+        if version != API_VERSION:
+            raise RuntimeNotPatchedError(
+                f"llama.cpp runtime has spindle-local patch API {version}, expected {API_VERSION}; {_HINT}"
+            )
+        self.lib = lib
+
+    def last_error(self) -> str:
+        msg = self.spindle_last_error()
+        return msg.decode("utf-8", "replace") if msg else "unknown error"
+
+    def check(self, rc: int, what: str) -> int:
+        """Raise :class:`NativeError` (one line) for a negative return code."""
+        if rc < 0:
+            raise NativeError(f"{what}: {self.last_error()}")
+        return rc
+
+
+_native: Native | None = None
+
+
+def native(lib: Any | None = None) -> Native:
+    """The bound patch API; checks symbols and version once (or for ``lib`` when given)."""
+    global _native
+    if lib is not None:
+        return Native(lib)
+    if _native is None:
+        import llama_cpp.llama_cpp as llama_cpp_mod
+
+        _native = Native(llama_cpp_mod._lib)
+    return _native
+
+
+def is_patched() -> bool:
+    """True when the loaded llama.cpp carries a compatible spindle-local patch."""
+    try:
+        native()
+    except RuntimeNotPatchedError:
+        return False
+    return True
+
+
+def ctx_ptr(ctx: Any) -> int | None:
+    """A raw ``llama_context *`` from a :class:`~spindle_local.runtime.lowlevel.LlamaContext` or a ctypes pointer."""
+    raw = getattr(ctx, "ctx", ctx)
+    if isinstance(raw, ctypes.c_void_p):
+        return raw.value
+    if isinstance(raw, int):
+        return raw
+    return ctypes.cast(raw, ctypes.c_void_p).value
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """Attention geometry of one layer."""
+
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_rot: int
+    is_swa: bool
+    has_kv: bool
+    freq_base: float
+    freq_scale: float
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 for MHA)."""
+        return self.n_head // self.n_head_kv if self.n_head_kv else 0
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Model attention geometry and the RoPE parameters the context's graph uses."""
+
+    n_layer: int
+    n_ctx_train: int
+    n_ctx: int
+    rope_type: int
+    n_ctx_orig_yarn: int
+    freq_base: float
+    freq_scale: float
+    ext_factor: float
+    attn_factor: float
+    beta_fast: float
+    beta_slow: float
+    swa_type: int
+    n_swa: int
+    flash_attn: bool
+    v_trans: bool
+    type_k: int
+    type_v: int
+    layers: tuple[LayerGeometry, ...]
+
+    def swa_layers(self) -> list[int]:
+        """Layers that use a sliding window of ``n_swa`` tokens."""
+        return [i for i, lg in enumerate(self.layers) if lg.is_swa]
+
+    def _uniform(self, attr: str) -> int:
+        values = {getattr(lg, attr) for lg in self.layers}
+        if len(values) != 1:
+            raise ValueError(f"{attr} varies across layers; use geometry.layers[i].{attr}")
+        return int(values.pop())
+
+    @property
+    def n_head(self) -> int:
+        return self._uniform("n_head")
+
+    @property
+    def n_head_kv(self) -> int:
+        return self._uniform("n_head_kv")
+
+    @property
+    def head_dim_k(self) -> int:
+        return self._uniform("head_dim_k")
+
+    @property
+    def head_dim_v(self) -> int:
+        return self._uniform("head_dim_v")
+
+
+def get_geometry(ctx: Any) -> Geometry:
+    """Geometry of the model and context behind ``ctx``."""
+    n = native()
+    p = ctx_ptr(ctx)
+    g = llama_spindle_geometry()
+    n.check(n.spindle_get_geometry(p, ctypes.byref(g)), "geometry")
+    layers = []
+    for il in range(g.n_layer):
+        lg = llama_spindle_layer_geometry()
+        n.check(n.spindle_get_layer_geometry(p, il, ctypes.byref(lg)), f"geometry of layer {il}")
+        layers.append(
+            LayerGeometry(
+                n_head=lg.n_head,
+                n_head_kv=lg.n_head_kv,
+                head_dim_k=lg.n_embd_head_k,
+                head_dim_v=lg.n_embd_head_v,
+                n_rot=lg.n_rot,
+                is_swa=bool(lg.is_swa),
+                has_kv=bool(lg.has_kv),
+                freq_base=float(lg.freq_base),
+                freq_scale=float(lg.freq_scale),
+            )
+        )
+    return Geometry(
+        n_layer=g.n_layer,
+        n_ctx_train=g.n_ctx_train,
+        n_ctx=g.n_ctx,
+        rope_type=g.rope_type,
+        n_ctx_orig_yarn=g.n_ctx_orig_yarn,
+        freq_base=float(g.freq_base),
+        freq_scale=float(g.freq_scale),
+        ext_factor=float(g.ext_factor),
+        attn_factor=float(g.attn_factor),
+        beta_fast=float(g.beta_fast),
+        beta_slow=float(g.beta_slow),
+        swa_type=g.swa_type,
+        n_swa=g.n_swa,
+        flash_attn=bool(g.flash_attn),
+        v_trans=g.v_trans == 1,
+        type_k=g.type_k,
+        type_v=g.type_v,
+        layers=tuple(layers),
+    )
+
+
+def _fptr(a: np.ndarray) -> Any:
+    return a.ctypes.data_as(_FP)
+
+
+def _iptr(a: np.ndarray) -> Any:
+    return a.ctypes.data_as(_IP)
+
+
+def kv_count(ctx: Any, seq: int = 0) -> int:
+    """Tokens of ``seq`` in the regular KV cache."""
+    n = native()
+    return n.check(n.spindle_kv_count(ctx_ptr(ctx), seq), "kv count")
+
+
+def read_layer_kv(ctx: Any, layer: int, seq: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One layer's cached K (post-RoPE), V and positions for ``seq``, ordered by position.
+
+    Returns ``k`` float32 [n, Hkv, dk], ``v`` float32 [n, Hkv, dv], ``pos`` int32 [n].
+    """
+    n = native()
+    p = ctx_ptr(ctx)
+    lg = llama_spindle_layer_geometry()
+    n.check(n.spindle_get_layer_geometry(p, layer, ctypes.byref(lg)), f"geometry of layer {layer}")
+    count = n.check(n.spindle_kv_count(p, seq), "kv count")
+    k = np.empty((count, lg.n_head_kv, lg.n_embd_head_k), dtype=np.float32)
+    v = np.empty((count, lg.n_head_kv, lg.n_embd_head_v), dtype=np.float32)
+    pos = np.empty(count, dtype=np.int32)
+    got = n.check(
+        n.spindle_read_layer_kv(p, layer, seq, _fptr(k), _fptr(v), _iptr(pos), count),
+        f"read layer {layer}",
+    )
+    return k[:got], v[:got], pos[:got]
