@@ -177,6 +177,45 @@ def _f16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(np.float64)
 
 
+def _flash_vec_attention(q: np.ndarray, kh: np.ndarray, vh: np.ndarray, allowed: np.ndarray,
+                         scale: float) -> np.ndarray:
+    """Replay ggml-cpu's ``flash_attn_ext_f16_one_chunk`` for an f16 K/V cache.
+
+    Per (head, query): Q rounded to f16, scores ``f32(q·k)·scale``, keys visited in
+    order, masked keys skipped, online softmax in f32 (``M``, ``S``) and the value
+    accumulator kept in f16 (rounded after every scale and multiply-add), finally
+    divided by ``S`` in f32. ``q[n, H, d]``, ``kh[T, H, d]``, ``vh[T, H, dv]``
+    (already repeated per query head), ``allowed[H, n, T]``. Returns ``[n, H, dv]``.
+    """
+    f32, f16 = np.float32, np.float16
+    s_all = (np.einsum("ihd,jhd->hij", _f16(q), kh).astype(f32) * f32(scale))  # [H, n, T]
+    H, n, T = s_all.shape
+    dv = vh.shape[2]
+    M = np.full((H, n), -np.inf, dtype=f32)
+    S = np.zeros((H, n), dtype=f32)
+    acc = np.zeros((H, n, dv), dtype=f16)
+    v16 = vh.astype(f16).astype(f32)  # [T, H, dv]
+    with np.errstate(over="ignore", invalid="ignore"):
+        for j in range(T):
+            ok = allowed[:, :, j]
+            if not ok.any():
+                continue
+            s = s_all[:, :, j]
+            new_max = s > M
+            ms = np.where(new_max, np.exp(M - s), f32(1.0)).astype(f32)
+            vs = np.where(new_max, f32(1.0), np.exp(s - M)).astype(f32)
+            ms = np.where(ok, ms, f32(1.0))
+            vs = np.where(ok, vs, f32(0.0))
+            M = np.where(ok & new_max, s, M)
+            scaled = (acc.astype(f32) * ms[..., None]).astype(f16)
+            upd = (scaled.astype(f32) + v16[j][:, None, :] * vs[..., None]).astype(f16)
+            acc = np.where(ok[..., None], upd, acc)
+            S = np.where(ok, S * ms + vs, S).astype(f32)
+    inv = np.where(S == 0, f32(0.0), f32(1.0) / np.where(S == 0, f32(1.0), S)).astype(f32)
+    out = acc.astype(f32) * inv[..., None]
+    return out.astype(np.float64).transpose(1, 0, 2)
+
+
 @dataclass
 class ReferenceModel:
     """Weights and hyper-parameters of a llama GGUF, with a numpy forward."""
@@ -283,6 +322,7 @@ class ReferenceModel:
         kv_f16: bool = True,
         q_f16: bool = False,
         p_f16: bool = False,
+        flash_vec: bool = False,
         return_attn: bool = False,
     ) -> ReferenceOutput:
         """Run ``tokens`` (ids) through the model and return logits for every token.
@@ -298,7 +338,12 @@ class ReferenceModel:
         (closer to llama.cpp in every mode). Without flash attention llama.cpp's
         ``mul_mat`` also converts Q and the softmax weights to f16 (its ``vec_dot``
         type for an f16 cache): ``q_f16=True, p_f16=True`` mimic that path. With
-        flash attention (llama.cpp's default on CPU) leave both False.
+        flash attention (llama.cpp's default on CPU) leave both False: batches of
+        64 or more query tokens run ggml's tiled f32 kernel. Batches of fewer than 64
+        tokens (decode!) run ggml's vector kernel, which rounds Q to f16 and
+        accumulates ``softmax · V`` online in an f16 buffer: ``flash_vec=True``
+        replays that kernel key by key (slower; ``attn`` still reports exact
+        weights).
         """
         tok = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n = tok.shape[0]
@@ -361,7 +406,10 @@ class ReferenceModel:
             w = np.exp(scores - m)
             den = w.sum(axis=2, keepdims=True)
             w = np.divide(w, den, out=np.zeros_like(w), where=den > 0)
-            att = np.einsum("hij,jhd->ihd", _f16(w) if p_f16 else w, vh).reshape(n, H * dv)
+            if flash_vec:
+                att = _flash_vec_attention(q, kh, vh, allowed, 1.0 / np.sqrt(d)).reshape(n, H * dv)
+            else:
+                att = np.einsum("hij,jhd->ihd", _f16(w) if p_f16 else w, vh).reshape(n, H * dv)
             x = x + att @ lw.wo.T
 
             hf = _rms_norm(x, lw.ffn_norm, self.rms_eps)
