@@ -143,7 +143,14 @@ def fetch_sdist(version: str) -> Path:
 
 
 def prepare_source(sdist: Path, patches: list[Path], dest: Path, key: str) -> Path:
-    """Extract the sdist into ``dest`` and apply the patches; return the source root."""
+    """Extract the sdist into ``dest`` and apply the patches; return the source root.
+
+    The tree is kept (with a ``.prepared`` marker) so that an interrupted build resumes
+    in the same CMake build folder instead of starting over.
+    """
+    marker = dest / ".prepared"
+    if marker.is_file():
+        return dest / marker.read_text().strip()
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -169,10 +176,13 @@ def prepare_source(sdist: Path, patches: list[Path], dest: Path, key: str) -> Pa
                              f"{LLAMA_CPP_PYTHON_VERSION}: {detail}")
     stamp = {"key": key, "patches": [p.name for p in patches], "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (root / "llama_cpp" / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")
+    marker.write_text(root.name + "\n")
     return root
 
 
-_PROGRESS = re.compile(r"\[\s*(\d+)%\]")
+# CMake progress: "[ 45%] Building ..." (make) or "[63/140] /usr/bin/g++ ..." (ninja).
+_PROGRESS_PCT = re.compile(r"\[\s*(\d+)%\]")
+_PROGRESS_NINJA = re.compile(r"^\s*\[(\d+)/(\d+)\]")
 
 
 def _progress_printer() -> Callable[[str], None]:
@@ -180,10 +190,14 @@ def _progress_printer() -> Callable[[str], None]:
     interactive = sys.stderr.isatty()
 
     def show(line: str) -> None:
-        m = _PROGRESS.search(line)
-        if not m:
-            return
-        pct = int(m.group(1))
+        m = _PROGRESS_NINJA.match(line)
+        if m:
+            pct = int(m.group(1)) * 100 // max(int(m.group(2)), 1)
+        else:
+            m = _PROGRESS_PCT.search(line)
+            if not m:
+                return
+            pct = int(m.group(1))
         if pct == last["pct"]:
             return
         last["pct"] = pct
@@ -202,7 +216,7 @@ def build_wheel(src_root: Path, cfg: BuildConfig, key: str, out_dir: Path) -> Pa
     env = dict(os.environ)
     env["CMAKE_ARGS"] = " ".join(cfg.cmake_args())
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
-    cmake_build = build_dir() / key
+    cmake_build = build_dir() / key / "cmake"
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(out_dir),
            "-C", f"build-dir={cmake_build}", str(src_root)]
     _log(f"building the patched runtime (llama-cpp-python {cfg.version}, backend {cfg.backend}); "
@@ -247,15 +261,16 @@ def ensure_runtime(cfg: BuildConfig | None = None, *, force: bool = False) -> di
     action = "installed-cached"
     if force or not wheels:
         sdist = fetch_sdist(cfg.version)
-        with tempfile.TemporaryDirectory(prefix="spindle-src-") as tmp:
-            src = prepare_source(sdist, patches, Path(tmp), key)
-            tmp_out = cache.with_name(cache.name + ".partial")
-            shutil.rmtree(tmp_out, ignore_errors=True)
-            built = build_wheel(src, cfg, key, tmp_out)
-            if cache.exists():
-                shutil.rmtree(cache)
-            os.replace(tmp_out, cache)
-            wheels = [cache / built.name]
+        src = prepare_source(sdist, patches, build_dir() / key / "src", key)
+        tmp_out = cache.with_name(cache.name + ".partial")
+        shutil.rmtree(tmp_out, ignore_errors=True)
+        built = build_wheel(src, cfg, key, tmp_out)
+        if cache.exists():
+            shutil.rmtree(cache)
+        os.replace(tmp_out, cache)
+        wheels = [cache / built.name]
+        # The wheel is what we keep; the build tree (hundreds of MB) is only for resuming.
+        shutil.rmtree(build_dir() / key, ignore_errors=True)
         action = "built"
     _log(f"installing the patched runtime {wheels[-1].name} ({key}) ...")
     _run_pip(["install", "--no-deps", "--force-reinstall", "-q", str(wheels[-1])],

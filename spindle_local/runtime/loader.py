@@ -21,10 +21,13 @@ def load_llama_cpp(*, require_patch: bool = True) -> ModuleType:
         llama_cpp = importlib.import_module("llama_cpp")
     except ImportError as e:
         raise RuntimeNotPatchedError(f"the llama.cpp runtime is not installed ({e}); {_FIX}") from None
-    except OSError as e:  # the shared library failed to load
-        raise RuntimeNotPatchedError(f"the llama.cpp runtime library failed to load ({e}); {_FIX}") from None
+    except (OSError, RuntimeError, AttributeError) as e:
+        # OSError: the shared library is missing or broken; RuntimeError: llama-cpp-python's
+        # loader gave up; AttributeError: a library without the symbols the bindings declare.
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RuntimeNotPatchedError(f"the llama.cpp runtime library failed to load ({first}); {_FIX}") from None
     if require_patch:
         from spindle_local.runtime import native
 
-        native.check_runtime(llama_cpp.llama_cpp._lib)
+        native.native()
     return llama_cpp
