@@ -328,7 +328,8 @@ class ReferenceModel:
         """Run ``tokens`` (ids) through the model and return logits for every token.
 
         ``positions`` default to ``S, S+1, ...`` where ``S`` is the prefix length of
-        layer 0 (0 without a prefix). New tokens attend causally to each other by
+        layer 0 (0 without a prefix) -- only right for an uncompressed prefix; pass
+        the true positions when slots were dropped. New tokens attend causally to each other by
         index (token ``i`` sees new tokens ``j <= i``) and to the prefix slots their
         query head sees. ``prefix`` K/V are used as given (rounded to f16 when
         ``kv_f16``, which is a no-op for values that came from f16).
