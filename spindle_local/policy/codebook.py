@@ -1,0 +1,318 @@
+"""Codebook replacement of one KV head's K (pre-RoPE) or V vectors (DESIGN.md section 1).
+
+Each vector is split into a magnitude ``m_i = ||x_i||`` and a direction ``u_i = x_i / m_i``.
+Nodes ``i``, ``j`` are joined when ``cos(u_i, u_j) > theta``; a greedy cover repeatedly
+takes the node with the highest *remaining* degree as an entry, maps it and its remaining
+neighbours to it and removes them (updating their neighbours' degrees); nodes left with
+no neighbours become their own entries. ``x~_i = entries[index_i] * m_i``, so the
+relative error of every vector is ``||u_i - c|| = sqrt(2 - 2 cos) < sqrt(2 - 2 theta)``.
+
+Memory is O(n * block): the n x n graph is never materialised. ``_greedy_cover_nb``
+computes all degrees in one pass over the pairs, tiled ``block`` x ``block`` so the
+working set stays in cache, and keeps the edges themselves only while they fit in a
+buffer of ``n * block`` pairs (typical: redundancy is clustered, edges are few). With the
+edges kept, the cover runs on adjacency lists in O(edges). When they do not fit, the
+cover *recomputes* similarities instead: the chosen entry scans the live nodes for its
+neighbours, and every removed node scans the live nodes that still have a neighbour to
+decrement their degrees (about one more pass over the pairs; nodes without live
+neighbours leave the scans early). Both paths are the exact greedy of the definition,
+not an approximation, and give the same cover.
+
+``theta >= 1`` is lossless by construction: no graph, every token is its own entry
+(floating-point cosines of distinct but very close directions can round to 1.0, so a
+graph at ``theta = 1`` would not be exact).
+
+:func:`codebook_join` adds new vectors to an existing codebook during generation: each
+joins its most similar entry when the cosine exceeds ``theta``, else opens a new entry
+(which later new vectors may join).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .plan import Codebook
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _dot(a: np.ndarray, i: int, b: np.ndarray, j: int) -> float:
+    s = np.float32(0.0)
+    for t in range(a.shape[1]):
+        s += a[i, t] * b[j, t]
+    return s
+
+
+@njit(cache=True, fastmath=True)
+def _greedy_cover_nb(u: np.ndarray, theta: float, block: int) -> tuple[np.ndarray, np.ndarray]:
+    n = u.shape[0]
+    th = np.float32(theta)
+    # Pass 1: degrees, tiled; the edges are kept only while they fit in n * block pairs.
+    cap = n * block
+    pair_i = np.empty(cap, dtype=np.int32)
+    pair_j = np.empty(cap, dtype=np.int32)
+    n_pairs = 0
+    deg = np.zeros(n, dtype=np.int64)
+    for i0 in range(0, n, block):
+        i1 = min(n, i0 + block)
+        for j0 in range(i0, n, block):
+            j1 = min(n, j0 + block)
+            for i in range(i0, i1):
+                jstart = max(j0, i + 1)
+                for j in range(jstart, j1):
+                    if _dot(u, i, u, j) > th:
+                        deg[i] += 1
+                        deg[j] += 1
+                        if n_pairs < cap:
+                            pair_i[n_pairs] = i
+                            pair_j[n_pairs] = j
+                        n_pairs += 1
+    stored = n_pairs <= cap
+    # adjacency lists (CSR) when the edges fit
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    nbr = np.empty(2 * n_pairs if stored else 0, dtype=np.int32)
+    if stored:
+        for i in range(n):
+            ptr[i + 1] = ptr[i] + deg[i]
+        fill = ptr[:-1].copy()
+        for p in range(n_pairs):
+            a = pair_i[p]
+            b = pair_j[p]
+            nbr[fill[a]] = b
+            fill[a] += 1
+            nbr[fill[b]] = a
+            fill[b] += 1
+    assign = np.full(n, -1, dtype=np.int64)
+    centres = np.empty(n, dtype=np.int64)
+    n_entries = 0
+    active = np.empty(n, dtype=np.int64)  # live nodes with a live neighbour, ascending
+    na = 0
+    for i in range(n):
+        if deg[i] > 0:
+            active[na] = i
+            na += 1
+    removed = np.empty(n, dtype=np.int64)
+    while na > 0:
+        c = active[0]
+        for t in range(1, na):
+            if deg[active[t]] > deg[c]:
+                c = active[t]
+        e = n_entries
+        n_entries += 1
+        centres[e] = c
+        assign[c] = e
+        removed[0] = c
+        nr = 1
+        if stored:
+            for p in range(ptr[c], ptr[c + 1]):
+                j = nbr[p]
+                if assign[j] < 0:
+                    assign[j] = e
+                    removed[nr] = j
+                    nr += 1
+            for q in range(nr):
+                r = removed[q]
+                for p in range(ptr[r], ptr[r + 1]):
+                    j = nbr[p]
+                    if assign[j] < 0:
+                        deg[j] -= 1
+        else:
+            for t in range(na):
+                j = active[t]
+                if assign[j] < 0 and _dot(u, c, u, j) > th:
+                    assign[j] = e
+                    removed[nr] = j
+                    nr += 1
+            for q in range(nr):
+                r = removed[q]
+                for t in range(na):
+                    j = active[t]
+                    if assign[j] < 0 and deg[j] > 0 and _dot(u, r, u, j) > th:
+                        deg[j] -= 1
+        m = 0
+        for t in range(na):
+            j = active[t]
+            if assign[j] < 0 and deg[j] > 0:
+                active[m] = j
+                m += 1
+        na = m
+    for i in range(n):
+        if assign[i] < 0:
+            centres[n_entries] = i
+            assign[i] = n_entries
+            n_entries += 1
+    return assign, centres[:n_entries].copy()
+
+
+def greedy_cover_ref(u: np.ndarray, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Numpy reference of ``_greedy_cover_nb`` with the full n x n graph (tests only)."""
+    n = u.shape[0]
+    adj = (u.astype(np.float32) @ u.astype(np.float32).T) > np.float32(theta)
+    np.fill_diagonal(adj, False)
+    alive = np.ones(n, dtype=bool)
+    deg = adj.sum(axis=1).astype(np.int64)
+    assign = np.full(n, -1, dtype=np.int64)
+    centres: list[int] = []
+    while True:
+        cand = alive & (deg > 0)
+        if not cand.any():
+            break
+        c = int(np.argmax(np.where(cand, deg, -1)))
+        members = alive & adj[c]
+        members[c] = True
+        assign[members] = len(centres)
+        centres.append(c)
+        alive &= ~members
+        deg -= adj[:, members].sum(axis=1)
+    for i in np.nonzero(assign < 0)[0]:
+        assign[i] = len(centres)
+        centres.append(int(i))
+    return assign, np.array(centres, dtype=np.int64)
+
+
+def split_magnitude(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(magnitudes float32 [n], unit directions float32 [n, d]); zero vectors get direction e_0."""
+    x = np.asarray(x, dtype=np.float32)
+    m = np.sqrt(np.einsum("nd,nd->n", x.astype(np.float64), x.astype(np.float64))).astype(np.float32)
+    u = np.empty_like(x)
+    nz = m > 0
+    u[nz] = x[nz] / m[nz, None]
+    if (~nz).any():
+        u[~nz] = 0.0
+        u[~nz, 0] = 1.0
+    return m, u
+
+
+def build_codebook(x: np.ndarray, theta: float, block: int = 256, use_numba: bool = True) -> Codebook:
+    """Greedy-cover codebook of the rows of ``x`` [n, d] (see module doc)."""
+    x = np.asarray(x, dtype=np.float32)
+    n, d = x.shape
+    m, u = split_magnitude(x)
+    if n == 0:
+        return Codebook(np.zeros((0, d), np.float32), np.zeros(0, np.int32), np.zeros(0, np.float32))
+    if theta >= 1.0:
+        return Codebook(u.copy(), np.arange(n, dtype=np.int32), m)
+    if use_numba:
+        assign, centres = _greedy_cover_nb(np.ascontiguousarray(u), float(theta), int(max(1, block)))
+    else:
+        assign, centres = greedy_cover_ref(u, theta)
+    return Codebook(np.ascontiguousarray(u[centres]), assign.astype(np.int32), m)
+
+
+@njit(cache=True, fastmath=True)
+def _join_nb(
+    entries: np.ndarray, new_u: np.ndarray, theta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    e0, d = entries.shape
+    k = new_u.shape[0]
+    th = np.float32(theta)
+    out = np.empty((e0 + k, d), dtype=np.float32)
+    out[:e0] = entries
+    ne = e0
+    idx = np.empty(k, dtype=np.int64)
+    for i in range(k):
+        best = -1
+        bs = np.float32(-2.0)
+        for e in range(ne):
+            s = _dot(new_u, i, out, e)
+            if s > bs:
+                bs = s
+                best = e
+        if best >= 0 and bs > th:
+            idx[i] = best
+        else:
+            out[ne] = new_u[i]
+            idx[i] = ne
+            ne += 1
+    return out[:ne].copy(), idx
+
+
+def join_ref(entries: np.ndarray, new_u: np.ndarray, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Numpy reference of ``_join_nb``: (entries with new ones appended, entry of each new vector)."""
+    ents = [e for e in entries.astype(np.float32)]
+    idx = np.empty(len(new_u), dtype=np.int64)
+    for i, u in enumerate(new_u.astype(np.float32)):
+        if ents:
+            sims = np.array(ents) @ u
+            best = int(np.argmax(sims))
+            if sims[best] > np.float32(theta):
+                idx[i] = best
+                continue
+        ents.append(u)
+        idx[i] = len(ents) - 1
+    d = new_u.shape[1] if new_u.ndim == 2 else entries.shape[1]
+    return (np.array(ents, dtype=np.float32).reshape(-1, d), idx)
+
+
+def codebook_join(codebook: Codebook, new_vectors: np.ndarray, theta: float, use_numba: bool = True) -> Codebook:
+    """A new codebook: ``codebook``'s slots followed by ``new_vectors`` [k, d] joined or added.
+
+    ``theta >= 1`` never joins (lossless). Existing entries and slots are unchanged, so the
+    runtime can append rather than rebuild.
+    """
+    m, u = split_magnitude(new_vectors)
+    entries = np.asarray(codebook.entries, dtype=np.float32)
+    if theta >= 1.0:
+        new_entries = np.concatenate([entries, u]) if len(u) else entries
+        idx = np.arange(entries.shape[0], entries.shape[0] + len(u))
+    elif use_numba:
+        new_entries, idx = _join_nb(np.ascontiguousarray(entries), np.ascontiguousarray(u), float(theta))
+    else:
+        new_entries, idx = join_ref(entries, u, theta)
+    return Codebook(
+        np.ascontiguousarray(new_entries, dtype=np.float32),
+        np.concatenate([codebook.index.astype(np.int32), idx.astype(np.int32)]),
+        np.concatenate([codebook.magnitude.astype(np.float32), m]),
+    )
+
+
+@njit(cache=True)
+def _reconstruct_nb(entries: np.ndarray, index: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
+    s = index.shape[0]
+    d = entries.shape[1]
+    out = np.empty((s, d), dtype=np.float32)
+    for i in range(s):
+        e = index[i]
+        for t in range(d):
+            out[i, t] = entries[e, t] * magnitude[i]
+    return out
+
+
+def reconstruct(codebook: Codebook, use_numba: bool = True) -> np.ndarray:
+    """``entries[index] * magnitude`` as float32 [S, d] (numba, or ``Codebook.reconstruct``)."""
+    if not use_numba:
+        return codebook.reconstruct()
+    if codebook.index.shape[0] == 0:
+        return np.zeros((0, codebook.entries.shape[1]), np.float32)
+    return _reconstruct_nb(
+        np.ascontiguousarray(codebook.entries, dtype=np.float32),
+        np.ascontiguousarray(codebook.index, dtype=np.int64),
+        np.ascontiguousarray(codebook.magnitude, dtype=np.float32),
+    )
+
+
+def subset_codebook(codebook: Codebook, rows: np.ndarray) -> Codebook:
+    """The codebook restricted to slots ``rows``, dropping entries no kept slot uses.
+
+    Every kept slot keeps its entry, so the cosine guarantee still holds.
+    """
+    idx = codebook.index[rows]
+    used, new_idx = np.unique(idx, return_inverse=True)
+    return Codebook(
+        np.ascontiguousarray(codebook.entries[used]),
+        new_idx.astype(np.int32).reshape(-1),
+        codebook.magnitude[rows].astype(np.float32),
+    )
+
+
+def distinct_prefix_counts(index: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``out[s]`` = number of distinct entries used by the first ``s`` slots of ``order``.
+
+    Lets a codebook built on many tokens be trimmed to the best ``s`` of them with the byte
+    cost of every ``s`` known in one pass.
+    """
+    seq = index[order]
+    first = np.zeros(len(seq), dtype=bool)
+    _, first_pos = np.unique(seq, return_index=True)
+    first[first_pos] = True
+    return np.concatenate([[0], np.cumsum(first)]).astype(np.int64)

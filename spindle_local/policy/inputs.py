@@ -1,0 +1,149 @@
+"""What a policy is given: model geometry, one layer's captured K/V/Q, and its knobs.
+
+Shapes: ``n`` old tokens (the ones to compress, possibly including tokens already in
+the store, given as their reconstructed vectors when the engine re-plans), ``w`` window
+queries (the most recent tokens), ``r`` recent keys that stay uncompressed in the
+regular cache (they include the window tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Pooling = Literal["max", "avg"]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Attention shape of the model: ``g = n_head // n_head_kv`` query heads share a KV head."""
+
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+
+    def __post_init__(self) -> None:
+        if self.n_head_kv <= 0 or self.n_head % self.n_head_kv != 0:
+            raise ValueError(
+                f"n_head ({self.n_head}) must be a positive multiple of n_head_kv ({self.n_head_kv})"
+            )
+
+    @property
+    def g(self) -> int:
+        """Query heads per KV head (GQA group size; 1 for plain MHA)."""
+        return self.n_head // self.n_head_kv
+
+
+@dataclass
+class LayerInput:
+    """One layer's captured tensors (all float32 except positions).
+
+    ``k``: [n, Hkv, dk] post-RoPE keys of the old tokens; ``k_pre``: the same before RoPE
+    (None when the runtime cannot undo RoPE exactly; the codebook then leaves K raw);
+    ``v``: [n, Hkv, dv]; ``positions``: int32 [n]; ``q_window``: [w, H, dk] post-RoPE
+    queries of the most recent ``w`` tokens at ``q_positions``; ``k_recent``: [r, Hkv, dk]
+    post-RoPE keys of the uncompressed recent tokens at ``recent_positions`` (when those
+    positions are None they are taken to be the ``r`` positions ending at the last window
+    query). ``v_recent`` is optional and only used by the ``auto`` role choice, which
+    measures attention-output errors; without it that measurement ignores the recent
+    tokens' values (their attention weights still enter the softmax normaliser).
+    """
+
+    layer: int
+    k: np.ndarray
+    k_pre: np.ndarray | None
+    v: np.ndarray
+    positions: np.ndarray
+    q_window: np.ndarray
+    q_positions: np.ndarray
+    k_recent: np.ndarray | None = None
+    recent_positions: np.ndarray | None = None
+    v_recent: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.k.shape[0])
+
+    def resolved_recent_positions(self) -> np.ndarray | None:
+        """Positions of ``k_recent`` (inferred as contiguous up to the last query when not given)."""
+        if self.k_recent is None:
+            return None
+        if self.recent_positions is not None:
+            return np.asarray(self.recent_positions, dtype=np.int32)
+        r = int(self.k_recent.shape[0])
+        last = int(np.max(self.q_positions)) if len(self.q_positions) else 0
+        return np.arange(last - r + 1, last + 1, dtype=np.int32)
+
+    def validate(self, geometry: Geometry) -> None:
+        """Raise ValueError with a precise message when shapes do not match ``geometry``."""
+        hkv, h, dk, dv = geometry.n_head_kv, geometry.n_head, geometry.head_dim_k, geometry.head_dim_v
+        n = self.n
+
+        def check(name: str, arr: np.ndarray | None, shape: tuple) -> None:
+            if arr is None:
+                return
+            if arr.ndim != len(shape) or any(s is not None and a != s for a, s in zip(arr.shape, shape)):
+                raise ValueError(f"layer {self.layer}: {name} has shape {arr.shape}, expected {shape}")
+
+        check("k", self.k, (n, hkv, dk))
+        check("k_pre", self.k_pre, (n, hkv, dk))
+        check("v", self.v, (n, hkv, dv))
+        check("positions", self.positions, (n,))
+        check("q_window", self.q_window, (None, h, dk))
+        check("q_positions", self.q_positions, (self.q_window.shape[0],))
+        check("k_recent", self.k_recent, (None, hkv, dk))
+        if self.k_recent is not None:
+            r = self.k_recent.shape[0]
+            check("recent_positions", self.recent_positions, (r,))
+            check("v_recent", self.v_recent, (r, hkv, dv))
+
+
+@dataclass
+class PolicyConfig:
+    """Knobs shared by all policies (each policy reads the ones it needs).
+
+    Defaults follow DESIGN.md: window 32, 4 sinks, max-pooling with kernel 7 (PyramidKV
+    runners), a pyramid whose deepest layer gets 1/20 of the mean budget (``beta = 20``),
+    ``theta_K = 0.98`` / ``theta_V = 0.95``. ``codebook_layers='auto'`` chooses per layer
+    from the context itself; on SmolLM2-135M the codebook wins only in layer 0, so auto
+    examines only the first ``auto_max_layers`` layers (None: a quarter of the stack).
+    """
+
+    window: int = 32
+    sinks: int = 4
+    pooling: Pooling | None = "max"
+    pool_kernel: int = 7
+    theta_k: float = 0.98
+    theta_v: float = 0.95
+    codebook_layers: int | str = "auto"
+    pyramid_beta: float = 20.0
+    codebook_block: int = 256
+    auto_max_layers: int | None = None
+    auto_margin: float = 0.0
+    include_recent_in_softmax: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.sinks < 0:
+            raise ValueError("sinks must be >= 0")
+        if self.pooling not in (None, "max", "avg"):
+            raise ValueError(f"pooling must be 'max', 'avg' or None, not {self.pooling!r}")
+        if self.pool_kernel < 1:
+            raise ValueError("pool_kernel must be >= 1")
+        for name in ("theta_k", "theta_v"):
+            t = getattr(self, name)
+            if not (0.0 < t <= 1.0):
+                raise ValueError(f"{name} must be in (0, 1], got {t}")
+        if isinstance(self.codebook_layers, str):
+            if self.codebook_layers != "auto":
+                raise ValueError(f"codebook_layers must be an int or 'auto', not {self.codebook_layers!r}")
+        elif int(self.codebook_layers) < 0:
+            raise ValueError("codebook_layers must be >= 0")
+        if self.pyramid_beta < 1.0:
+            raise ValueError("pyramid_beta must be >= 1 (1 = flat)")
+        if self.codebook_block < 1:
+            raise ValueError("codebook_block must be >= 1")

@@ -1,0 +1,168 @@
+"""Build one layer's :class:`LayerStore`: raw eviction layers and codebook layers.
+
+A codebook layer gets a byte budget, not a slot count: how many tokens fit depends on
+how many entries their codebooks need, which is known only after building them. Rather
+than build-measure-shrink in a loop, the codebooks are built once on the largest set
+that could possibly fit (tokens in selection-priority order), then trimmed: the number of
+distinct entries used by every prefix of that order is counted in one pass, which gives
+the exact byte cost of keeping the best ``S`` tokens for every ``S``; the largest ``S``
+within the budget wins. Dropping slots keeps every remaining slot's entry, so the cosine
+guarantee holds for the trimmed codebook. K and V each use a codebook or stay raw,
+whichever combination keeps the most tokens; a layer where no codebook beats plain
+eviction stays an eviction layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .budgets import codebook_layer_bytes, raw_slot_bytes
+from .codebook import build_codebook, distinct_prefix_counts, subset_codebook
+from .inputs import Geometry, LayerInput, PolicyConfig
+from .plan import F16_BYTES, INDEX_BYTES, MAG_BYTES, MASK_BYTES, POS_BYTES, Codebook, HeadStore, LayerStore
+from .select import group_select, union_priority, union_select
+
+
+def protect(scores: np.ndarray, positions: np.ndarray, sinks: int) -> np.ndarray:
+    """Scores with the sinks (position < ``sinks``) set to +inf so no tie can evict them."""
+    s = np.array(scores, dtype=np.float32, copy=True)
+    s[:, np.asarray(positions) < sinks] = np.inf
+    return s
+
+
+def head_store(
+    inp: LayerInput,
+    h: int,
+    sel: np.ndarray,
+    mask: np.ndarray,
+    k_cb: Codebook | None = None,
+    v_cb: Codebook | None = None,
+) -> HeadStore:
+    """A HeadStore for tokens ``sel`` of KV head ``h``, slots sorted by position.
+
+    ``mask`` [g, len(sel)] and the codebooks' slot arrays are given in ``sel`` order.
+    """
+    pos = np.asarray(inp.positions)[sel]
+    perm = np.argsort(pos, kind="stable")
+    sel = np.asarray(sel, dtype=np.int64)[perm]
+    mask = np.asarray(mask, dtype=bool)[:, perm]
+    hs = HeadStore(
+        positions=pos[perm].astype(np.int32),
+        qmask=np.ascontiguousarray(mask),
+        token_index=sel,
+    )
+    if k_cb is None:
+        hs.k_raw = np.ascontiguousarray(inp.k[sel, h, :], dtype=np.float32)
+    else:
+        hs.k_codebook = subset_codebook(k_cb, perm)
+    if v_cb is None:
+        hs.v_raw = np.ascontiguousarray(inp.v[sel, h, :], dtype=np.float32)
+    else:
+        hs.v_codebook = subset_codebook(v_cb, perm)
+    return hs
+
+
+def evict_layer(
+    inp: LayerInput,
+    geometry: Geometry,
+    scores: np.ndarray,
+    n_slots: int,
+    per_query_head: bool,
+    role: str = "evict",
+) -> LayerStore:
+    """Raw layer keeping ``n_slots`` tokens per KV head (protected scores [H, n] given)."""
+    g = geometry.g
+    store = LayerStore(layer=inp.layer, role=role)
+    for h in range(geometry.n_head_kv):
+        grp = scores[h * g : (h + 1) * g]
+        sel, mask = union_select(grp, n_slots) if per_query_head else group_select(grp, n_slots)
+        store.heads.append(head_store(inp, h, sel, mask))
+    return store
+
+
+@dataclass
+class CodebookFit:
+    """Result of fitting a codebook layer into a byte budget."""
+
+    store: LayerStore | None  # None: no codebook layout beats raw eviction
+    n_slots: int
+    n_slots_raw: int
+    bytes: int
+    k_codebook: bool
+    v_codebook: bool
+
+
+def fit_codebook_layer(
+    inp: LayerInput,
+    geometry: Geometry,
+    config: PolicyConfig,
+    scores: np.ndarray,
+    budget_bytes: int,
+    n_min: int,
+) -> CodebookFit:
+    """Evict (per-query-head union order) and codebook K (pre-RoPE) and V within ``budget_bytes``."""
+    n = inp.n
+    g, hkv = geometry.g, geometry.n_head_kv
+    dk, dv = geometry.head_dim_k, geometry.head_dim_v
+    raw_slots = min(n, budget_bytes // raw_slot_bytes(geometry))
+    use_k = inp.k_pre is not None
+    # Largest S that could fit if each codebook had one entry per head: build on that many.
+    k_min = hkv if use_k else None
+    per_slot = codebook_layer_bytes(geometry, 2, k_min, hkv) - codebook_layer_bytes(geometry, 1, k_min, hkv)
+    fixed = codebook_layer_bytes(geometry, 1, k_min, hkv) - per_slot
+    s_hi = int(min(n, max(0, (budget_bytes - fixed) // per_slot)))
+    if s_hi <= raw_slots:
+        return CodebookFit(None, raw_slots, raw_slots, 0, False, False)
+    prio = [union_priority(scores[h * g : (h + 1) * g])[:s_hi] for h in range(hkv)]
+    kcbs, vcbs = [], []
+    k_counts = np.zeros(s_hi + 1, dtype=np.int64)
+    v_counts = np.zeros(s_hi + 1, dtype=np.int64)
+    for h in range(hkv):
+        rows = prio[h]
+        vcb = build_codebook(inp.v[rows, h, :], config.theta_v, config.codebook_block)
+        vcbs.append(vcb)
+        v_counts += distinct_prefix_counts(vcb.index, np.arange(s_hi))
+        if use_k:
+            kcb = build_codebook(inp.k_pre[rows, h, :], config.theta_k, config.codebook_block)
+            kcbs.append(kcb)
+            k_counts += distinct_prefix_counts(kcb.index, np.arange(s_hi))
+    s_arr = np.arange(s_hi + 1, dtype=np.int64)
+    overhead = hkv * s_arr * (POS_BYTES + g * MASK_BYTES)  # as in plan.layer_store_bytes
+    best = (raw_slots, False, False)
+    combos = [(True, True), (False, True)] + ([(True, False)] if use_k else [])
+    for kc, vc in combos:
+        if kc and not use_k:
+            continue
+        total = overhead.copy()
+        slot_cb = hkv * s_arr * (INDEX_BYTES + MAG_BYTES)
+        total += (k_counts * dk * F16_BYTES + slot_cb) if kc else hkv * s_arr * dk * F16_BYTES
+        total += (v_counts * dv * F16_BYTES + slot_cb) if vc else hkv * s_arr * dv * F16_BYTES
+        fits = np.nonzero(total <= budget_bytes)[0]
+        s = int(fits.max()) if len(fits) else 0
+        if s > best[0]:
+            best = (s, kc, vc)
+    s, kc, vc = best
+    if not (kc or vc) or s < n_min:
+        return CodebookFit(None, raw_slots, raw_slots, 0, False, False)
+    store = LayerStore(layer=inp.layer, role="evict+codebook" if s < n else "codebook")
+    for h in range(hkv):
+        rows = prio[h][:s]
+        grp = scores[h * g : (h + 1) * g]
+        sel, mask = union_select(grp, s)
+        # union_select's set equals the priority prefix; align the mask to ``rows`` order
+        where = np.full(n, -1, dtype=np.int64)
+        where[sel] = np.arange(len(sel))
+        assert (where[rows] >= 0).all(), "priority prefix and union selection disagree"
+        m_rows = mask[:, where[rows]]
+        k_cb = subset_codebook(kcbs[h], np.arange(s)) if kc else None
+        v_cb = subset_codebook(vcbs[h], np.arange(s)) if vc else None
+        store.heads.append(head_store(inp, h, rows, m_rows, k_cb, v_cb))
+    nbytes = codebook_layer_bytes(
+        geometry,
+        s,
+        sum(hs.k_codebook.n_entries for hs in store.heads) if kc else None,
+        sum(hs.v_codebook.n_entries for hs in store.heads) if vc else None,
+    )
+    return CodebookFit(store, s, raw_slots, nbytes, kc, vc)

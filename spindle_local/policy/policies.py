@@ -1,0 +1,218 @@
+"""The policies the engine can run side by side: full, streaming, snapkv, pyramidkv, spindle.
+
+Every policy returns one :class:`LayerStore` per input layer and guarantees
+``sum(layer_store_bytes(...)) <= target_bytes`` (the only exception is ``full``, which
+keeps everything and ignores the budget: it is the reference run). Sinks (position <
+``config.sinks``) are kept in every layer; when ``target_bytes`` cannot even hold them a
+ValueError says how many bytes are needed.
+
+After ``plan`` the policy's ``last_report`` lists, per layer, the role, slots, bytes and
+budget (and for ``spindle`` with ``auto`` the measured errors), for logs and benchmarks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from .budgets import allocate_slots, pyramid_weights, raw_slot_bytes, sink_slots
+from .inputs import Geometry, LayerInput, PolicyConfig
+from .layer_plans import evict_layer, fit_codebook_layer, head_store, protect
+from .plan import LayerStore, layer_store_bytes
+from .roles import auto_roles
+from .scores import attn_scale, layer_logits, window_scores
+
+POLICY_NAMES = ("full", "streaming", "snapkv", "pyramidkv", "spindle")
+
+
+class Policy(ABC):
+    """Turns captured layers into a plan within a byte budget."""
+
+    name: str = ""
+
+    def __init__(self, config: PolicyConfig | None = None) -> None:
+        self.config = config or PolicyConfig()
+        self.last_report: list[dict] = []
+
+    def plan(self, layers: list[LayerInput], geometry: Geometry, target_bytes: int) -> list[LayerStore]:
+        """One LayerStore per entry of ``layers`` (same order), within ``target_bytes``."""
+        for inp in layers:
+            inp.validate(geometry)
+        stores = self._plan(layers, geometry, int(target_bytes))
+        total = 0
+        self.last_report = []
+        for inp, st in zip(layers, stores):
+            b = layer_store_bytes(st, geometry.head_dim_k, geometry.head_dim_v)
+            total += b
+            self.last_report.append(
+                {"layer": inp.layer, "role": st.role, "n": inp.n,
+                 "slots": max((h.n_slots for h in st.heads), default=0), "bytes": b}
+                | self._extra_report.get(inp.layer, {})
+            )
+        if self.name != "full" and total > target_bytes:  # a bug, never a user error
+            raise AssertionError(f"{self.name}: plan uses {total} bytes > target {target_bytes}")
+        return stores
+
+    _extra_report: dict = {}
+
+    @abstractmethod
+    def _plan(self, layers: list[LayerInput], geometry: Geometry, target_bytes: int) -> list[LayerStore]:
+        ...
+
+    # shared helpers -----------------------------------------------------------------
+    def _slot_budget(
+        self, layers: list[LayerInput], geometry: Geometry, target_bytes: int, weights: np.ndarray
+    ) -> np.ndarray:
+        """Raw slots per layer following ``weights``; ValueError when sinks do not fit."""
+        unit = raw_slot_bytes(geometry)
+        lo = np.array([min(sink_slots(i.positions, self.config.sinks), i.n) for i in layers], dtype=np.int64)
+        hi = np.array([i.n for i in layers], dtype=np.int64)
+        need = int(lo.sum()) * unit
+        if target_bytes < need:
+            raise ValueError(
+                f"{self.name}: target of {target_bytes} bytes cannot hold the {int(lo.sum())} sink "
+                f"slots ({need} bytes needed at {unit} bytes per slot); raise the KV budget"
+            )
+        return allocate_slots(weights, lo, hi, target_bytes // unit)
+
+    def _layer_weights(self, layers: list[LayerInput], geometry: Geometry) -> np.ndarray:
+        """Pyramid weights indexed by each input's layer number (inputs may be a subset)."""
+        w = pyramid_weights(geometry.n_layer, self.config.pyramid_beta)
+        return np.array([w[min(max(i.layer, 0), geometry.n_layer - 1)] for i in layers])
+
+    def _scores(self, inp: LayerInput, geometry: Geometry, logits=None) -> np.ndarray:
+        s = window_scores(inp, geometry, self.config, logits=logits)
+        return protect(s, inp.positions, self.config.sinks)
+
+
+class FullPolicy(Policy):
+    """Keeps every token raw. Ignores the budget on purpose: it is the reference run."""
+
+    name = "full"
+
+    def _plan(self, layers, geometry, target_bytes):
+        out = []
+        for inp in layers:
+            st = LayerStore(layer=inp.layer, role="full")
+            sel = np.arange(inp.n)
+            mask = np.ones((geometry.g, inp.n), dtype=bool)
+            st.heads = [head_store(inp, h, sel, mask) for h in range(geometry.n_head_kv)]
+            out.append(st)
+        return out
+
+
+class StreamingPolicy(Policy):
+    """Sinks plus the most recent old tokens, the same number in every layer (StreamingLLM)."""
+
+    name = "streaming"
+
+    def _plan(self, layers, geometry, target_bytes):
+        slots = self._slot_budget(layers, geometry, target_bytes, np.ones(len(layers)))
+        out = []
+        for inp, s in zip(layers, slots):
+            pos = np.asarray(inp.positions, dtype=np.float32)
+            sc = protect(np.tile(pos, (geometry.n_head, 1)), inp.positions, self.config.sinks)
+            out.append(evict_layer(inp, geometry, sc, int(s), per_query_head=False))
+        return out
+
+
+class SnapKVPolicy(Policy):
+    """Window scores averaged over the GQA group, the same budget in every layer."""
+
+    name = "snapkv"
+
+    def _weights(self, layers, geometry):
+        return np.ones(len(layers))
+
+    def _plan(self, layers, geometry, target_bytes):
+        slots = self._slot_budget(layers, geometry, target_bytes, self._weights(layers, geometry))
+        return [
+            evict_layer(inp, geometry, self._scores(inp, geometry), int(s), per_query_head=False)
+            for inp, s in zip(layers, slots)
+        ]
+
+
+class PyramidKVPolicy(SnapKVPolicy):
+    """SnapKV scores (group-averaged) with pyramid budgets: shallow layers keep more."""
+
+    name = "pyramidkv"
+
+    def _weights(self, layers, geometry):
+        return self._layer_weights(layers, geometry)
+
+
+class SpindlePolicy(Policy):
+    """SpindleKV: pyramid budgets, per-query-head selection with a shared union, codebook layers.
+
+    1. Pyramid slots over all layers give each layer a byte share.
+    2. Codebook layers (the first ``codebook_layers`` or, with ``'auto'``, those where the
+       codebook's measured attention error beats eviction at equal bytes) evict with the
+       union order and codebook K (pre-RoPE) and V to fit their share; a layer whose
+       codebook keeps no more tokens than plain eviction stays an eviction layer.
+    3. Bytes the codebook layers leave unused are redistributed over the eviction layers
+       with the same pyramid weights.
+    """
+
+    name = "spindle"
+
+    def _plan(self, layers, geometry, target_bytes):
+        cfg = self.config
+        unit = raw_slot_bytes(geometry)
+        weights = self._layer_weights(layers, geometry)
+        slots = self._slot_budget(layers, geometry, target_bytes, weights)
+        budgets = slots * unit
+        n_min = np.array([min(sink_slots(i.positions, cfg.sinks), i.n) for i in layers], dtype=np.int64)
+        logits = [layer_logits(inp, geometry, cfg) for inp in layers]
+        scores = [self._scores(inp, geometry, lg) for inp, lg in zip(layers, logits)]
+        self._extra_report = {}
+
+        fits: dict[int, object] = {}
+        if cfg.codebook_layers == "auto":
+            decisions = auto_roles(
+                layers, geometry, cfg, scores, logits, budgets, slots, n_min, attn_scale(geometry, cfg)
+            )
+            for i, dec in enumerate(decisions):
+                self._extra_report[layers[i].layer] = {
+                    "err_evict": dec.err_evict, "err_codebook": dec.err_codebook
+                }
+                if dec.fit is not None:
+                    fits[i] = dec.fit
+        else:
+            for i, inp in enumerate(layers):
+                if inp.layer < int(cfg.codebook_layers) and inp.n > slots[i]:
+                    fit = fit_codebook_layer(inp, geometry, cfg, scores[i], int(budgets[i]), int(n_min[i]))
+                    if fit.store is not None:
+                        fits[i] = fit
+
+        out: list[LayerStore | None] = [None] * len(layers)
+        used = 0
+        for i, fit in fits.items():
+            out[i] = fit.store
+            used += layer_store_bytes(fit.store, geometry.head_dim_k, geometry.head_dim_v)
+        rest = [i for i in range(len(layers)) if out[i] is None]
+        if rest:
+            lo = n_min[rest]
+            hi = np.array([layers[i].n for i in rest], dtype=np.int64)
+            s_rest = allocate_slots(weights[rest], lo, hi, (target_bytes - used) // unit)
+            for i, s in zip(rest, s_rest):
+                out[i] = evict_layer(layers[i], geometry, scores[i], int(s), per_query_head=True)
+        return out  # type: ignore[return-value]
+
+
+_POLICIES = {
+    "full": FullPolicy,
+    "streaming": StreamingPolicy,
+    "snapkv": SnapKVPolicy,
+    "pyramidkv": PyramidKVPolicy,
+    "spindle": SpindlePolicy,
+}
+
+
+def make_policy(name: str, config: PolicyConfig | None = None) -> Policy:
+    """The policy called ``name`` (one of :data:`POLICY_NAMES`)."""
+    try:
+        cls = _POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; valid names: {', '.join(POLICY_NAMES)}") from None
+    return cls(config)

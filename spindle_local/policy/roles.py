@@ -1,0 +1,189 @@
+"""Layer roles: which layers get codebook replacement on top of eviction.
+
+``codebook_layers=N`` reproduces the paper: the first N layers are codebook layers.
+``codebook_layers='auto'`` decides from the context itself, as DESIGN.md asks: for a
+candidate layer and its byte budget it builds both options, eviction only and
+eviction + codebook (each fitted to the same bytes), and measures the error each causes
+on the window's attention output (relative Frobenius error over all query heads and
+window queries, softmax over old + recent keys). The codebook is chosen only when its
+error is lower. To stay cheap, candidates are the first ``auto_max_layers`` layers
+(default a quarter of the stack) and the walk stops at the first candidate where
+eviction wins: the premise of the method (and the SmolLM2 measurement: the codebook
+wins only in layer 0) is that codebook layers are the shallowest ones, so in practice
+two layers are evaluated.
+
+Attention outputs come from ``_attn_out_nb`` (reference :func:`attn_out_ref`). Codebook
+keys are pre-RoPE; to compare them with the window queries they are rotated with the
+per-token rotation read off ``(k_pre, k)`` (:mod:`.rope`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from .codebook import reconstruct
+from .inputs import Geometry, LayerInput, PolicyConfig
+from .layer_plans import CodebookFit, evict_layer, fit_codebook_layer
+from .plan import LayerStore
+from .rope import RopeMap, infer_rope
+from .scores import attention_logits
+
+
+@njit(cache=True, fastmath=True)
+def _attn_out_nb(logits: np.ndarray, key_pos: np.ndarray, q_pos: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    w, m = logits.shape
+    dv = vals.shape[1]
+    out = np.zeros((w, dv), dtype=np.float64)
+    p = np.empty(m, dtype=np.float64)
+    for i in range(w):
+        mx = -np.inf
+        for a in range(m):
+            if key_pos[a] <= q_pos[i] and logits[i, a] > mx:
+                mx = logits[i, a]
+        if mx == -np.inf:
+            continue
+        z = 0.0
+        for a in range(m):
+            if key_pos[a] <= q_pos[i]:
+                e = math.exp(logits[i, a] - mx)
+                p[a] = e
+                z += e
+            else:
+                p[a] = 0.0
+        for a in range(m):
+            if p[a] != 0.0:
+                c = p[a] / z
+                for t in range(dv):
+                    out[i, t] += c * vals[a, t]
+    return out
+
+
+def attn_out_ref(logits: np.ndarray, key_pos: np.ndarray, q_pos: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """Numpy reference of ``_attn_out_nb``: causal softmax(logits) @ vals, float64 [w, dv]."""
+    vis = key_pos[None, :] <= q_pos[:, None]
+    lg = np.where(vis, logits.astype(np.float64), -np.inf)
+    mx = lg.max(axis=1, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    e = np.exp(lg - mx)
+    z = e.sum(axis=1, keepdims=True)
+    z = np.where(z > 0, z, 1.0)
+    return (e / z) @ vals.astype(np.float64)
+
+
+class AttentionProbe:
+    """Window attention outputs of one layer: full cache versus a candidate store."""
+
+    def __init__(
+        self,
+        inp: LayerInput,
+        geometry: Geometry,
+        scale: float,
+        logits: tuple[np.ndarray, np.ndarray],
+    ) -> None:
+        self.inp, self.geo, self.scale = inp, geometry, scale
+        self.lo, self.lr = logits
+        self.q_pos = np.asarray(inp.q_positions, dtype=np.int64)
+        self.pos = np.asarray(inp.positions, dtype=np.int64)
+        rp = inp.resolved_recent_positions()
+        r = self.lr.shape[2]
+        self.rec_pos = (rp if rp is not None and r else np.zeros(0)).astype(np.int64)[:r]
+        dv = geometry.head_dim_v
+        if inp.v_recent is not None and r:
+            self.v_rec = np.asarray(inp.v_recent, dtype=np.float32)
+        else:  # recent values unknown: they still normalise, contribute nothing
+            self.v_rec = np.zeros((r, geometry.n_head_kv, dv), dtype=np.float32)
+        self._full: list[np.ndarray] | None = None
+        self._rope: RopeMap | None | bool = False
+
+    def _out(self, hq: int, logits_old: np.ndarray, pos_old: np.ndarray, v_old: np.ndarray) -> np.ndarray:
+        h = hq // self.geo.g
+        lg = np.concatenate([logits_old, self.lr[hq]], axis=1).astype(np.float32)
+        kp = np.concatenate([pos_old, self.rec_pos])
+        vals = np.concatenate([v_old, self.v_rec[:, h, :]]).astype(np.float32)
+        return _attn_out_nb(np.ascontiguousarray(lg), kp, self.q_pos, np.ascontiguousarray(vals))
+
+    def full(self) -> list[np.ndarray]:
+        if self._full is None:
+            self._full = [
+                self._out(hq, self.lo[hq], self.pos, self.inp.v[:, hq // self.geo.g, :])
+                for hq in range(self.geo.n_head)
+            ]
+        return self._full
+
+    def rope(self) -> RopeMap | None:
+        if self._rope is False:
+            self._rope = infer_rope(self.inp.k_pre, self.inp.k) if self.inp.k_pre is not None else None
+        return self._rope  # type: ignore[return-value]
+
+    def error(self, store: LayerStore) -> float:
+        """Relative error of the window's attention output with ``store`` instead of the old tokens."""
+        full = self.full()
+        g = self.geo.g
+        num = den = 0.0
+        for h, hs in enumerate(store.heads):
+            rows = hs.token_index
+            if hs.k_codebook is not None:
+                rope = self.rope()
+                if rope is None:
+                    return math.inf  # cannot judge codebook keys without their rotation
+                k_post = rope.rotate(reconstruct(hs.k_codebook), rows)
+                kl = attention_logits(
+                    self.inp.q_window[:, h * g : (h + 1) * g, :], k_post[:, None, :], g, self.scale
+                )  # [g, w, S]
+            else:
+                kl = None
+            v_kept = reconstruct(hs.v_codebook) if hs.v_codebook is not None else hs.v_raw
+            for j in range(g):
+                hq = h * g + j
+                vis = hs.qmask[j]
+                lg = kl[j][:, vis] if kl is not None else self.lo[hq][:, rows[vis]]
+                out = self._out(hq, lg, self.pos[rows[vis]], v_kept[vis])
+                num += float(((out - full[hq]) ** 2).sum())
+                den += float((full[hq] ** 2).sum())
+        return math.sqrt(num / den) if den > 0 else 0.0
+
+
+@dataclass
+class RoleDecision:
+    layer: int
+    fit: CodebookFit | None
+    err_evict: float | None = None
+    err_codebook: float | None = None
+
+
+def auto_roles(
+    layers: list[LayerInput],
+    geometry: Geometry,
+    config: PolicyConfig,
+    scores: list[np.ndarray],
+    logits: list[tuple[np.ndarray, np.ndarray]],
+    budgets: np.ndarray,
+    raw_slots: np.ndarray,
+    n_min: np.ndarray,
+    scale: float,
+) -> list[RoleDecision]:
+    """Decide, layer by layer from the top, whether eviction + codebook beats eviction alone."""
+    n_cand = config.auto_max_layers
+    if n_cand is None:
+        n_cand = max(1, math.ceil(len(layers) / 4))
+    out: list[RoleDecision] = []
+    for i, inp in enumerate(layers[:n_cand]):
+        dec = RoleDecision(inp.layer, None)
+        out.append(dec)
+        if raw_slots[i] >= inp.n or inp.n == 0:
+            continue  # everything fits raw: nothing to gain, nothing lost; look deeper
+        probe = AttentionProbe(inp, geometry, scale, logits[i])
+        ev = evict_layer(inp, geometry, scores[i], int(raw_slots[i]), per_query_head=True)
+        dec.err_evict = probe.error(ev)
+        fit = fit_codebook_layer(inp, geometry, config, scores[i], int(budgets[i]), int(n_min[i]))
+        if fit.store is not None:
+            dec.err_codebook = probe.error(fit.store)
+            if dec.err_codebook < dec.err_evict * (1.0 - config.auto_margin):
+                dec.fit = fit
+                continue
+        break  # eviction wins here: deeper layers are even sparser
+    return out

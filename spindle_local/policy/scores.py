@@ -1,0 +1,239 @@
+"""Window attention scores: how much attention each old token receives from the window.
+
+For query head ``q`` with window queries ``Q`` (post-RoPE) the policy forms
+``A = softmax(Q K^T * scale + causal mask)`` over *all* keys the window queries see: the
+old tokens being compressed and, when given, the recent uncompressed keys (which include
+the window itself). Normalising over the recent keys too is deliberate: it is the real
+attention distribution, so a window query that looks mostly at recent tokens contributes
+little to old-token scores, instead of having its leftover mass renormalised onto them.
+An old token's score is its attention averaged over the window queries whose position
+lets them see it.
+
+The Q K^T products (``_logits_nb`` / :func:`attention_logits_ref`), the masked softmax
+and the column average are numba kernels; the latter two are fused in (``_softmax_colmean_nb``) whose plain-numpy reference
+is :func:`softmax_colmean_ref`. Pooling (max or average over ``kernel`` neighbouring
+positions, 'same' padding, SnapKV style) has the pair ``_pool_nb`` / :func:`pool_ref`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .inputs import Geometry, LayerInput, PolicyConfig
+
+
+@njit(cache=True, fastmath=True)
+def _softmax_colmean_nb(
+    logits_old: np.ndarray,  # f32 [H, w, n]
+    logits_rec: np.ndarray,  # f32 [H, w, r]
+    q_pos: np.ndarray,  # i64 [w]
+    pos_old: np.ndarray,  # i64 [n]
+    pos_rec: np.ndarray,  # i64 [r]
+) -> np.ndarray:
+    n_h, w, n = logits_old.shape
+    r = logits_rec.shape[2]
+    out = np.zeros((n_h, n), dtype=np.float32)
+    count = np.zeros(n, dtype=np.float32)
+    for i in range(w):
+        p = q_pos[i]
+        for a in range(n):
+            if pos_old[a] <= p:
+                count[a] += 1.0
+    for h in range(n_h):
+        acc = np.zeros(n, dtype=np.float64)
+        for i in range(w):
+            p = q_pos[i]
+            m = -np.inf
+            for a in range(n):
+                if pos_old[a] <= p and logits_old[h, i, a] > m:
+                    m = logits_old[h, i, a]
+            for b in range(r):
+                if pos_rec[b] <= p and logits_rec[h, i, b] > m:
+                    m = logits_rec[h, i, b]
+            if m == -np.inf:
+                continue
+            z = 0.0
+            row = np.empty(n, dtype=np.float32)
+            for a in range(n):
+                if pos_old[a] <= p:
+                    e = math.exp(logits_old[h, i, a] - m)
+                    row[a] = e
+                    z += e
+                else:
+                    row[a] = 0.0
+            for b in range(r):
+                if pos_rec[b] <= p:
+                    z += math.exp(logits_rec[h, i, b] - m)
+            inv = 1.0 / z
+            for a in range(n):
+                acc[a] += row[a] * inv
+        for a in range(n):
+            if count[a] > 0:
+                out[h, a] = acc[a] / count[a]
+    return out
+
+
+def softmax_colmean_ref(
+    logits_old: np.ndarray,
+    logits_rec: np.ndarray,
+    q_pos: np.ndarray,
+    pos_old: np.ndarray,
+    pos_rec: np.ndarray,
+) -> np.ndarray:
+    """Plain-numpy reference of ``_softmax_colmean_nb``: masked softmax, mean over seeing queries."""
+    lo = logits_old.astype(np.float64)
+    lr = logits_rec.astype(np.float64)
+    vis_o = pos_old[None, :] <= q_pos[:, None]  # [w, n]
+    vis_r = pos_rec[None, :] <= q_pos[:, None]  # [w, r]
+    lo = np.where(vis_o[None], lo, -np.inf)
+    lr = np.where(vis_r[None], lr, -np.inf)
+    full = np.concatenate([lo, lr], axis=2)
+    m = full.max(axis=2, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(full - m)
+    z = e.sum(axis=2, keepdims=True)
+    z = np.where(z > 0, z, 1.0)
+    a = (e / z)[:, :, : lo.shape[2]]
+    count = vis_o.sum(axis=0)
+    return (a.sum(axis=1) / np.maximum(count, 1)[None, :]).astype(np.float32)
+
+
+@njit(cache=True)
+def _pool_nb(scores: np.ndarray, kernel: int, mode_max: bool) -> np.ndarray:
+    n_h, n = scores.shape
+    out = np.empty_like(scores)
+    half = kernel // 2
+    for h in range(n_h):
+        for a in range(n):
+            lo = max(0, a - half)
+            hi = min(n, a - half + kernel)
+            if mode_max:
+                m = scores[h, lo]
+                for b in range(lo + 1, hi):
+                    if scores[h, b] > m:
+                        m = scores[h, b]
+                out[h, a] = m
+            else:
+                s = 0.0
+                for b in range(lo, hi):
+                    s += scores[h, b]
+                out[h, a] = s / (hi - lo)
+    return out
+
+
+def pool_ref(scores: np.ndarray, kernel: int, mode: str) -> np.ndarray:
+    """Numpy reference of ``_pool_nb``: 'same'-size 1-D pooling; edges use the valid part only."""
+    n_h, n = scores.shape
+    half = kernel // 2
+    pad_l, pad_r = half, kernel - 1 - half
+    if mode == "max":
+        padded = np.pad(scores, ((0, 0), (pad_l, pad_r)), constant_values=-np.inf)
+        win = np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=1)
+        return win.max(axis=2).astype(scores.dtype)
+    padded = np.pad(scores.astype(np.float64), ((0, 0), (pad_l, pad_r)))
+    ones = np.pad(np.ones(n), (pad_l, pad_r))
+    win = np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=1).sum(axis=2)
+    cnt = np.lib.stride_tricks.sliding_window_view(ones, kernel).sum(axis=1)
+    return (win / cnt[None, :]).astype(scores.dtype)
+
+
+def pool_scores(scores: np.ndarray, kernel: int, mode: str | None) -> np.ndarray:
+    """Pool [H, n] scores over neighbouring positions (array order = position order)."""
+    if mode is None or kernel <= 1 or scores.shape[1] == 0:
+        return scores
+    return _pool_nb(np.ascontiguousarray(scores), int(kernel), mode == "max")
+
+
+@njit(cache=True, fastmath=True)
+def _logits_nb(q: np.ndarray, k: np.ndarray, g: int, scale: np.float32) -> np.ndarray:
+    w, n_h, d = q.shape
+    n = k.shape[0]
+    out = np.empty((n_h, w, n), dtype=np.float32)
+    for a in range(n):
+        for hq in range(n_h):
+            h = hq // g
+            for i in range(w):
+                s = np.float32(0.0)
+                for t in range(d):
+                    s += q[i, hq, t] * k[a, h, t]
+                out[hq, i, a] = s * scale
+    return out
+
+
+def attention_logits_ref(q: np.ndarray, k: np.ndarray, g: int, scale: float) -> np.ndarray:
+    """Numpy reference of ``_logits_nb``: scaled logits [H, w, n], query head ``hq`` uses KV head ``hq // g``."""
+    kk = np.repeat(k.astype(np.float64), g, axis=1)  # [n, H, d]
+    return (np.einsum("whd,nhd->hwn", q.astype(np.float64), kk) * scale).astype(np.float32)
+
+
+def attention_logits(q: np.ndarray, k: np.ndarray, g: int, scale: float) -> np.ndarray:
+    """Scaled logits [H, w, n] of queries [w, H, d] against keys [n, Hkv, d] (GQA aware).
+
+    A numba loop rather than BLAS on purpose: these are thin products (w = 32 rows) and
+    multithreaded OpenBLAS on a small shared machine was measured 20x slower than one
+    thread; the loop reads K in its native [n, Hkv, d] layout without copies.
+    """
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    k = np.ascontiguousarray(k, dtype=np.float32)
+    return _logits_nb(q, k, int(g), np.float32(scale))
+
+
+def attn_scale(geometry: Geometry, config: PolicyConfig) -> float:
+    """Softmax scale: ``config.extra['attn_scale']`` or the usual ``1/sqrt(dk)``."""
+    s = config.extra.get("attn_scale")
+    return float(s) if s is not None else 1.0 / math.sqrt(geometry.head_dim_k)
+
+
+def window_scores(
+    inp: LayerInput,
+    geometry: Geometry,
+    config: PolicyConfig,
+    use_numba: bool = True,
+    logits: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Per-query-head scores float32 [H, n] of the old tokens (pooled, sinks *not* protected).
+
+    Tokens are scored in the order of ``inp.positions``; pooling assumes that order is the
+    position order (the engine passes old tokens sorted; otherwise they are sorted here).
+    """
+    n = inp.n
+    if n == 0:
+        return np.zeros((geometry.n_head, 0), dtype=np.float32)
+    lo, lr = logits if logits is not None else layer_logits(inp, geometry, config)
+    pos_old = np.asarray(inp.positions, dtype=np.int64)
+    rec_pos = inp.resolved_recent_positions()
+    if rec_pos is None or not config.include_recent_in_softmax:
+        rec_pos = np.zeros(0, dtype=np.int64)
+    q_pos = np.asarray(inp.q_positions, dtype=np.int64)
+    fn = _softmax_colmean_nb if use_numba else softmax_colmean_ref
+    s = fn(lo, lr, q_pos, pos_old, rec_pos.astype(np.int64))
+    if config.pooling is not None and config.pool_kernel > 1:
+        order = np.argsort(pos_old, kind="stable")
+        sorted_already = bool(np.all(order == np.arange(n)))
+        ss = s if sorted_already else s[:, order]
+        ss = pool_scores(ss, config.pool_kernel, config.pooling) if use_numba else pool_ref(
+            ss, config.pool_kernel, config.pooling
+        )
+        if sorted_already:
+            s = ss
+        else:
+            s = np.empty_like(ss)
+            s[:, order] = ss
+    return s
+
+
+def layer_logits(
+    inp: LayerInput, geometry: Geometry, config: PolicyConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(old-token logits [H, w, n], recent-key logits [H, w, r]) of the window queries."""
+    scale = attn_scale(geometry, config)
+    g = geometry.g
+    lo = attention_logits(inp.q_window, inp.k, g, scale)
+    if inp.k_recent is not None and config.include_recent_in_softmax and inp.k_recent.shape[0] > 0:
+        lr = attention_logits(inp.q_window, inp.k_recent, g, scale)
+    else:
+        lr = np.zeros((geometry.n_head, inp.q_window.shape[0], 0), dtype=np.float32)
+    return lo, lr

@@ -1,0 +1,239 @@
+"""Policies: budgets respected exactly, sinks kept, GQA masks, roles, API errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spindle_local.policy import (
+    POLICY_NAMES,
+    Geometry,
+    LayerInput,
+    PolicyConfig,
+    full_cache_bytes,
+    layer_store_bytes,
+    make_policy,
+)
+from spindle_local.policy.budgets import (
+    allocate_slots,
+    codebook_layer_bytes,
+    pyramid_weights,
+    raw_slot_bytes,
+)
+from spindle_local.policy.rope import infer_rope
+from spindle_local.policy.synthetic import apply_rope, make_layer, make_layers
+
+GEO = Geometry(n_layer=6, n_head=6, n_head_kv=2, head_dim_k=16, head_dim_v=16)
+N = 160
+
+
+@pytest.fixture(scope="module")
+def layers():
+    return make_layers(GEO, n=N, w=8, r=12, seed=1)
+
+
+def total_bytes(stores, geo=GEO):
+    return sum(layer_store_bytes(s, geo.head_dim_k, geo.head_dim_v) for s in stores)
+
+
+def check_store(inp, st, geo=GEO):
+    """Structural checks every layer store must pass."""
+    assert len(st.heads) == geo.n_head_kv
+    for h, hs in enumerate(st.heads):
+        s = hs.n_slots
+        assert hs.qmask.shape == (geo.g, s) and hs.qmask.dtype == bool
+        assert np.all(np.diff(hs.positions) > 0)
+        assert np.array_equal(hs.positions, inp.positions[hs.token_index])
+        assert (hs.k_raw is None) != (hs.k_codebook is None)
+        assert (hs.v_raw is None) != (hs.v_codebook is None)
+        if hs.k_raw is not None:
+            assert np.array_equal(hs.k_raw, inp.k[hs.token_index, h])
+        if hs.v_raw is not None:
+            assert np.array_equal(hs.v_raw, inp.v[hs.token_index, h])
+        # every kept slot is visible to at least one query head
+        assert s == 0 or hs.qmask.any(axis=0).all()
+    # sinks kept and visible to every query head
+    for hs in st.heads:
+        sink_slots = hs.positions < 4
+        assert sink_slots.sum() == np.count_nonzero(inp.positions < 4)
+        assert hs.qmask[:, sink_slots].all()
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+@pytest.mark.parametrize("frac", [0.4, 0.25, 0.15])
+@pytest.mark.parametrize("cb_layers", ["auto", 2])
+def test_budget_respected_and_sinks_kept(layers, name, frac, cb_layers):
+    if name != "spindle" and cb_layers != "auto":
+        pytest.skip("codebook_layers only matters for spindle")
+    target = int(full_cache_bytes(N, GEO.n_layer, GEO.n_head_kv, 16, 16) * frac)
+    pol = make_policy(name, PolicyConfig(codebook_layers=cb_layers))
+    stores = pol.plan(layers, GEO, target)
+    assert len(stores) == len(layers)
+    if name != "full":
+        assert total_bytes(stores) <= target
+        # the budget is used: less than one raw slot per layer left over
+        assert target - total_bytes(stores) < raw_slot_bytes(GEO) * GEO.n_layer + 200 * GEO.n_layer
+    for inp, st in zip(layers, stores):
+        assert st.layer == inp.layer
+        check_store(inp, st)
+    for row, st in zip(pol.last_report, stores):
+        assert row["bytes"] == layer_store_bytes(st, 16, 16)
+
+
+def test_full_keeps_everything_and_ignores_budget(layers):
+    stores = make_policy("full").plan(layers, GEO, 1)
+    for inp, st in zip(layers, stores):
+        assert all(hs.n_slots == inp.n and hs.qmask.all() for hs in st.heads)
+
+
+def test_streaming_keeps_sinks_and_most_recent(layers):
+    target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * 0.25)
+    for inp, st in zip(layers, make_policy("streaming").plan(layers, GEO, target)):
+        pos = st.heads[0].positions
+        rest = pos[pos >= 4]
+        assert np.array_equal(rest, inp.positions[-len(rest):])
+
+
+@pytest.mark.parametrize("name", ["full", "streaming", "snapkv", "pyramidkv", "spindle"])
+def test_impossible_budget_raises(layers, name):
+    if name == "full":
+        make_policy(name).plan(layers, GEO, 0)
+        return
+    sink_bytes = 4 * raw_slot_bytes(GEO) * GEO.n_layer
+    with pytest.raises(ValueError, match="sink"):
+        make_policy(name).plan(layers, GEO, sink_bytes - 1)
+    stores = make_policy(name).plan(layers, GEO, sink_bytes)  # exactly the sinks fit
+    assert total_bytes(stores) <= sink_bytes
+
+
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "streaming"])
+def test_group_policies_share_slots(layers, name):
+    target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * 0.25)
+    for st in make_policy(name).plan(layers, GEO, target):
+        for hs in st.heads:
+            assert hs.qmask.all()
+
+
+def test_snapkv_uses_group_average():
+    geo = Geometry(1, 2, 1, 8, 8)
+    inp = make_layer(geo, 0, n=40, w=4, seed=2)
+    # handcrafted disagreeing heads: inject scores by making queries match different keys
+    q = np.zeros((4, 2, 8), np.float32)
+    q[:, 0, :] = inp.k[10, 0] * 4
+    q[:, 1, :] = inp.k[30, 0] * 4
+    inp.q_window = q
+    cfg = PolicyConfig(pooling=None, sinks=0)
+    target = raw_slot_bytes(geo) * 6
+    st = make_policy("snapkv", cfg).plan([inp], geo, target)[0]
+    assert st.heads[0].qmask.all()
+    from spindle_local.policy.scores import window_scores
+
+    s = window_scores(inp, geo, cfg).mean(axis=0)
+    assert set(st.heads[0].token_index) == set(np.argsort(-s, kind="stable")[:6])
+
+
+def test_spindle_query_heads_keep_different_tokens():
+    geo = Geometry(1, 3, 1, 16, 16)
+    rng = np.random.default_rng(0)
+    n = 60
+    k = rng.standard_normal((n, 1, 16)).astype(np.float32) * 0.05
+    for b, tok in enumerate((10, 11, 20, 21, 40)):
+        k[tok, 0, :] = 0
+        k[tok, 0, b] = 3.0
+    inp = LayerInput(
+        layer=0, k=k, k_pre=None, v=rng.standard_normal((n, 1, 16)).astype(np.float32),
+        positions=np.arange(n, dtype=np.int32),
+        q_window=np.zeros((4, 3, 16), np.float32), q_positions=np.arange(n, n + 4, dtype=np.int32),
+    )
+    hot = {0: [10, 11], 1: [20, 21], 2: [10, 40]}  # head 0 and 2 share token 10
+    for j, toks in hot.items():
+        inp.q_window[:, j, :] = (k[toks[0], 0] + k[toks[1], 0]) * 3
+    cfg = PolicyConfig(pooling=None, sinks=0, codebook_layers=0)
+    slots = 5
+    st = make_policy("spindle", cfg).plan([inp], geo, raw_slot_bytes(geo) * slots)[0]
+    hs = st.heads[0]
+    assert hs.n_slots == slots
+    kept = set(hs.token_index.tolist())
+    assert {10, 11, 20, 21, 40} == kept  # the union, each token stored once
+    vis = {j: set(hs.token_index[hs.qmask[j]].tolist()) for j in range(3)}
+    assert vis[0] != vis[1]
+    assert {10, 11} <= vis[0] and {20, 21} <= vis[1] and {10, 40} <= vis[2]
+    assert 20 not in vis[0] and 11 not in vis[1]
+    # bytes count the union once, not per query head
+    assert layer_store_bytes(st, 16, 16) == slots * raw_slot_bytes(geo)
+
+
+def test_spindle_codebook_layer_fits_its_budget_and_keeps_more(layers):
+    target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * 0.25)
+    cfg = PolicyConfig(codebook_layers=2)
+    pol = make_policy("spindle", cfg)
+    stores = pol.plan(layers, GEO, target)
+    ev = make_policy("spindle", PolicyConfig(codebook_layers=0)).plan(layers, GEO, target)
+    st0 = stores[0]
+    assert st0.role in ("codebook", "evict+codebook")
+    assert st0.heads[0].n_slots > ev[0].heads[0].n_slots
+    for h, hs in enumerate(st0.heads):
+        if hs.v_codebook is not None:
+            v = layers[0].v[hs.token_index, h]
+            rel = np.linalg.norm(hs.v_codebook.reconstruct() - v, axis=1) / np.linalg.norm(v, axis=1)
+            assert np.all(rel <= np.sqrt(2 - 2 * cfg.theta_v) + 1e-5)
+        if hs.k_codebook is not None:
+            assert hs.k_codebook.index.shape == (hs.n_slots,)
+    nbytes = layer_store_bytes(st0, 16, 16)
+    k_e = sum(h.k_codebook.n_entries for h in st0.heads) if st0.heads[0].k_codebook else None
+    v_e = sum(h.v_codebook.n_entries for h in st0.heads) if st0.heads[0].v_codebook else None
+    assert nbytes == codebook_layer_bytes(GEO, st0.heads[0].n_slots, k_e, v_e)
+
+
+def test_auto_reports_errors(layers):
+    target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * 0.15)
+    pol = make_policy("spindle", PolicyConfig(codebook_layers="auto"))
+    stores = pol.plan(layers, GEO, target)
+    row = pol.last_report[0]
+    assert row["err_evict"] is not None and row["err_evict"] >= 0
+    if stores[0].role != "evict":
+        assert row["err_codebook"] < row["err_evict"]
+
+
+def test_make_policy_rejects_unknown():
+    with pytest.raises(ValueError, match="spindle"):
+        make_policy("h2o")
+
+
+def test_pyramid_and_allocation():
+    w = pyramid_weights(30, 20.0)
+    assert abs(w.mean() - 1) < 1e-12 and abs(w[-1] - 1 / 20) < 1e-12 and np.all(np.diff(w) < 0)
+    lo = np.full(30, 4)
+    hi = np.full(30, 1000)
+    s = allocate_slots(w, lo, hi, 9000)
+    assert s.sum() == 9000 and np.all(s >= 4) and np.all(s <= 1000) and np.all(np.diff(s) <= 0)
+    s = allocate_slots(w, lo, hi, 25000)  # top layers capped, excess goes deeper
+    assert s.sum() == 25000 and s[0] == 1000
+    with pytest.raises(ValueError):
+        allocate_slots(w, lo, hi, 119)
+
+
+def test_rope_inference_roundtrip():
+    rng = np.random.default_rng(3)
+    pre = rng.standard_normal((50, 2, 16)).astype(np.float32)
+    pos = np.arange(100, 150)
+    post = apply_rope(pre, pos)
+    rm = infer_rope(pre, post)
+    assert rm is not None
+    for h in range(2):
+        np.testing.assert_allclose(rm.rotate(pre[:, h]), post[:, h], atol=1e-4)
+    assert infer_rope(pre, rng.standard_normal(pre.shape).astype(np.float32)) is None
+
+
+def test_layer_input_validation():
+    inp = make_layer(GEO, 0, n=20, w=4)
+    inp.v = inp.v[:, :, :8]
+    with pytest.raises(ValueError, match="v has shape"):
+        make_policy("snapkv").plan([inp], GEO, 10**6)
+
+
+def test_empty_layer():
+    inp = make_layer(GEO, 0, n=0, w=4)
+    for name in POLICY_NAMES:
+        st = make_policy(name).plan([inp], GEO, 0)[0]
+        assert layer_store_bytes(st, 16, 16) == 0
