@@ -8,11 +8,19 @@ engines. Output goes to stdout (answers) and stderr (prompts, notices), so that
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 import sys
 import textwrap
 from typing import Protocol, TextIO, Iterator
 
 from spindle_local.errors import SpindleError
+
+
+@dataclass
+class GenerationSettings:
+    temperature: float = 0.7
+    max_tokens: int = 512
+    seed: int | None = None
 
 HELP = """commands:
   /help            this list
@@ -29,6 +37,8 @@ class ReplyModel(Protocol):
     def stream_reply(self, messages: list[dict[str, str]], settings: object) -> Iterator[str]: ...
 
     def count_tokens(self, messages: list[dict[str, str]]) -> int: ...
+
+    def stats_line(self) -> str: ...
 
 
 class ChatRepl:
@@ -75,6 +85,10 @@ class ChatRepl:
         self.out.flush()
         if interrupted:
             self._notice("[stopped]")
+        notice = getattr(self.model, "turn_notice", None)
+        line = notice() if callable(notice) else None
+        if line and self.stdin.isatty():
+            self._notice(f"[{line}]")
         return text
 
     def one_shot(self, prompt: str) -> int:
@@ -97,8 +111,7 @@ class ChatRepl:
             self.reset()
             self._notice("[system prompt set; conversation cleared]" if arg.strip() else "[system prompt removed]")
         elif cmd == "/stats":
-            used = self.model.count_tokens(self.messages) if self.messages else 0
-            self._notice(f"messages: {len(self.messages)}  tokens in conversation: ~{used}  context: {self.model.n_ctx}")
+            self._notice(f"messages: {len(self.messages)}  {self.model.stats_line()}")
         else:
             self._notice(f"unknown command {cmd}; /help lists the commands")
         return True

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from spindle_local import __version__
-from spindle_local.errors import SpindleError
+from spindle_local.errors import SpindleError, UsageError
 
 MODEL_ARG_HELP = "GGUF model file (default: SmolLM2-135M-Instruct, fetched on first use)."
 
@@ -110,11 +110,69 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def _codebook_layers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter("must be a number of layers or 'auto'") from None
+    if n < 0:
+        raise click.BadParameter("must be >= 0")
+    return n
+
+
+def engine_options(f):
+    """The compression options every model-running command shares."""
+    options = [
+        click.option("--policy", type=click.Choice(["full", "streaming", "snapkv", "pyramidkv", "spindle"]),
+                     default="spindle", show_default=True, help="KV-cache policy; 'full' keeps everything."),
+        click.option("--kv-budget", type=float, default=0.25, show_default=True,
+                     help="Reserve ratio: KV bytes held / full f16 cache bytes, in (0, 1]."),
+        click.option("--window", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="Observation window: recent queries that score older tokens."),
+        click.option("--sinks", type=click.IntRange(min=0), default=4, show_default=True,
+                     help="First tokens that are never evicted (attention sinks)."),
+        click.option("--recent", type=click.IntRange(min=1), default=256, show_default=True,
+                     help="Newest tokens kept uncompressed in the regular cache."),
+        click.option("--codebook-layers", default="auto", show_default=True,
+                     help="Shallow layers that use codebook replacement: a number, or 'auto' to measure."),
+        click.option("--theta-k", type=click.FloatRange(0, 1, min_open=True), default=0.98, show_default=True,
+                     help="Cosine threshold for sharing a key codebook entry."),
+        click.option("--theta-v", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+                     help="Cosine threshold for sharing a value codebook entry."),
+        click.option("--chunk", type=click.IntRange(min=16), default=512, show_default=True,
+                     help="Prefill chunk size in tokens (compression runs between chunks)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)."),
+        click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
+                     help="Use llama.cpp's flash-attention kernels."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def engine_config(*, policy: str, kv_budget: float, window: int, sinks: int, recent: int, codebook_layers: str,
+                  theta_k: float, theta_v: float, chunk: int, threads: int | None, flash_attn: bool,
+                  max_tokens: int | None = None, n_cells: int | None = None):
+    from spindle_local.runtime.engine import EngineConfig
+
+    try:
+        cb = _codebook_layers(codebook_layers)
+    except click.BadParameter as e:
+        raise click.BadParameter(str(e), param_hint="'--codebook-layers'") from None
+    cfg = EngineConfig(policy=policy, kv_budget=kv_budget, window=window, sinks=sinks, recent=recent,
+                       codebook_layers=cb, theta_k=theta_k, theta_v=theta_v, chunk=chunk, n_threads=threads,
+                       flash_attn=flash_attn, max_tokens=max_tokens, n_cells=n_cells)
+    cfg.validate()
+    return cfg
+
+
 @main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=Path))
-@click.option("--ctx", "n_ctx", type=click.IntRange(min=64), default=4096, show_default=True,
-              help="Context size in tokens.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=64), default=None,
+              help="Longest conversation in tokens (default: the model's trained context; "
+                   "with --policy full, 4096 — the full cache is allocated up front).")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.7, show_default=True,
               help="Sampling temperature; 0 picks the most likely token.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
@@ -123,25 +181,38 @@ def _mib(n: int) -> str:
 @click.option("--system", "system_prompt", default=None, help="System prompt for the conversation.")
 @click.option("--prompt", default=None,
               help="Answer this one message, print the answer to stdout and exit (scriptable).")
-def chat(model: Path | None, n_ctx: int, threads: int | None, temperature: float, max_tokens: int,
-         seed: int | None, system_prompt: str | None, prompt: str | None) -> None:
+@engine_options
+def chat(model: Path | None, n_ctx: int | None, temperature: float, max_tokens: int, seed: int | None,
+         system_prompt: str | None, prompt: str | None, **engine_kw: Any) -> None:
     """Chat with MODEL in the terminal (default model if none is given).
+
+    The KV cache is compressed with --policy (default: spindle) to at most --kv-budget
+    of the full cache's bytes once the conversation is long enough.
 
     \b
     Inside the chat:
       /help            list commands
       /reset           forget the conversation
       /system TEXT     set the system prompt (and reset)
-      /stats           show context use
+      /stats           tokens seen, KV bytes now, full-cache bytes, reserve ratio
       /exit            leave (Ctrl-D works too); Ctrl-C stops the current answer
     """
-    from spindle_local.chat_repl import ChatRepl
-    from spindle_local.runtime.chat_model import ChatModel, GenerationSettings
+    from spindle_local.chat_repl import ChatRepl, GenerationSettings
+    from spindle_local.runtime.engine_chat import EngineChatModel
+    from spindle_local.runtime.gguf_meta import read_meta
+    from spindle_local.runtime.loader import load_llama_cpp
     from spindle_local.runtime.model_files import resolve_model
 
     path = resolve_model(model)
+    meta = read_meta(path)
+    if n_ctx and meta.n_ctx_train and n_ctx > meta.n_ctx_train:
+        raise UsageError(f"--ctx {n_ctx} exceeds the model's trained context ({meta.n_ctx_train} tokens)")
+    load_llama_cpp()
+    full = engine_kw["policy"] == "full"
+    cfg = engine_config(**engine_kw, max_tokens=n_ctx or (4096 if full else None),
+                        n_cells=(n_ctx or 4096) if full else None)
     settings = GenerationSettings(temperature=temperature, max_tokens=max_tokens, seed=seed)
-    chat_model = ChatModel(path, n_ctx=n_ctx, n_threads=threads, seed=seed)
+    chat_model = EngineChatModel(path, cfg)
     try:
         repl = ChatRepl(chat_model, settings, system_prompt=system_prompt)
         if prompt is not None:

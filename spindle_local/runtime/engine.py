@@ -1,0 +1,405 @@
+"""The engine: prefill in chunks, compress the KV cache between them, decode.
+
+One sequence on one patched llama.cpp context. The regular cache holds the recent
+tokens (a small allocation); older tokens live in the compressed store that the patch
+adds to every layer. When to compress (DESIGN.md section 2, "When to compress"):
+
+* after a prompt chunk is prefilled, once the regular cache holds more than
+  ``recent`` tokens and the budget can pay for a store, everything but the newest
+  ``recent`` tokens moves into the store;
+* during generation, the same whenever the recent part outgrows ``recent + slack``;
+* always before the regular cache would run out of cells.
+
+Each compression re-plans the whole store: tokens already in it are read back, scored
+again with the newest window queries and planned together with the tokens moving in,
+within ``kv_budget × full-cache bytes`` minus the bytes of the recent part. So the
+reserve ratio (store bytes + recent bytes) / (full f16 cache bytes) stays within the
+budget after every compression, not only at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from spindle_local.errors import SpindleError, UsageError
+from spindle_local.policy import inputs as pin
+from spindle_local.policy.plan import LayerStore, full_cache_bytes, layer_store_bytes
+from spindle_local.policy.policies import make_policy
+from spindle_local.runtime import rope as roper
+from spindle_local.runtime.lowlevel import LlamaContext, LlamaModel
+from spindle_local.runtime.window import WindowQueries
+
+POLICIES = ("full", "streaming", "snapkv", "pyramidkv", "spindle")
+
+
+@dataclass
+class EngineConfig:
+    """How the engine compresses; the CLI's options map onto these one to one."""
+
+    policy: str = "spindle"
+    kv_budget: float = 0.25
+    window: int = 32
+    sinks: int = 4
+    recent: int = 256
+    chunk: int = 512
+    decode_slack: int = 128
+    codebook_layers: int | str = "auto"
+    theta_k: float = 0.98
+    theta_v: float = 0.95
+    n_threads: int | None = None
+    flash_attn: bool = True
+    n_cells: int | None = None  # regular-cache allocation; default recent + 2 * chunk
+    max_tokens: int | None = None  # longest context; default the model's trained context
+
+    def validate(self) -> None:
+        if self.policy not in POLICIES:
+            raise UsageError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
+        if not (0.0 < self.kv_budget <= 1.0):
+            raise UsageError(f"--kv-budget must be in (0, 1], got {self.kv_budget}")
+        if self.window < 1 or self.sinks < 0 or self.chunk < 1:
+            raise UsageError("--window and --chunk must be >= 1 and --sinks >= 0")
+        if self.recent < self.window:
+            raise UsageError(f"--recent ({self.recent}) must be at least --window ({self.window})")
+        for name in ("theta_k", "theta_v"):
+            t = getattr(self, name)
+            if not (0.0 < t <= 1.0):
+                raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], got {t}")
+        if isinstance(self.codebook_layers, str) and self.codebook_layers != "auto":
+            raise UsageError(f"--codebook-layers must be a number or 'auto', got {self.codebook_layers!r}")
+
+    def cells(self) -> int:
+        return self.n_cells or (self.recent + 2 * self.chunk)
+
+
+@dataclass
+class EngineStats:
+    tokens_seen: int = 0
+    tokens_prefilled: int = 0
+    tokens_generated: int = 0
+    compressions: int = 0
+    compress_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    store_bytes: int = 0
+    regular_bytes: int = 0
+    full_bytes: int = 0
+    over_budget_compressions: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.store_bytes + self.regular_bytes
+
+    @property
+    def reserve_ratio(self) -> float:
+        return self.kv_bytes / self.full_bytes if self.full_bytes else 1.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["kv_bytes"] = self.kv_bytes
+        d["reserve_ratio"] = self.reserve_ratio
+        return d
+
+
+class Engine:
+    """A model, one context, one conversation's tokens, and the compression schedule."""
+
+    def __init__(self, model_path: str | Path, config: EngineConfig | None = None,
+                 *, model: LlamaModel | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.config.validate()
+        self.model = model or LlamaModel(str(model_path))
+        cfg = self.config
+        cells = cfg.cells() if cfg.policy != "full" else (cfg.n_cells or cfg.max_tokens or 4096)
+        probe_layers = self._n_layer_hint()
+        self.queries = WindowQueries(probe_layers, cfg.window)
+        self.ctx = LlamaContext(self.model, n_ctx=cells, n_batch=cfg.chunk, n_ubatch=cfg.chunk,
+                                n_threads=cfg.n_threads, flash_attn=cfg.flash_attn, cb_eval=self.queries)
+        self.geometry = self.ctx.geometry()
+        g = self.geometry
+        if len(set((lg.n_head, lg.n_head_kv, lg.head_dim_k, lg.head_dim_v) for lg in g.layers)) != 1:
+            raise SpindleError("models whose layers differ in attention shape are not supported yet")
+        if g.swa_layers() and cfg.policy != "full":
+            raise SpindleError("sliding-window models (such as Gemma 3) run with --policy full only for now")
+        lg0 = g.layers[0]
+        self.pgeo = pin.Geometry(n_layer=g.n_layer, n_head=lg0.n_head, n_head_kv=lg0.n_head_kv,
+                                 head_dim_k=lg0.head_dim_k, head_dim_v=lg0.head_dim_v)
+        self.bytes_per_token = full_cache_bytes(1, g.n_layer, lg0.n_head_kv, lg0.head_dim_k, lg0.head_dim_v)
+        self.rope_ok = roper.rope_supported(g.rope_type, g.ext_factor)
+        self.max_tokens = cfg.max_tokens or g.n_ctx_train or 1 << 30
+        self.policy = make_policy(cfg.policy, pin.PolicyConfig(
+            window=cfg.window, sinks=cfg.sinks, theta_k=cfg.theta_k, theta_v=cfg.theta_v,
+            codebook_layers=cfg.codebook_layers))
+        self.cells = self.ctx.n_ctx
+        self.tokens: list[int] = []
+        self.stats = EngineStats()
+        self._store_layers: set[int] = set()
+
+    def _n_layer_hint(self) -> int:
+        from spindle_local.runtime import native  # noqa: F401  (checks the runtime is patched)
+
+        import llama_cpp.llama_cpp as C
+
+        return int(C.llama_model_n_layer(self.model.model))
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)
+
+    def regular_count(self) -> int:
+        return self.ctx.kv_used()
+
+    def refresh_stats(self) -> EngineStats:
+        s = self.stats
+        s.tokens_seen = self.n_past
+        s.store_bytes = self.ctx.store_bytes() if self._store_layers else 0
+        s.regular_bytes = self.regular_count() * self.bytes_per_token
+        s.full_bytes = self.n_past * self.bytes_per_token
+        return s
+
+    def reset(self) -> None:
+        """Forget everything: regular cache, store, tokens and counters."""
+        self.ctx.clear()
+        if self._store_layers:
+            self.ctx.store_clear()
+            self._store_layers.clear()
+        self.queries.reset()
+        self.tokens = []
+        self.stats = EngineStats()
+
+    def truncate(self, n: int) -> bool:
+        """Forget every token from index ``n`` on, if they are all still in the regular cache.
+
+        Returns False (and changes nothing) when some of them were compressed: the exact
+        state before them no longer exists, so the caller must reset and re-read.
+        """
+        if n >= self.n_past:
+            return True
+        p_min, _ = self.ctx.pos_range()
+        if n < p_min or (p_min < 0 and self._store_layers):
+            return False
+        self.ctx.seq_rm(n, -1)
+        del self.tokens[n:]
+        self.ctx.next_pos = n
+        self.queries.truncate(n)
+        return True
+
+    def close(self) -> None:
+        self.ctx.close()
+        self.model.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- feeding ---------------------------------------------------------------------------
+
+    def _check_room(self, n_new: int) -> None:
+        if self.n_past + n_new > self.max_tokens:
+            raise UsageError(f"the context would reach {self.n_past + n_new} tokens, beyond the limit of "
+                             f"{self.max_tokens} (the model's trained context)")
+        if self.config.policy == "full" and self.n_past + n_new > self.cells:
+            raise UsageError(f"the context would reach {self.n_past + n_new} tokens but the full cache holds "
+                             f"{self.cells}; raise --ctx or use a compressing policy")
+
+    def _decode(self, tokens: Sequence[int], *, capture: bool) -> None:
+        start = self.n_past
+        pos = np.arange(start, start + len(tokens), dtype=np.int32)
+        self.queries.enabled = capture
+        try:
+            self.ctx.decode(tokens, pos, logits="last")
+        finally:
+            self.queries.enabled = False
+        if capture:
+            self.queries.commit(pos)
+        self.tokens.extend(int(t) for t in tokens)
+
+    def feed(self, tokens: Sequence[int], *, progress=None) -> np.ndarray:
+        """Prefill ``tokens`` after what the engine holds; return the next-token logits.
+
+        ``progress(done, total, stats)`` is called after every chunk when given.
+        """
+        tokens = list(tokens)
+        if not tokens:
+            raise UsageError("nothing to feed: empty prompt")
+        self._check_room(len(tokens))
+        chunk = self.config.chunk
+        done = 0
+        while done < len(tokens):
+            room = self.cells - self.regular_count()
+            if room < min(chunk, len(tokens) - done) and self.config.policy != "full":
+                self._compress(force=True)
+                room = self.cells - self.regular_count()
+            take = max(1, min(chunk, len(tokens) - done, room))
+            part = tokens[done:done + take]
+            t0 = time.perf_counter()
+            self._decode(part, capture=self.config.policy != "full")
+            self.stats.prefill_seconds += time.perf_counter() - t0
+            self.stats.tokens_prefilled += len(part)
+            done += take
+            self.maybe_compress(slack=0)
+            if progress is not None:
+                progress(done, len(tokens), self.refresh_stats())
+        return self.ctx.logits()
+
+    def step(self, token: int) -> np.ndarray:
+        """Decode one generated token and return the logits that follow it."""
+        self._check_room(1)
+        if self.config.policy != "full" and self.regular_count() >= self.cells:
+            self._compress(force=True)
+        slack = self.config.decode_slack
+        # Capture queries only for the tokens that will form the window of the next compression.
+        capture = self.config.policy != "full" and \
+            self.regular_count() + 1 > self.config.recent + slack - self.config.window
+        t0 = time.perf_counter()
+        self._decode([token], capture=capture)
+        self.stats.decode_seconds += time.perf_counter() - t0
+        self.stats.tokens_generated += 1
+        self.maybe_compress(slack=slack)
+        return self.ctx.logits()
+
+    # -- compression -------------------------------------------------------------------------
+
+    def maybe_compress(self, *, slack: int) -> bool:
+        if self.config.policy == "full":
+            return False
+        if self.regular_count() <= self.config.recent + slack:
+            return False
+        if self._target_bytes(self.config.recent) < self._min_store_bytes():
+            return False  # too early: the budget cannot pay for any store yet
+        self._compress(force=False)
+        return True
+
+    def _target_bytes(self, recent_count: int) -> int:
+        full = self.n_past * self.bytes_per_token
+        return int(self.config.kv_budget * full) - recent_count * self.bytes_per_token
+
+    def _min_store_bytes(self) -> int:
+        # Sinks kept raw in every layer and KV head, plus per-slot bookkeeping.
+        lg = self.geometry.layers[0]
+        per_slot = lg.n_head_kv * (4 + lg.n_head // lg.n_head_kv + 2 * (lg.head_dim_k + lg.head_dim_v))
+        return self.geometry.n_layer * max(self.config.sinks, 1) * per_slot
+
+    def _compress(self, *, force: bool) -> None:
+        """Move every regular token older than the newest ``recent`` into the store (re-planned)."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        cut = self.n_past - cfg.recent
+        if cut <= 0:
+            if force:
+                raise SpindleError("the regular cache is full and nothing can move to the store; "
+                                   "use a larger --ctx or a smaller --recent")
+            return
+        target = self._target_bytes(cfg.recent)
+        if target < self._min_store_bytes():
+            if not force:
+                return
+            self.stats.over_budget_compressions += 1
+            target = self._min_store_bytes()
+        layers = [self._layer_input(il, cut) for il in range(self.geometry.n_layer)]
+        stores = self.policy.plan(layers, self.pgeo, target)
+        for st in stores:
+            self.ctx.store_set(st.layer, st)
+            self._store_layers.add(st.layer)
+        p_min, _ = self.ctx.pos_range()
+        if 0 <= p_min < cut:
+            self.ctx.seq_rm(p_min, cut)
+        self.stats.compressions += 1
+        self.stats.compress_seconds += time.perf_counter() - t0
+
+    def _layer_input(self, il: int, cut: int) -> pin.LayerInput:
+        """The policy's view of layer ``il``: store ∪ regular tokens before ``cut``, window queries."""
+        k, v, pos = self.ctx.read_layer_kv(il)
+        old = pos < cut
+        k_old, v_old, p_old = k[old], v[old], pos[old]
+        k_rec, v_rec, p_rec = k[~old], v[~old], pos[~old]
+        avail_old = np.ones((len(p_old), self.pgeo.n_head_kv), dtype=bool)
+        if il in self._store_layers:
+            ks, vs, ps, avail = self._store_vectors(il)
+            k_old = np.concatenate([ks, k_old])
+            v_old = np.concatenate([vs, v_old])
+            p_old = np.concatenate([ps, p_old])
+            avail_old = np.concatenate([avail, avail_old])
+        k_pre = self._unrope(il, k_old, p_old) if self.rope_ok else None
+        q = self.queries.layer(il)
+        if q is None:
+            raise SpindleError("internal: no window queries captured before compression")
+        return pin.LayerInput(layer=il, k=k_old, k_pre=k_pre, v=v_old, positions=p_old.astype(np.int32),
+                              q_window=q, q_positions=self.queries.positions,
+                              k_recent=k_rec, recent_positions=p_rec.astype(np.int32), v_recent=v_rec,
+                              available=avail_old)
+
+    def _rope_args(self, il: int) -> dict:
+        lg = self.geometry.layers[il]
+        return dict(base=lg.freq_base, n_rot=lg.n_rot, rope_type=self.geometry.rope_type, freq_scale=lg.freq_scale)
+
+    def _unrope(self, il: int, k: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        return roper.rotate(k, pos, inverse=True, **self._rope_args(il))
+
+    def _store_vectors(self, il: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The store of layer ``il`` as dense arrays over the union of its slots' positions.
+
+        KV heads keep different tokens; a (token, head) pair a head does not hold is
+        marked unavailable (zeros in the arrays) so the policy never selects it.
+        """
+        store: LayerStore = self.ctx.store_get(il)
+        hkv, dk, dv = self.pgeo.n_head_kv, self.pgeo.head_dim_k, self.pgeo.head_dim_v
+        union = np.unique(np.concatenate([h.positions for h in store.heads])) if store.heads else np.zeros(0, np.int32)
+        m = len(union)
+        k = np.zeros((m, hkv, dk), np.float32)
+        v = np.zeros((m, hkv, dv), np.float32)
+        avail = np.zeros((m, hkv), bool)
+        for h, hs in enumerate(store.heads):
+            rows = np.searchsorted(union, hs.positions)
+            if hs.k_codebook is not None:
+                kp = hs.k_codebook.reconstruct()[:, None, :]
+                k[rows, h] = roper.rotate(kp, hs.positions, **self._rope_args(il))[:, 0]
+            else:
+                k[rows, h] = hs.k_raw
+            v[rows, h] = hs.v_codebook.reconstruct() if hs.v_codebook is not None else hs.v_raw
+            avail[rows, h] = True
+        return k, v, union.astype(np.int32), avail
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate(self, logits: np.ndarray, *, max_tokens: int, sampler: "Sampler",
+                 stop: set[int]) -> Iterator[int]:
+        """Yield sampled tokens, feeding each back, until a stop token or ``max_tokens``."""
+        for _ in range(max_tokens):
+            tok = sampler.sample(logits)
+            if tok in stop:
+                return
+            yield tok
+            logits = self.step(tok)
+
+
+class Sampler:
+    """Temperature / top-k / top-p sampling with its own seeded generator (0 = greedy)."""
+
+    def __init__(self, temperature: float = 0.7, top_k: int = 40, top_p: float = 0.95, seed: int | None = None):
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, logits: np.ndarray) -> int:
+        if self.temperature <= 0:
+            return int(np.argmax(logits))
+        x = logits.astype(np.float64) / self.temperature
+        k = min(self.top_k, x.shape[0]) if self.top_k > 0 else x.shape[0]
+        idx = np.argpartition(-x, k - 1)[:k]
+        idx = idx[np.argsort(-x[idx])]
+        p = np.exp(x[idx] - x[idx[0]])
+        p /= p.sum()
+        keep = int(np.searchsorted(np.cumsum(p), self.top_p) + 1)
+        idx, p = idx[:keep], p[:keep] / p[:keep].sum()
+        return int(self.rng.choice(idx, p=p))
