@@ -57,18 +57,22 @@ def main() -> None:
               help="llama.cpp backend to build.")
 @click.option("--force", is_flag=True, help="Rebuild the runtime even if a cached build exists.")
 @click.option("--no-model", is_flag=True, help="Do not fetch the default model.")
-def setup(backend: str, force: bool, no_model: bool) -> None:
+@click.option("--stock", is_flag=True,
+              help="Also build an unpatched llama.cpp library, used by benchmarks as the baseline.")
+def setup(backend: str, force: bool, no_model: bool, stock: bool) -> None:
     """Build and install the patched runtime and fetch the default model.
 
     The build is cached (keyed by llama-cpp-python version, patch digest and build
     flags); running setup again with nothing changed takes seconds.
     """
-    from spindle_local.runtime.build import BuildConfig, ensure_runtime
+    from spindle_local.runtime.build import BuildConfig, ensure_runtime, ensure_stock_library
     from spindle_local.runtime.model_files import default_model_path
 
     extra = tuple(os.environ.get("SPINDLE_CMAKE_ARGS", "").split())
     report = ensure_runtime(BuildConfig(backend=backend, extra_cmake_args=extra), force=force)
     click.echo(f"runtime: {report['key']} ({report['action']}, {report['seconds']:.1f} s)")
+    if stock:
+        click.echo(f"stock library: {ensure_stock_library(BuildConfig(backend=backend, extra_cmake_args=extra))}")
     if not no_model:
         click.echo(f"default model: {default_model_path()}")
 

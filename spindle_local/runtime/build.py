@@ -242,6 +242,58 @@ def build_wheel(src_root: Path, cfg: BuildConfig, key: str, out_dir: Path) -> Pa
     return wheels[-1]
 
 
+def cached_or_built_wheel(cfg: BuildConfig, patches: list[Path], key: str, *, force: bool = False) -> tuple[Path, str]:
+    """The wheel for ``key`` from the cache, building it first when missing (or forced)."""
+    cache = wheels_dir() / key
+    wheels = sorted(cache.glob("llama_cpp_python-*.whl"))
+    if wheels and not force:
+        return wheels[-1], "installed-cached"
+    sdist = fetch_sdist(cfg.version)
+    src = prepare_source(sdist, patches, build_dir() / key / "src", key)
+    tmp_out = cache.with_name(cache.name + ".partial")
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    built = build_wheel(src, cfg, key, tmp_out)
+    if cache.exists():
+        shutil.rmtree(cache)
+    os.replace(tmp_out, cache)
+    # The wheel is what we keep; the build tree (hundreds of MB) is only for resuming.
+    shutil.rmtree(build_dir() / key, ignore_errors=True)
+    return cache / built.name, "built"
+
+
+def stock_lib_dir(cfg: BuildConfig | None = None) -> Path | None:
+    """Where ``ensure_stock_library`` puts the unpatched llama.cpp libraries for ``cfg``."""
+    cfg = cfg or BuildConfig()
+    return cache_root() / "stock-lib" / cfg.key([])
+
+
+def ensure_stock_library(cfg: BuildConfig | None = None) -> Path:
+    """Build (once) the *unpatched* llama-cpp-python wheel and unpack its libraries.
+
+    Benchmarks load it in a child process through ``LLAMA_CPP_LIB_PATH`` to compare
+    against stock llama.cpp in the same run; it is never installed.
+    """
+    cfg = cfg or BuildConfig()
+    key = cfg.key([])
+    target = stock_lib_dir(cfg)
+    assert target is not None
+    if (target / "libllama.so").exists() or (target / "libllama.dylib").exists():
+        return target
+    wheel, _ = cached_or_built_wheel(cfg, [], key)
+    import zipfile
+
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with zipfile.ZipFile(wheel) as zf:
+        for name in zf.namelist():
+            if name.startswith("llama_cpp/lib/") and not name.endswith("/"):
+                (tmp / Path(name).name).write_bytes(zf.read(name))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
 def ensure_runtime(cfg: BuildConfig | None = None, *, force: bool = False) -> dict:
     """Make sure the patched runtime for ``cfg`` is installed; build it only if needed.
 
@@ -256,22 +308,8 @@ def ensure_runtime(cfg: BuildConfig | None = None, *, force: bool = False) -> di
     if not force and stamp and stamp.get("key") == key:
         return {"key": key, "action": "none", "seconds": time.monotonic() - t0, "wheel": None}
 
-    cache = wheels_dir() / key
-    wheels = sorted(cache.glob("llama_cpp_python-*.whl"))
-    action = "installed-cached"
-    if force or not wheels:
-        sdist = fetch_sdist(cfg.version)
-        src = prepare_source(sdist, patches, build_dir() / key / "src", key)
-        tmp_out = cache.with_name(cache.name + ".partial")
-        shutil.rmtree(tmp_out, ignore_errors=True)
-        built = build_wheel(src, cfg, key, tmp_out)
-        if cache.exists():
-            shutil.rmtree(cache)
-        os.replace(tmp_out, cache)
-        wheels = [cache / built.name]
-        # The wheel is what we keep; the build tree (hundreds of MB) is only for resuming.
-        shutil.rmtree(build_dir() / key, ignore_errors=True)
-        action = "built"
+    wheel, action = cached_or_built_wheel(cfg, patches, key, force=force)
+    wheels = [wheel]
     _log(f"installing the patched runtime {wheels[-1].name} ({key}) ...")
     _run_pip(["install", "--no-deps", "--force-reinstall", "-q", str(wheels[-1])],
              "installing the patched runtime")

@@ -211,23 +211,26 @@ class Engine:
             raise UsageError(f"the context would reach {self.n_past + n_new} tokens but the full cache holds "
                              f"{self.cells}; raise --ctx or use a compressing policy")
 
-    def _decode(self, tokens: Sequence[int], *, capture: bool) -> None:
+    def _decode(self, tokens: Sequence[int], *, capture: bool, all_logits: bool = False) -> None:
         start = self.n_past
         pos = np.arange(start, start + len(tokens), dtype=np.int32)
         self.queries.enabled = capture
         try:
-            self.ctx.decode(tokens, pos, logits="last")
+            self.ctx.decode(tokens, pos, logits="all" if all_logits else "last")
         finally:
             self.queries.enabled = False
         if capture:
             self.queries.commit(pos)
         self.tokens.extend(int(t) for t in tokens)
 
-    def feed(self, tokens: Sequence[int], *, progress=None) -> np.ndarray:
+    def feed(self, tokens: Sequence[int], *, progress=None, all_logits: bool = False) -> np.ndarray:
         """Prefill ``tokens`` after what the engine holds; return the next-token logits.
 
-        ``progress(done, total, stats)`` is called after every chunk when given.
+        With ``all_logits`` the result is ``[len(tokens), vocab]``: the logits after every
+        token (for scoring a continuation). ``progress(done, total, stats)`` is called after
+        every chunk when given.
         """
+        rows: list[np.ndarray] = []
         tokens = list(tokens)
         if not tokens:
             raise UsageError("nothing to feed: empty prompt")
@@ -242,14 +245,16 @@ class Engine:
             take = max(1, min(chunk, len(tokens) - done, room))
             part = tokens[done:done + take]
             t0 = time.perf_counter()
-            self._decode(part, capture=self.config.policy != "full")
+            self._decode(part, capture=self.config.policy != "full", all_logits=all_logits)
             self.stats.prefill_seconds += time.perf_counter() - t0
+            if all_logits:
+                rows.append(self.ctx.logits())
             self.stats.tokens_prefilled += len(part)
             done += take
             self.maybe_compress(slack=0)
             if progress is not None:
                 progress(done, len(tokens), self.refresh_stats())
-        return self.ctx.logits()
+        return np.concatenate(rows) if all_logits else self.ctx.logits()
 
     def step(self, token: int) -> np.ndarray:
         """Decode one generated token and return the logits that follow it."""
