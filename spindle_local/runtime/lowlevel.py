@@ -22,6 +22,7 @@ import numpy as np
 import llama_cpp.llama_cpp as C
 
 from spindle_local.errors import ModelError, SpindleError
+from spindle_local.policy.plan import HeadStore, LayerStore
 
 # ggml types accepted for the regular cache (enum ggml_type values from ggml.h)
 CACHE_TYPES: dict[str, int] = {
@@ -271,6 +272,80 @@ class LlamaContext:
         from spindle_local.runtime import native
 
         return native.read_layer_kv(self, layer, 0)
+
+    # -- compressed store (patched runtime) -------------------------------------------------
+
+    def store_set(self, layer: int, store: LayerStore) -> None:
+        """Install or replace ``layer``'s compressed store (see :func:`native.store_set`)."""
+        from spindle_local.runtime import native
+
+        native.store_set(self, layer, store)
+
+    def store_get(self, layer: int) -> LayerStore:
+        """Read ``layer``'s store back (for re-compression)."""
+        from spindle_local.runtime import native
+
+        return native.store_get(self, layer)
+
+    def store_clear(self, layer: int | None = None) -> None:
+        """Clear one layer's store or all of them."""
+        from spindle_local.runtime import native
+
+        native.store_clear(self, layer)
+
+    def store_bytes(self, layer: int | None = None) -> int:
+        """Bytes held by the store (storage formula, = ``plan.layer_store_bytes``)."""
+        from spindle_local.runtime import native
+
+        return native.store_bytes(self, layer)
+
+    def cache_bytes(self) -> tuple[int, int]:
+        """Regular cache: (bytes of the cells in use for sequence 0, bytes allocated)."""
+        from spindle_local.runtime import native
+
+        return native.cache_bytes(self)
+
+    def evict(self, p0: int, p1: int) -> None:
+        """Free the regular-cache cells of positions [p0, p1) (after their content went into the store)."""
+        if not self.seq_rm(p0, p1):
+            raise SpindleError(f"could not remove positions [{p0}, {p1}) from the KV cache")
+
+    def move_to_store(self, p0: int, p1: int) -> None:
+        """Move positions [p0, p1) losslessly into the store as raw rows, visible to every query head.
+
+        The rows are appended to each layer's existing store (which must hold raw rows), then
+        the cells are freed. A building block for tests and the ``full``/``streaming`` policies.
+        """
+        from spindle_local.runtime import native
+
+        geo = self.geometry()
+        for il, lg in enumerate(geo.layers):
+            k, v, pos = native.read_layer_kv(self, il)
+            sel = (pos >= p0) & (pos < p1)
+            if not sel.any():
+                continue
+            old = native.store_get(self, il)
+            heads = []
+            for h in range(lg.n_head_kv):
+                new = HeadStore(
+                    positions=pos[sel].astype(np.int32),
+                    qmask=np.ones((lg.group_size, int(sel.sum())), dtype=bool),
+                    k_raw=k[sel, h],
+                    v_raw=v[sel, h],
+                )
+                if old.heads:
+                    o = old.heads[h]
+                    if o.k_raw is None or o.v_raw is None:
+                        raise SpindleError(f"move_to_store: layer {il} holds a codebook; append raw rows yourself")
+                    new = HeadStore(
+                        positions=np.concatenate([o.positions, new.positions]),
+                        qmask=np.concatenate([o.qmask, new.qmask], axis=1),
+                        k_raw=np.concatenate([o.k_raw, new.k_raw]),
+                        v_raw=np.concatenate([o.v_raw, new.v_raw]),
+                    )
+                heads.append(new)
+            native.store_set(self, il, LayerStore(layer=il, heads=heads, role="full"))
+        self.evict(p0, p1)
 
     # -- lifetime ---------------------------------------------------------------------------
 

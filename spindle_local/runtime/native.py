@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from spindle_local.errors import RuntimeNotPatchedError, SpindleError
+from spindle_local.policy.plan import Codebook, HeadStore, LayerStore
 
 #: The ``LLAMA_SPINDLE_API_VERSION`` this module was written against.
 API_VERSION = 1
@@ -67,6 +68,41 @@ class llama_spindle_layer_geometry(ctypes.Structure):
     ]
 
 
+class llama_spindle_layer_data(ctypes.Structure):
+    _fields_ = [
+        ("n_slot", ctypes.c_int32),
+        ("n_slot_head", ctypes.POINTER(ctypes.c_int32)),
+        ("pos", ctypes.POINTER(ctypes.c_int32)),
+        ("qmask", ctypes.POINTER(ctypes.c_uint8)),
+        ("k_codebook", ctypes.c_int32),
+        ("k_raw", ctypes.POINTER(ctypes.c_float)),
+        ("k_n_entries", ctypes.POINTER(ctypes.c_int32)),
+        ("k_entries", ctypes.POINTER(ctypes.c_float)),
+        ("k_index", ctypes.POINTER(ctypes.c_int32)),
+        ("k_mag", ctypes.POINTER(ctypes.c_float)),
+        ("v_codebook", ctypes.c_int32),
+        ("v_raw", ctypes.POINTER(ctypes.c_float)),
+        ("v_n_entries", ctypes.POINTER(ctypes.c_int32)),
+        ("v_entries", ctypes.POINTER(ctypes.c_float)),
+        ("v_index", ctypes.POINTER(ctypes.c_int32)),
+        ("v_mag", ctypes.POINTER(ctypes.c_float)),
+    ]
+
+
+class llama_spindle_layer_info(ctypes.Structure):
+    _fields_ = [
+        ("n_slot", ctypes.c_int32),
+        ("n_head_kv", ctypes.c_int32),
+        ("n_head", ctypes.c_int32),
+        ("n_embd_head_k", ctypes.c_int32),
+        ("n_embd_head_v", ctypes.c_int32),
+        ("k_codebook", ctypes.c_int32),
+        ("v_codebook", ctypes.c_int32),
+        ("k_n_entries", ctypes.c_int32),
+        ("v_n_entries", ctypes.c_int32),
+    ]
+
+
 _P = ctypes.c_void_p
 _I32 = ctypes.c_int32
 _I64 = ctypes.c_int64
@@ -81,6 +117,13 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "llama_spindle_get_layer_geometry": ([_P, _I32, ctypes.POINTER(llama_spindle_layer_geometry)], _I32),
     "llama_spindle_kv_count": ([_P, _I32], _I32),
     "llama_spindle_read_layer_kv": ([_P, _I32, _I32, _FP, _FP, _IP, _I32], _I32),
+    "llama_spindle_store_set": ([_P, _I32, _I32, ctypes.POINTER(llama_spindle_layer_data)], _I32),
+    "llama_spindle_store_info": ([_P, _I32, _I32, ctypes.POINTER(llama_spindle_layer_info)], _I32),
+    "llama_spindle_store_get": ([_P, _I32, _I32, ctypes.POINTER(llama_spindle_layer_data)], _I32),
+    "llama_spindle_store_clear": ([_P, _I32, _I32], _I32),
+    "llama_spindle_store_bytes": ([_P, _I32, _I32], _I64),
+    "llama_spindle_store_buffer_bytes": ([_P, _I32, _I32], _I64),
+    "llama_spindle_cache_bytes": ([_P, _I32, ctypes.POINTER(_I64), ctypes.POINTER(_I64)], _I32),
 }
 
 _HINT = "run `spindle-local setup` to build the patched runtime"
@@ -299,3 +342,181 @@ def read_layer_kv(ctx: Any, layer: int, seq: int = 0) -> tuple[np.ndarray, np.nd
         f"read layer {layer}",
     )
     return k[:got], v[:got], pos[:got]
+
+
+# -- compressed store ----------------------------------------------------------------------------
+
+
+def _layer_geometry(n: Native, p: int | None, layer: int) -> llama_spindle_layer_geometry:
+    lg = llama_spindle_layer_geometry()
+    n.check(n.spindle_get_layer_geometry(p, layer, ctypes.byref(lg)), f"geometry of layer {layer}")
+    return lg
+
+
+def _ptr(a: np.ndarray | None, ctype: Any) -> Any:
+    return None if a is None else a.ctypes.data_as(ctypes.POINTER(ctype))
+
+
+def store_set(ctx: Any, layer: int, store: LayerStore) -> None:
+    """Install (or replace) ``layer``'s compressed store; an empty store clears it.
+
+    All KV heads are padded to the largest head's slot count; padded slots are invisible.
+    K and V each use raw rows or a codebook, the same form for every head of the layer.
+    """
+    n = native()
+    p = ctx_ptr(ctx)
+    lg = _layer_geometry(n, p, layer)
+    H, Q, dk, dv = lg.n_head_kv, lg.n_head, lg.n_embd_head_k, lg.n_embd_head_v
+    heads = store.heads
+    if not heads or max(h.n_slots for h in heads) == 0:
+        n.check(n.spindle_store_set(p, layer, 0, None), f"clear store of layer {layer}")
+        return
+    if len(heads) != H:
+        raise SpindleError(f"store of layer {layer}: {len(heads)} heads given, the model has {H} KV heads")
+    g = Q // H
+    S = max(h.n_slots for h in heads)
+    n_slot_head = np.array([h.n_slots for h in heads], dtype=np.int32)
+    pos = np.zeros((H, S), dtype=np.int32)
+    qmask = np.zeros((Q, S), dtype=np.uint8)
+    for i, h in enumerate(heads):
+        s_h = h.n_slots
+        if h.qmask.shape != (g, s_h):
+            raise SpindleError(f"store of layer {layer}, KV head {i}: qmask shape {h.qmask.shape}, expected {(g, s_h)}")
+        pos[i, :s_h] = h.positions
+        qmask[i * g : (i + 1) * g, :s_h] = h.qmask
+
+    arrays: dict[str, np.ndarray | None] = {}
+    flags: dict[str, int] = {}
+    for side, d in (("k", dk), ("v", dv)):
+        use_cb = [getattr(h, f"{side}_codebook") is not None for h in heads]
+        if any(use_cb) != all(use_cb):
+            raise SpindleError(f"store of layer {layer}: {side.upper()} mixes raw rows and codebooks across heads")
+        flags[side] = int(all(use_cb))
+        if not flags[side]:
+            raw = np.zeros((H, S, d), dtype=np.float32)
+            for i, h in enumerate(heads):
+                rows = getattr(h, f"{side}_raw")
+                if rows is None or rows.shape != (h.n_slots, d):
+                    got = None if rows is None else rows.shape
+                    raise SpindleError(f"store of layer {layer}, KV head {i}: {side}_raw shape {got}, expected {(h.n_slots, d)}")
+                raw[i, : h.n_slots] = rows
+            arrays[f"{side}_raw"] = raw
+            continue
+        cbs: list[Codebook] = [getattr(h, f"{side}_codebook") for h in heads]
+        for i, cb in enumerate(cbs):
+            if cb.entries.ndim != 2 or cb.entries.shape[1] != d or cb.index.shape != (heads[i].n_slots,):
+                raise SpindleError(f"store of layer {layer}, KV head {i}: bad {side.upper()} codebook shapes")
+        arrays[f"{side}_n_entries"] = np.array([cb.n_entries for cb in cbs], dtype=np.int32)
+        arrays[f"{side}_entries"] = np.ascontiguousarray(
+            np.concatenate([cb.entries for cb in cbs], axis=0), dtype=np.float32
+        )
+        index = np.zeros((H, S), dtype=np.int32)
+        mag = np.zeros((H, S), dtype=np.float32)
+        for i, cb in enumerate(cbs):
+            index[i, : heads[i].n_slots] = cb.index
+            mag[i, : heads[i].n_slots] = cb.magnitude
+        arrays[f"{side}_index"] = index
+        arrays[f"{side}_mag"] = mag
+
+    data = llama_spindle_layer_data()
+    data.n_slot = S
+    data.n_slot_head = _ptr(n_slot_head, ctypes.c_int32)
+    data.pos = _ptr(pos, ctypes.c_int32)
+    data.qmask = _ptr(qmask, ctypes.c_uint8)
+    data.k_codebook = flags["k"]
+    data.v_codebook = flags["v"]
+    for side in ("k", "v"):
+        setattr(data, f"{side}_raw", _ptr(arrays.get(f"{side}_raw"), ctypes.c_float))
+        setattr(data, f"{side}_n_entries", _ptr(arrays.get(f"{side}_n_entries"), ctypes.c_int32))
+        setattr(data, f"{side}_entries", _ptr(arrays.get(f"{side}_entries"), ctypes.c_float))
+        setattr(data, f"{side}_index", _ptr(arrays.get(f"{side}_index"), ctypes.c_int32))
+        setattr(data, f"{side}_mag", _ptr(arrays.get(f"{side}_mag"), ctypes.c_float))
+    n.check(n.spindle_store_set(p, layer, 0, ctypes.byref(data)), f"store of layer {layer}")
+
+
+def store_get(ctx: Any, layer: int) -> LayerStore:
+    """Read ``layer``'s store back (f16 values as float32); no heads when it is empty."""
+    n = native()
+    p = ctx_ptr(ctx)
+    info = llama_spindle_layer_info()
+    n.check(n.spindle_store_info(p, layer, 0, ctypes.byref(info)), f"store info of layer {layer}")
+    S, H, Q = info.n_slot, info.n_head_kv, info.n_head
+    if S == 0:
+        return LayerStore(layer=layer, heads=[])
+    g = Q // H
+    dims = {"k": info.n_embd_head_k, "v": info.n_embd_head_v}
+    cb = {"k": bool(info.k_codebook), "v": bool(info.v_codebook)}
+    n_entries = {"k": info.k_n_entries, "v": info.v_n_entries}
+    n_slot_head = np.zeros(H, dtype=np.int32)
+    pos = np.zeros((H, S), dtype=np.int32)
+    qmask = np.zeros((Q, S), dtype=np.uint8)
+    bufs: dict[str, np.ndarray] = {}
+    for side in ("k", "v"):
+        if cb[side]:
+            bufs[f"{side}_n_entries"] = np.zeros(H, dtype=np.int32)
+            bufs[f"{side}_entries"] = np.zeros((n_entries[side], dims[side]), dtype=np.float32)
+            bufs[f"{side}_index"] = np.zeros((H, S), dtype=np.int32)
+            bufs[f"{side}_mag"] = np.zeros((H, S), dtype=np.float32)
+        else:
+            bufs[f"{side}_raw"] = np.zeros((H, S, dims[side]), dtype=np.float32)
+    data = llama_spindle_layer_data()
+    data.n_slot = S
+    data.n_slot_head = _ptr(n_slot_head, ctypes.c_int32)
+    data.pos = _ptr(pos, ctypes.c_int32)
+    data.qmask = _ptr(qmask, ctypes.c_uint8)
+    for name, arr in bufs.items():
+        ctype = ctypes.c_int32 if arr.dtype == np.int32 else ctypes.c_float
+        setattr(data, name, _ptr(arr, ctype))
+    n.check(n.spindle_store_get(p, layer, 0, ctypes.byref(data)), f"read store of layer {layer}")
+
+    heads: list[HeadStore] = []
+    offsets = {side: 0 for side in ("k", "v")}
+    for h in range(H):
+        s_h = int(n_slot_head[h])
+        head = HeadStore(positions=pos[h, :s_h].copy(), qmask=qmask[h * g : (h + 1) * g, :s_h].astype(bool))
+        for side in ("k", "v"):
+            if cb[side]:
+                e_h = int(bufs[f"{side}_n_entries"][h])
+                o = offsets[side]
+                book = Codebook(
+                    entries=bufs[f"{side}_entries"][o : o + e_h].copy(),
+                    index=bufs[f"{side}_index"][h, :s_h].copy(),
+                    magnitude=bufs[f"{side}_mag"][h, :s_h].copy(),
+                )
+                offsets[side] = o + e_h
+                setattr(head, f"{side}_codebook", book)
+            else:
+                setattr(head, f"{side}_raw", bufs[f"{side}_raw"][h, :s_h].copy())
+        heads.append(head)
+    role = "codebook" if (cb["k"] or cb["v"]) else "evict"
+    return LayerStore(layer=layer, heads=heads, role=role)
+
+
+def store_clear(ctx: Any, layer: int | None = None) -> None:
+    """Clear one layer's store, or every layer's (``layer=None``)."""
+    n = native()
+    il = -1 if layer is None else layer
+    n.check(n.spindle_store_clear(ctx_ptr(ctx), il, 0), "clear store")
+
+
+def store_bytes(ctx: Any, layer: int | None = None) -> int:
+    """Bytes the store holds by the storage formula (= ``layer_store_bytes``), one layer or all."""
+    n = native()
+    il = -1 if layer is None else layer
+    return n.check(n.spindle_store_bytes(ctx_ptr(ctx), il, 0), "store bytes")
+
+
+def store_buffer_bytes(ctx: Any, layer: int | None = None) -> int:
+    """Bytes of the backend buffers the store allocated (alignment included) plus its host masks."""
+    n = native()
+    il = -1 if layer is None else layer
+    return n.check(n.spindle_store_buffer_bytes(ctx_ptr(ctx), il, 0), "store buffer bytes")
+
+
+def cache_bytes(ctx: Any) -> tuple[int, int]:
+    """Regular cache: (bytes of the cells sequence 0 uses, bytes llama.cpp allocated)."""
+    n = native()
+    used = ctypes.c_int64()
+    alloc = ctypes.c_int64()
+    n.check(n.spindle_cache_bytes(ctx_ptr(ctx), 0, ctypes.byref(used), ctypes.byref(alloc)), "cache bytes")
+    return int(used.value), int(alloc.value)
