@@ -29,6 +29,25 @@ def _fail(err: SpindleError) -> None:
 class _Group(click.Group):
     """A group that turns SpindleError (and Ctrl-C outside a chat) into one clean line."""
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Click usage errors as one line (``error: ...``, exit 2) instead of three."""
+        if kwargs.get("standalone_mode", True) is False:
+            return super().main(*args, **kwargs)
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -211,10 +230,10 @@ def chat(model: Path | None, n_ctx: int | None, temperature: float, max_tokens: 
     meta = read_meta(path)
     if n_ctx and meta.n_ctx_train and n_ctx > meta.n_ctx_train:
         raise UsageError(f"--ctx {n_ctx} exceeds the model's trained context ({meta.n_ctx_train} tokens)")
-    load_llama_cpp()
     full = engine_kw["policy"] == "full"
     cfg = engine_config(**engine_kw, max_tokens=n_ctx or (4096 if full else None),
                         n_cells=(n_ctx or 4096) if full else None)
+    load_llama_cpp()
     settings = GenerationSettings(temperature=temperature, max_tokens=max_tokens, seed=seed)
     chat_model = EngineChatModel(path, cfg)
     try:
@@ -224,6 +243,149 @@ def chat(model: Path | None, n_ctx: int | None, temperature: float, max_tokens: 
         sys.exit(repl.run())
     finally:
         chat_model.close()
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+
+def _csv_numbers(kind: type, name: str):
+    def convert(ctx: click.Context, param: click.Parameter, value: str):
+        try:
+            items = [kind(x) for x in value.split(",") if x.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+        if not items:
+            raise click.BadParameter("empty list")
+        return items
+    return convert
+
+
+def _emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for k, v in result.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        elif isinstance(v, list):
+            v = f"[{len(v)} items]"
+        click.echo(f"{k:<28} {v}")
+
+
+def _eval_model(model: Path | None, meta_check: bool = True):
+    from spindle_local.runtime.gguf_meta import read_meta
+    from spindle_local.runtime.loader import load_llama_cpp
+    from spindle_local.runtime.model_files import resolve_model
+
+    path = resolve_model(model, quiet=True)
+    meta = read_meta(path)
+    load_llama_cpp()
+    return path, meta
+
+
+@main.group(name="eval", cls=_Group)
+def eval_group() -> None:
+    """Measure fidelity, retrieval and speed of a policy against the full cache."""
+
+
+@eval_group.command("kld")
+@click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--text", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 text to read (default: Python's pydoc topics).")
+@click.option("--context", type=click.IntRange(min=16), default=4000, show_default=True,
+              help="Tokens read (and compressed) before scoring.")
+@click.option("--continuation", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tokens scored against the full cache.")
+@click.option("--cache-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+              help="Regular-cache type; q8_0/q4_0 measure llama.cpp's own KV quantization (policy full).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@engine_options
+def eval_kld(model: Path | None, text: Path | None, context: int, continuation: int, cache_type: str,
+             as_json: bool, **engine_kw: Any) -> None:
+    """Next-token KL divergence, top-1 agreement and perplexity vs the full cache."""
+    from spindle_local.eval.kld import run_kld
+    from spindle_local.eval.texts import load_text
+
+    cfg = engine_config(**engine_kw)
+    path, meta = _eval_model(model)
+    if cache_type != "f16":
+        cfg.policy = "full"
+    result = run_kld(str(path), text=load_text(text), context=context, continuation=continuation,
+                     engine_config=cfg, cache_type=cache_type)
+    _emit(result, as_json)
+
+
+@eval_group.command("needle")
+@click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--lengths", default="1000,4000", show_default=True, callback=_csv_numbers(int, "lengths"),
+              help="Prompt lengths in tokens, comma-separated.")
+@click.option("--depths", default="0.1,0.5,0.9", show_default=True, callback=_csv_numbers(float, "depths"),
+              help="Needle depths in [0, 1], comma-separated.")
+@click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True, help="Prompts per cell.")
+@click.option("--haystack", type=click.Path(path_type=Path), default=None,
+              help="Filler text (default: Python's pydoc topics).")
+@click.option("--needle", "needle_tmpl", default=None, help="Needle template; {key} is the random key.")
+@click.option("--question", default=None, help="Question at the end of the prompt.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the keys.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@engine_options
+def eval_needle(model: Path | None, lengths: list[int], depths: list[float], samples: int, haystack: Path | None,
+                needle_tmpl: str | None, question: str | None, seed: int, as_json: bool, **engine_kw: Any) -> None:
+    """Pass-key retrieval in completion form, compressed vs full cache on the same prompts."""
+    from spindle_local.eval.needle import DEFAULT_NEEDLE, DEFAULT_QUESTION, run_needle
+    from spindle_local.eval.texts import load_text
+
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise UsageError("--depths must lie in [0, 1]")
+    if needle_tmpl is not None and "{key}" not in needle_tmpl:
+        raise UsageError("--needle must contain {key}")
+    cfg = engine_config(**engine_kw)
+    path, meta = _eval_model(model)
+    if meta.n_ctx_train and max(lengths) > meta.n_ctx_train:
+        raise UsageError(f"--lengths {max(lengths)} exceeds the model's trained context ({meta.n_ctx_train})")
+    with click.progressbar(length=len(lengths) * len(depths) * samples, label="needle", file=sys.stderr) as bar:
+        last = {"n": 0}
+
+        def progress(done: int, total: int) -> None:
+            bar.update(done - last["n"])
+            last["n"] = done
+
+        try:
+            result = run_needle(str(path), lengths=lengths, depths=depths, samples=samples, seed=seed,
+                                engine_config=cfg, haystack=load_text(haystack),
+                                needle=needle_tmpl or DEFAULT_NEEDLE, question=question or DEFAULT_QUESTION,
+                                progress=progress)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    _emit({"model": str(path), **result}, as_json)
+
+
+@eval_group.command("speed")
+@click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--context", type=click.IntRange(min=16), default=6000, show_default=True,
+              help="Prompt tokens.")
+@click.option("--gen", type=click.IntRange(min=0), default=64, show_default=True, help="Tokens generated.")
+@click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Repetitions of each measurement (medians are reported).")
+@click.option("--text", type=click.Path(path_type=Path), default=None, help="Prompt text (default: pydoc topics).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@engine_options
+def eval_speed(model: Path | None, context: int, gen: int, reps: int, text: Path | None, as_json: bool,
+               **engine_kw: Any) -> None:
+    """Prefill/decode speed and peak RSS vs stock llama.cpp, same prompt, same run."""
+    from dataclasses import asdict
+
+    from spindle_local.eval.speed import measure_speed
+
+    cfg = engine_config(**engine_kw)
+    if text is not None and not Path(text).is_file():
+        raise UsageError(f"text file not found: {text}")
+    path, meta = _eval_model(model)
+    if meta.n_ctx_train and context + gen > meta.n_ctx_train:
+        raise UsageError(f"--context + --gen exceeds the model's trained context ({meta.n_ctx_train})")
+    result = measure_speed(model=str(path), context=context, gen=gen, engine=asdict(cfg), reps=reps,
+                           text=str(text) if text else None, threads=cfg.n_threads, flash_attn=cfg.flash_attn)
+    _emit({"model": str(path), "policy": cfg.policy, "kv_budget": cfg.kv_budget, **result}, as_json)
 
 
 if __name__ == "__main__":

@@ -51,3 +51,72 @@ def compare_logits(full: np.ndarray, comp: np.ndarray, targets: np.ndarray) -> F
         ppl_full=float(np.exp(nll_full.mean())),
         positions=int(len(targets)),
     )
+
+
+CACHE_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def run_kld(model_path: str, *, text: str, context: int, continuation: int, engine_config,
+            cache_type: str = "f16") -> dict:
+    """Read ``context`` tokens of ``text``, then score the next ``continuation`` against the full cache."""
+    from dataclasses import replace
+
+    from spindle_local.errors import UsageError
+    from spindle_local.runtime.engine import Engine, EngineConfig
+    from spindle_local.runtime.lowlevel import LlamaModel
+
+    model = LlamaModel(model_path)
+    try:
+        toks = model.tokenize(text, add_special=True)
+        need = context + continuation
+        if len(toks) < need:
+            raise UsageError(f"the text has {len(toks)} tokens, fewer than --context + --continuation = {need}")
+        if model.n_ctx_train and need > model.n_ctx_train:
+            raise UsageError(f"--context + --continuation = {need} exceeds the model's trained context "
+                             f"({model.n_ctx_train})")
+        ctx_toks, cont = toks[:context], toks[context:need]
+        cells = need + 16
+
+        def score(eng: Engine) -> np.ndarray:
+            last = eng.feed(ctx_toks)
+            rows = [last[None, :]]
+            if continuation > 1:
+                rows.append(eng.feed(cont[:-1], all_logits=True))
+            return np.concatenate(rows)
+
+        base = dict(n_threads=engine_config.n_threads, flash_attn=engine_config.flash_attn)
+        full_eng = Engine(model_path, EngineConfig(policy="full", n_cells=cells, max_tokens=cells, **base),
+                          model=model)
+        try:
+            full_logits = score(full_eng)
+        finally:
+            full_eng.ctx.close()  # the model is shared: close only the context
+        if cache_type != "f16" or engine_config.policy == "full":
+            cfg = EngineConfig(policy="full", n_cells=cells, max_tokens=cells, cache_type=cache_type, **base)
+        else:
+            cfg = replace(engine_config)
+        eng = Engine(model_path, cfg, model=model)
+        try:
+            comp_logits = score(eng)
+            s = eng.refresh_stats()
+            # Quantized caches: same token count, fewer bytes per element.
+            factor = CACHE_ELEMENT_BYTES[cache_type] / 2.0
+            kv_bytes = int(s.kv_bytes * factor) if cfg.policy == "full" else s.kv_bytes
+            # The ratio is taken after the whole continuation has been read (the state at the end).
+            res = compare_logits(full_logits, comp_logits, np.asarray(cont))
+        finally:
+            eng.ctx.close()
+        return {
+            "model": str(model_path),
+            "policy": engine_config.policy if cache_type == "f16" else "full",
+            "kv_budget": engine_config.kv_budget if cfg.policy != "full" else 1.0,
+            "cache_type": cache_type,
+            "context_tokens": context,
+            "continuation_tokens": continuation,
+            "reserve_ratio": kv_bytes / s.full_bytes if s.full_bytes else 1.0,
+            "kv_bytes": kv_bytes,
+            "kv_bytes_full": s.full_bytes,
+            **res.as_dict(),
+        }
+    finally:
+        model.close()

@@ -72,3 +72,73 @@ def key_found(answer: str, key: str) -> bool:
         elif digits:
             break
     return digits == key
+
+
+def run_needle(model_path: str, *, lengths: Sequence[int], depths: Sequence[float], samples: int, seed: int,
+               engine_config, haystack: str, needle: str = DEFAULT_NEEDLE, question: str = DEFAULT_QUESTION,
+               progress: Callable[[int, int], None] | None = None) -> dict:
+    """Pass-key grid: the compressed engine and the full cache on the very same prompts.
+
+    ``relative_accuracy`` is the share of the full cache's successes that the compressed
+    run also gets right (prompts the full cache fails are not held against the policy).
+    """
+    from dataclasses import replace
+
+    from spindle_local.eval.runner import greedy_answer
+    from spindle_local.runtime.engine import Engine, EngineConfig
+    from spindle_local.runtime.lowlevel import LlamaModel
+
+    model = LlamaModel(model_path)
+    longest = max(lengths) + 16
+    full = Engine(model_path, EngineConfig(policy="full", n_cells=longest, max_tokens=longest,
+                                           n_threads=engine_config.n_threads, flash_attn=engine_config.flash_attn),
+                  model=model)
+    comp = None if engine_config.policy == "full" else Engine(model_path, replace(engine_config), model=model)
+    try:
+        builder = NeedleBuilder(lambda t: model.tokenize(t, add_special=False), model.token_to_piece, haystack,
+                                needle=needle, question=question)
+        rng = np.random.default_rng(seed)
+        cells, ratios = [], []
+        total, done = len(lengths) * len(depths) * samples, 0
+        for length in lengths:
+            for depth in depths:
+                cell = {"length": int(length), "depth": float(depth), "n": 0, "correct": 0, "correct_full": 0,
+                        "correct_both": 0}
+                for _ in range(samples):
+                    p = builder.build(int(length), float(depth), random_key(rng))
+                    ok_full = key_found(greedy_answer(full, p.tokens), p.key)
+                    if comp is None:
+                        ok = ok_full
+                        ratios.append(1.0)
+                    else:
+                        ok = key_found(greedy_answer(comp, p.tokens), p.key)
+                        ratios.append(comp.refresh_stats().reserve_ratio)
+                    cell["n"] += 1
+                    cell["correct"] += int(ok)
+                    cell["correct_full"] += int(ok_full)
+                    cell["correct_both"] += int(ok and ok_full)
+                    done += 1
+                    if progress:
+                        progress(done, total)
+                cells.append(cell)
+        n = sum(c["n"] for c in cells)
+        correct = sum(c["correct"] for c in cells)
+        correct_full = sum(c["correct_full"] for c in cells)
+        both = sum(c["correct_both"] for c in cells)
+        return {
+            "policy": engine_config.policy,
+            "kv_budget": engine_config.kv_budget,
+            "reserve_ratio": float(np.mean(ratios)) if ratios else 1.0,
+            "reserve_ratio_max": float(np.max(ratios)) if ratios else 1.0,
+            "accuracy": correct / n if n else 0.0,
+            "accuracy_full": correct_full / n if n else 0.0,
+            "relative_accuracy": both / correct_full if correct_full else 0.0,
+            "samples": samples,
+            "seed": seed,
+            "cells": cells,
+        }
+    finally:
+        if comp is not None:
+            comp.ctx.close()
+        full.ctx.close()
+        model.close()

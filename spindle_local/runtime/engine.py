@@ -53,6 +53,7 @@ class EngineConfig:
     theta_v: float = 0.95
     n_threads: int | None = None
     flash_attn: bool = True
+    cache_type: str = "f16"  # regular-cache type; quantized types only with policy "full"
     n_cells: int | None = None  # regular-cache allocation; default recent + 2 * chunk
     max_tokens: int | None = None  # longest context; default the model's trained context
 
@@ -69,6 +70,10 @@ class EngineConfig:
             t = getattr(self, name)
             if not (0.0 < t <= 1.0):
                 raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], got {t}")
+        if self.cache_type not in ("f16", "q8_0", "q4_0"):
+            raise UsageError(f"--cache-type must be f16, q8_0 or q4_0, got {self.cache_type!r}")
+        if self.cache_type != "f16" and self.policy != "full":
+            raise UsageError("quantized KV caches (--cache-type q8_0/q4_0) work with --policy full only")
         if isinstance(self.codebook_layers, str) and self.codebook_layers != "auto":
             raise UsageError(f"--codebook-layers must be a number or 'auto', got {self.codebook_layers!r}")
 
@@ -119,7 +124,8 @@ class Engine:
         probe_layers = self._n_layer_hint()
         self.queries = WindowQueries(probe_layers, cfg.window)
         self.ctx = LlamaContext(self.model, n_ctx=cells, n_batch=cfg.chunk, n_ubatch=cfg.chunk,
-                                n_threads=cfg.n_threads, flash_attn=cfg.flash_attn, cb_eval=self.queries)
+                                n_threads=cfg.n_threads, flash_attn=cfg.flash_attn, cb_eval=self.queries,
+                                type_k=cfg.cache_type, type_v=cfg.cache_type)
         self.geometry = self.ctx.geometry()
         g = self.geometry
         if len(set((lg.n_head, lg.n_head_kv, lg.head_dim_k, lg.head_dim_v) for lg in g.layers)) != 1:
