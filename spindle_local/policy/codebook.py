@@ -8,10 +8,9 @@ no neighbours become their own entries. ``x~_i = entries[index_i] * m_i``, so th
 relative error of every vector is ``||u_i - c|| = sqrt(2 - 2 cos) < sqrt(2 - 2 theta)``.
 
 Memory is O(n * block): the n x n graph is never materialised. ``_greedy_cover_nb``
-computes all degrees in one pass over the pairs, tiled ``block`` x ``block`` so the
-working set stays in cache, and keeps the edges themselves only while they fit in a
-buffer of ``n * block`` pairs (typical: redundancy is clustered, edges are few). With the
-edges kept, the cover runs on adjacency lists in O(edges). When they do not fit, the
+computes all degrees in one pass over the pairs (a numba loop, four rows at a time),
+and keeps the edges themselves only while they fit in a buffer of ``n * block`` pairs
+(typical: redundancy is clustered, edges are few). With the edges kept, the cover runs on adjacency lists in O(edges). When they do not fit, the
 cover *recomputes* similarities instead: the chosen entry scans the live nodes for its
 neighbours, and every removed node scans the live nodes that still have a neighbour to
 decrement their degrees (about one more pass over the pairs; nodes without live
@@ -43,30 +42,64 @@ def _dot(a: np.ndarray, i: int, b: np.ndarray, j: int) -> float:
     return s
 
 
-@njit(cache=True, fastmath=True)
-def _greedy_cover_nb(u: np.ndarray, theta: float, block: int) -> tuple[np.ndarray, np.ndarray]:
-    n = u.shape[0]
-    th = np.float32(theta)
-    # Pass 1: degrees, tiled; the edges are kept only while they fit in n * block pairs.
-    cap = n * block
+@njit(cache=True, fastmath=True, inline="always")
+def _edge(deg, pair_i, pair_j, n_pairs, cap, i, j):
+    deg[i] += 1
+    deg[j] += 1
+    if n_pairs < cap:
+        pair_i[n_pairs] = i
+        pair_j[n_pairs] = j
+    return n_pairs + 1
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _degree_pass(u: np.ndarray, th: np.float32, cap: int):
+    """Degrees of the similarity graph; the first ``cap`` edges are kept as pairs.
+
+    Four rows ``i`` at a time against every later row ``j`` (one load of ``u_j`` serves
+    four dot products): about twice the speed of one pair at a time.
+    """
+    n, d = u.shape
+    deg = np.zeros(n, dtype=np.int64)
     pair_i = np.empty(cap, dtype=np.int32)
     pair_j = np.empty(cap, dtype=np.int32)
     n_pairs = 0
-    deg = np.zeros(n, dtype=np.int64)
-    for i0 in range(0, n, block):
-        i1 = min(n, i0 + block)
-        for j0 in range(i0, n, block):
-            j1 = min(n, j0 + block)
-            for i in range(i0, i1):
-                jstart = max(j0, i + 1)
-                for j in range(jstart, j1):
-                    if _dot(u, i, u, j) > th:
-                        deg[i] += 1
-                        deg[j] += 1
-                        if n_pairs < cap:
-                            pair_i[n_pairs] = i
-                            pair_j[n_pairs] = j
-                        n_pairs += 1
+    i0 = 0
+    while i0 + 4 <= n:
+        for j in range(i0 + 1, n):
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for t in range(d):
+                x = u[j, t]
+                s0 += u[i0, t] * x
+                s1 += u[i0 + 1, t] * x
+                s2 += u[i0 + 2, t] * x
+                s3 += u[i0 + 3, t] * x
+            if s0 > th:
+                n_pairs = _edge(deg, pair_i, pair_j, n_pairs, cap, i0, j)
+            if j > i0 + 1 and s1 > th:
+                n_pairs = _edge(deg, pair_i, pair_j, n_pairs, cap, i0 + 1, j)
+            if j > i0 + 2 and s2 > th:
+                n_pairs = _edge(deg, pair_i, pair_j, n_pairs, cap, i0 + 2, j)
+            if j > i0 + 3 and s3 > th:
+                n_pairs = _edge(deg, pair_i, pair_j, n_pairs, cap, i0 + 3, j)
+        i0 += 4
+    for i in range(i0, n):
+        for j in range(i + 1, n):
+            if _dot(u, i, u, j) > th:
+                n_pairs = _edge(deg, pair_i, pair_j, n_pairs, cap, i, j)
+    return deg, pair_i, pair_j, n_pairs
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _greedy_cover_nb(u: np.ndarray, theta: float, block: int) -> tuple[np.ndarray, np.ndarray]:
+    n = u.shape[0]
+    th = np.float32(theta)
+    # Pass 1: degrees; the edges are kept only while they fit in n * block pairs.
+    cap = n * block
+    deg, pair_i, pair_j, n_pairs = _degree_pass(u, th, cap)
     stored = n_pairs <= cap
     # adjacency lists (CSR) when the edges fit
     ptr = np.zeros(n + 1, dtype=np.int64)
@@ -199,7 +232,7 @@ def build_codebook(x: np.ndarray, theta: float, block: int = 256, use_numba: boo
     return Codebook(np.ascontiguousarray(u[centres]), assign.astype(np.int32), m)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
 def _join_nb(
     entries: np.ndarray, new_u: np.ndarray, theta: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -266,7 +299,7 @@ def codebook_join(codebook: Codebook, new_vectors: np.ndarray, theta: float, use
     )
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _reconstruct_nb(entries: np.ndarray, index: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
     s = index.shape[0]
     d = entries.shape[1]

@@ -125,6 +125,8 @@ class PolicyConfig:
     auto_max_layers: int | None = None
     auto_margin: float = 0.0
     include_recent_in_softmax: bool = True
+    query_masks: str = "own"  # spindle: "own" (paper: a query head sees its own top-k) or "union"
+    threads: int | None = None  # planning threads (None: the CPUs this process may use)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -145,5 +147,7 @@ class PolicyConfig:
             raise ValueError("codebook_layers must be >= 0")
         if self.pyramid_beta < 1.0:
             raise ValueError("pyramid_beta must be >= 1 (1 = flat)")
+        if self.query_masks not in ("own", "union"):
+            raise ValueError(f"query_masks must be 'own' or 'union', not {self.query_masks!r}")
         if self.codebook_block < 1:
             raise ValueError("codebook_block must be >= 1")

@@ -14,13 +14,14 @@ eviction stays an eviction layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .budgets import codebook_layer_bytes, raw_slot_bytes
 from .codebook import build_codebook, distinct_prefix_counts, subset_codebook
 from .inputs import Geometry, LayerInput, PolicyConfig
+from .parallel import pmap
 from .plan import F16_BYTES, INDEX_BYTES, MAG_BYTES, MASK_BYTES, POS_BYTES, Codebook, HeadStore, LayerStore
 from .select import group_select, union_priority, union_select
 
@@ -71,6 +72,7 @@ def evict_layer(
     n_slots: int,
     per_query_head: bool,
     role: str = "evict",
+    union_visible: bool = False,
 ) -> LayerStore:
     """Raw layer keeping ``n_slots`` tokens per KV head (protected scores [H, n] given)."""
     g = geometry.g
@@ -78,6 +80,8 @@ def evict_layer(
     for h in range(geometry.n_head_kv):
         grp = scores[h * g : (h + 1) * g]
         sel, mask = union_select(grp, n_slots) if per_query_head else group_select(grp, n_slots)
+        if union_visible:
+            mask = np.ones_like(mask)
         store.heads.append(head_store(inp, h, sel, mask))
     return store
 
@@ -92,6 +96,7 @@ class CodebookFit:
     bytes: int
     k_codebook: bool
     v_codebook: bool
+    options: dict = field(default_factory=dict)  # (k_codebook, v_codebook) -> slots that fit
 
 
 def fit_codebook_layer(
@@ -101,8 +106,17 @@ def fit_codebook_layer(
     scores: np.ndarray,
     budget_bytes: int,
     n_min: int,
+    cache: dict | None = None,
+    layout: tuple[bool, bool] | None = None,
 ) -> CodebookFit:
-    """Evict (per-query-head union order) and codebook K (pre-RoPE) and V within ``budget_bytes``."""
+    """Evict (per-query-head union order) and codebook K (pre-RoPE) and V within ``budget_bytes``.
+
+    When every token could fit, the codebooks are built on all tokens in their natural
+    order, which does not depend on the scores: ``cache`` (a dict owned by the caller,
+    one per layer) then lets a second fit with other scores reuse them.
+    ``layout`` forces (K codebook?, V codebook?); by default the layout keeping the most
+    tokens wins. ``options`` of the result lists the slots every layout would keep.
+    """
     n = inp.n
     g, hkv = geometry.g, geometry.n_head_kv
     dk, dv = geometry.head_dim_k, geometry.head_dim_v
@@ -116,36 +130,54 @@ def fit_codebook_layer(
     if s_hi <= raw_slots:
         return CodebookFit(None, raw_slots, raw_slots, 0, False, False)
     prio = [union_priority(scores[h * g : (h + 1) * g])[:s_hi] for h in range(hkv)]
-    kcbs, vcbs = [], []
+    all_tokens = s_hi == n
+    # build_rows[h]: the rows each codebook is built on; order[h]: priority order as
+    # positions within build_rows (its prefixes are the candidate slot sets)
+    build_rows = [np.arange(n) if all_tokens else prio[h] for h in range(hkv)]
+    order = [prio[h] if all_tokens else np.arange(s_hi) for h in range(hkv)]
+    jobs = [(h, "v") for h in range(hkv)] + ([(h, "k") for h in range(hkv)] if use_k else [])
+    cache = {} if cache is None else cache
+    keys = {
+        (h, which): (h, which, None if all_tokens else hash(prio[h].tobytes())) for h, which in jobs
+    }
+    todo = [j for j in jobs if keys[j] not in cache]
+
+    def build(job: tuple[int, str]) -> Codebook:
+        h, which = job
+        rows = build_rows[h]
+        if which == "v":
+            return build_codebook(inp.v[rows, h, :], config.theta_v, config.codebook_block)
+        return build_codebook(inp.k_pre[rows, h, :], config.theta_k, config.codebook_block)
+
+    cache.update(zip([keys[j] for j in todo], pmap(build, todo, config.threads)))
+    vcbs = [cache[keys[(h, "v")]] for h in range(hkv)]
+    kcbs = [cache[keys[(h, "k")]] for h in range(hkv)] if use_k else []
     k_counts = np.zeros(s_hi + 1, dtype=np.int64)
     v_counts = np.zeros(s_hi + 1, dtype=np.int64)
     for h in range(hkv):
-        rows = prio[h]
-        vcb = build_codebook(inp.v[rows, h, :], config.theta_v, config.codebook_block)
-        vcbs.append(vcb)
-        v_counts += distinct_prefix_counts(vcb.index, np.arange(s_hi))
+        v_counts += distinct_prefix_counts(vcbs[h].index, order[h])
         if use_k:
-            kcb = build_codebook(inp.k_pre[rows, h, :], config.theta_k, config.codebook_block)
-            kcbs.append(kcb)
-            k_counts += distinct_prefix_counts(kcb.index, np.arange(s_hi))
+            k_counts += distinct_prefix_counts(kcbs[h].index, order[h])
     s_arr = np.arange(s_hi + 1, dtype=np.int64)
     overhead = hkv * s_arr * (POS_BYTES + g * MASK_BYTES)  # as in plan.layer_store_bytes
     best = (raw_slots, False, False)
     combos = [(True, True), (False, True)] + ([(True, False)] if use_k else [])
+    if not use_k:
+        combos = [(False, True)]
+    options = {}
     for kc, vc in combos:
-        if kc and not use_k:
-            continue
         total = overhead.copy()
         slot_cb = hkv * s_arr * (INDEX_BYTES + MAG_BYTES)
         total += (k_counts * dk * F16_BYTES + slot_cb) if kc else hkv * s_arr * dk * F16_BYTES
         total += (v_counts * dv * F16_BYTES + slot_cb) if vc else hkv * s_arr * dv * F16_BYTES
         fits = np.nonzero(total <= budget_bytes)[0]
         s = int(fits.max()) if len(fits) else 0
-        if s > best[0]:
+        options[(kc, vc)] = s
+        if (layout is None and s > best[0]) or (layout == (kc, vc) and s > raw_slots):
             best = (s, kc, vc)
     s, kc, vc = best
     if not (kc or vc) or s < n_min:
-        return CodebookFit(None, raw_slots, raw_slots, 0, False, False)
+        return CodebookFit(None, raw_slots, raw_slots, 0, False, False, options)
     store = LayerStore(layer=inp.layer, role="evict+codebook" if s < n else "codebook")
     for h in range(hkv):
         rows = prio[h][:s]
@@ -156,8 +188,10 @@ def fit_codebook_layer(
         where[sel] = np.arange(len(sel))
         assert (where[rows] >= 0).all(), "priority prefix and union selection disagree"
         m_rows = mask[:, where[rows]]
-        k_cb = subset_codebook(kcbs[h], np.arange(s)) if kc else None
-        v_cb = subset_codebook(vcbs[h], np.arange(s)) if vc else None
+        if config.query_masks == "union":
+            m_rows = np.ones_like(m_rows)
+        k_cb = subset_codebook(kcbs[h], order[h][:s]) if kc else None
+        v_cb = subset_codebook(vcbs[h], order[h][:s]) if vc else None
         store.heads.append(head_store(inp, h, rows, m_rows, k_cb, v_cb))
     nbytes = codebook_layer_bytes(
         geometry,
@@ -165,4 +199,4 @@ def fit_codebook_layer(
         sum(hs.k_codebook.n_entries for hs in store.heads) if kc else None,
         sum(hs.v_codebook.n_entries for hs in store.heads) if vc else None,
     )
-    return CodebookFit(store, s, raw_slots, nbytes, kc, vc)
+    return CodebookFit(store, s, raw_slots, nbytes, kc, vc, options)

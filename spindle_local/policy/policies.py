@@ -19,6 +19,7 @@ import numpy as np
 from .budgets import allocate_slots, pyramid_weights, raw_slot_bytes, sink_slots
 from .inputs import Geometry, LayerInput, PolicyConfig
 from .layer_plans import evict_layer, fit_codebook_layer, head_store, protect
+from .parallel import pmap
 from .plan import LayerStore, layer_store_bytes
 from .roles import auto_roles
 from .scores import attn_scale, layer_logits, window_scores
@@ -127,9 +128,10 @@ class SnapKVPolicy(Policy):
 
     def _plan(self, layers, geometry, target_bytes):
         slots = self._slot_budget(layers, geometry, target_bytes, self._weights(layers, geometry))
+        scores = pmap(lambda inp: self._scores(inp, geometry), layers, self.config.threads)
         return [
-            evict_layer(inp, geometry, self._scores(inp, geometry), int(s), per_query_head=False)
-            for inp, s in zip(layers, slots)
+            evict_layer(inp, geometry, sc, int(s), per_query_head=False)
+            for inp, sc, s in zip(layers, scores, slots)
         ]
 
 
@@ -163,27 +165,34 @@ class SpindlePolicy(Policy):
         slots = self._slot_budget(layers, geometry, target_bytes, weights)
         budgets = slots * unit
         n_min = np.array([min(sink_slots(i.positions, cfg.sinks), i.n) for i in layers], dtype=np.int64)
-        logits = [layer_logits(inp, geometry, cfg) for inp in layers]
-        scores = [self._scores(inp, geometry, lg) for inp, lg in zip(layers, logits)]
+        logits = pmap(lambda inp: layer_logits(inp, geometry, cfg), layers, cfg.threads)
+        scores = pmap(lambda il: self._scores(il[0], geometry, il[1]), list(zip(layers, logits)), cfg.threads)
         self._extra_report = {}
 
         fits: dict[int, object] = {}
         if cfg.codebook_layers == "auto":
             decisions = auto_roles(
-                layers, geometry, cfg, scores, logits, budgets, slots, n_min, attn_scale(geometry, cfg)
+                layers, geometry, cfg, logits, budgets, slots, n_min, attn_scale(geometry, cfg)
             )
+            chosen = []
             for i, dec in enumerate(decisions):
                 self._extra_report[layers[i].layer] = {
                     "err_evict": dec.err_evict, "err_codebook": dec.err_codebook
                 }
-                if dec.fit is not None:
-                    fits[i] = dec.fit
+                if dec.codebook:
+                    chosen.append((i, dec.cache, dec.layout))
         else:
-            for i, inp in enumerate(layers):
-                if inp.layer < int(cfg.codebook_layers) and inp.n > slots[i]:
-                    fit = fit_codebook_layer(inp, geometry, cfg, scores[i], int(budgets[i]), int(n_min[i]))
-                    if fit.store is not None:
-                        fits[i] = fit
+            chosen = [
+                (i, None, None) for i, inp in enumerate(layers)
+                if inp.layer < int(cfg.codebook_layers) and inp.n > slots[i]
+            ]
+        for i, cache, layout in chosen:
+            fit = fit_codebook_layer(
+                layers[i], geometry, cfg, scores[i], int(budgets[i]), int(n_min[i]),
+                cache=cache, layout=layout,
+            )
+            if fit.store is not None:
+                fits[i] = fit
 
         out: list[LayerStore | None] = [None] * len(layers)
         used = 0
@@ -196,7 +205,10 @@ class SpindlePolicy(Policy):
             hi = np.array([layers[i].n for i in rest], dtype=np.int64)
             s_rest = allocate_slots(weights[rest], lo, hi, (target_bytes - used) // unit)
             for i, s in zip(rest, s_rest):
-                out[i] = evict_layer(layers[i], geometry, scores[i], int(s), per_query_head=True)
+                out[i] = evict_layer(
+                    layers[i], geometry, scores[i], int(s), per_query_head=True,
+                    union_visible=cfg.query_masks == "union",
+                )
         return out  # type: ignore[return-value]
 
 

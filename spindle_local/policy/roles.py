@@ -3,9 +3,11 @@
 ``codebook_layers=N`` reproduces the paper: the first N layers are codebook layers.
 ``codebook_layers='auto'`` decides from the context itself, as DESIGN.md asks: for a
 candidate layer and its byte budget it builds both options, eviction only and
-eviction + codebook (each fitted to the same bytes), and measures the error each causes
+eviction + codebook (each fitted to the same bytes; every layout: K and V codebooks,
+V only, K only), and measures the error each causes
 on the window's attention output (relative Frobenius error over all query heads and
-window queries, softmax over old + recent keys). The codebook is chosen only when its
+window queries, softmax over old + recent keys); tokens are selected with the older
+half of the window and errors measured on the newer half (see ``_split_window``). The codebook is chosen only when its
 error is lower. To stay cheap, candidates are the first ``auto_max_layers`` layers
 (default a quarter of the stack) and the walk stops at the first candidate where
 eviction wins: the premise of the method (and the SmolLM2 measurement: the codebook
@@ -20,20 +22,20 @@ per-token rotation read off ``(k_pre, k)`` (:mod:`.rope`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numba import njit
 
 from .codebook import reconstruct
 from .inputs import Geometry, LayerInput, PolicyConfig
-from .layer_plans import CodebookFit, evict_layer, fit_codebook_layer
+from .layer_plans import evict_layer, fit_codebook_layer, protect
 from .plan import LayerStore
 from .rope import RopeMap, infer_rope
-from .scores import attention_logits
+from .scores import attention_logits, window_scores
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
 def _attn_out_nb(logits: np.ndarray, key_pos: np.ndarray, q_pos: np.ndarray, vals: np.ndarray) -> np.ndarray:
     w, m = logits.shape
     dv = vals.shape[1]
@@ -150,16 +152,38 @@ class AttentionProbe:
 @dataclass
 class RoleDecision:
     layer: int
-    fit: CodebookFit | None
+    codebook: bool = False
+    layout: tuple[bool, bool] | None = None  # (K codebook?, V codebook?) when codebook
     err_evict: float | None = None
     err_codebook: float | None = None
+    cache: dict = field(default_factory=dict)  # codebooks built while deciding, for reuse
+
+
+def _split_window(inp: LayerInput, logits: tuple[np.ndarray, np.ndarray]):
+    """(older half, newer half) of the window, each as (LayerInput, logits).
+
+    Scoring and judging eviction with the same queries flatters eviction (the kept tokens
+    are by construction the ones those queries look at; the codebook gets no such
+    advantage), so the roles are chosen with tokens selected by the older half of the
+    window and errors measured on the newer half, the closest stand-in for the queries
+    still to come. On SmolLM2 this changed the verdict in layers 1-2 at budget 0.25.
+    """
+    lo, lr = logits
+    w = lo.shape[1]
+    if w < 2:
+        return (inp, logits), (inp, logits)
+    h = w // 2
+    parts = []
+    for sl in (slice(0, h), slice(h, w)):
+        part = replace(inp, q_window=inp.q_window[sl], q_positions=np.asarray(inp.q_positions)[sl])
+        parts.append((part, (lo[:, sl], lr[:, sl])))
+    return parts[0], parts[1]
 
 
 def auto_roles(
     layers: list[LayerInput],
     geometry: Geometry,
     config: PolicyConfig,
-    scores: list[np.ndarray],
     logits: list[tuple[np.ndarray, np.ndarray]],
     budgets: np.ndarray,
     raw_slots: np.ndarray,
@@ -169,21 +193,37 @@ def auto_roles(
     """Decide, layer by layer from the top, whether eviction + codebook beats eviction alone."""
     n_cand = config.auto_max_layers
     if n_cand is None:
-        n_cand = max(1, math.ceil(len(layers) / 4))
+        n_cand = max(1, math.ceil(geometry.n_layer / 6))
+    union_visible = config.query_masks == "union"
     out: list[RoleDecision] = []
     for i, inp in enumerate(layers[:n_cand]):
-        dec = RoleDecision(inp.layer, None)
+        dec = RoleDecision(inp.layer)
         out.append(dec)
         if raw_slots[i] >= inp.n or inp.n == 0:
             continue  # everything fits raw: nothing to gain, nothing lost; look deeper
-        probe = AttentionProbe(inp, geometry, scale, logits[i])
-        ev = evict_layer(inp, geometry, scores[i], int(raw_slots[i]), per_query_head=True)
+        (sel_inp, sel_lg), (ev_inp, ev_lg) = _split_window(inp, logits[i])
+        sc = protect(window_scores(sel_inp, geometry, config, logits=sel_lg), inp.positions, config.sinks)
+        probe = AttentionProbe(ev_inp, geometry, scale, ev_lg)
+        ev = evict_layer(inp, geometry, sc, int(raw_slots[i]), per_query_head=True, union_visible=union_visible)
         dec.err_evict = probe.error(ev)
-        fit = fit_codebook_layer(inp, geometry, config, scores[i], int(budgets[i]), int(n_min[i]))
-        if fit.store is not None:
-            dec.err_codebook = probe.error(fit.store)
-            if dec.err_codebook < dec.err_evict * (1.0 - config.auto_margin):
-                dec.fit = fit
+        args = (inp, geometry, config, sc, int(budgets[i]), int(n_min[i]))
+        fit = fit_codebook_layer(*args, cache=dec.cache)
+        best: tuple[float, tuple[bool, bool]] | None = None
+        for layout, slots in fit.options.items():  # every K/V layout that beats raw eviction
+            if slots <= raw_slots[i]:
+                continue
+            f = fit if layout == (fit.k_codebook, fit.v_codebook) else fit_codebook_layer(
+                *args, cache=dec.cache, layout=layout
+            )
+            if f.store is None:
+                continue
+            err = probe.error(f.store)
+            if best is None or err < best[0]:
+                best = (err, layout)
+        if best is not None:
+            dec.err_codebook = best[0]
+            if best[0] < dec.err_evict * (1.0 - config.auto_margin):
+                dec.codebook, dec.layout = True, best[1]
                 continue
         break  # eviction wins here: deeper layers are even sparser
     return out

@@ -25,7 +25,7 @@ from numba import njit
 from .inputs import Geometry, LayerInput, PolicyConfig
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
 def _softmax_colmean_nb(
     logits_old: np.ndarray,  # f32 [H, w, n]
     logits_rec: np.ndarray,  # f32 [H, w, r]
@@ -101,7 +101,7 @@ def softmax_colmean_ref(
     return (a.sum(axis=1) / np.maximum(count, 1)[None, :]).astype(np.float32)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _pool_nb(scores: np.ndarray, kernel: int, mode_max: bool) -> np.ndarray:
     n_h, n = scores.shape
     out = np.empty_like(scores)
@@ -147,7 +147,7 @@ def pool_scores(scores: np.ndarray, kernel: int, mode: str | None) -> np.ndarray
     return _pool_nb(np.ascontiguousarray(scores), int(kernel), mode == "max")
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
 def _logits_nb(q: np.ndarray, k: np.ndarray, g: int, scale: np.float32) -> np.ndarray:
     w, n_h, d = q.shape
     n = k.shape[0]

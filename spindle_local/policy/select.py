@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _union_select_nb(scores: np.ndarray, n_slots: int) -> tuple[np.ndarray, np.ndarray]:
     g, n = scores.shape
     if n_slots >= n:
