@@ -391,5 +391,55 @@ def eval_speed(model: Path | None, context: int, gen: int, reps: int, text: Path
     _emit({"model": str(path), "policy": cfg.policy, "kv_budget": cfg.kv_budget, **result}, as_json)
 
 
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for report.md, results.json and the plots.")
+@click.option("--text", type=click.Path(path_type=Path), default=None, help="Text for KLD and haystacks.")
+@click.option("--policies", default=",".join(("streaming", "snapkv", "pyramidkv", "spindle")), show_default=True,
+              help="Policies to compare (comma-separated).")
+@click.option("--budgets", default="0.4,0.25,0.15", show_default=True, callback=_csv_numbers(float, "budgets"),
+              help="KV budgets (comma-separated).")
+@click.option("--lengths", default="1000,3000,6000", show_default=True, callback=_csv_numbers(int, "lengths"),
+              help="Needle prompt lengths.")
+@click.option("--depths", default="0.1,0.5,0.9", show_default=True, callback=_csv_numbers(float, "depths"),
+              help="Needle depths.")
+@click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True, help="Needle prompts per cell.")
+@click.option("--kld-context", type=click.IntRange(min=16), default=4000, show_default=True)
+@click.option("--kld-continuation", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+def bench(model: Path | None, out_dir: Path, text: Path | None, policies: str, budgets: list[float],
+          lengths: list[int], depths: list[float], samples: int, kld_context: int, kld_continuation: int,
+          seed: int, threads: int | None) -> None:
+    """Run the policy × budget grid (plus full f16/q8_0/q4_0) and write a report with plots."""
+    from spindle_local.eval.bench import BenchGrid, run_bench
+    from spindle_local.eval.texts import load_text
+    from spindle_local.runtime.engine import POLICIES, EngineConfig
+
+    names = tuple(p.strip() for p in policies.split(",") if p.strip())
+    bad = [p for p in names if p not in POLICIES or p == "full"]
+    if bad:
+        raise UsageError(f"unknown policy {bad[0]!r} for --policies (full always runs as the baseline)")
+    if any(not 0 < b <= 1 for b in budgets):
+        raise UsageError("--budgets must lie in (0, 1]")
+    grid = BenchGrid(policies=names, budgets=tuple(budgets), kld_context=kld_context,
+                     kld_continuation=kld_continuation, lengths=tuple(lengths), depths=tuple(depths),
+                     samples=samples, seed=seed)
+    path, meta = _eval_model(model)
+    if meta.n_ctx_train and max(max(lengths), kld_context + kld_continuation) > meta.n_ctx_train:
+        raise UsageError(f"the grid exceeds the model's trained context ({meta.n_ctx_train})")
+    steps = grid.configs()
+    n_steps = sum(2 if ct == "f16" else 1 for _, _, ct in steps)
+    with click.progressbar(length=n_steps, label="bench", file=sys.stderr,
+                           item_show_func=lambda s: s or "") as bar:
+        def progress(what: str) -> None:
+            bar.update(1, what)
+
+        run_bench(str(path), out_dir, grid, EngineConfig(n_threads=threads), load_text(text), progress=progress)
+    click.echo(f"report: {out_dir / 'report.md'}")
+
+
 if __name__ == "__main__":
     main()

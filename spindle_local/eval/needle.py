@@ -76,11 +76,13 @@ def key_found(answer: str, key: str) -> bool:
 
 def run_needle(model_path: str, *, lengths: Sequence[int], depths: Sequence[float], samples: int, seed: int,
                engine_config, haystack: str, needle: str = DEFAULT_NEEDLE, question: str = DEFAULT_QUESTION,
-               progress: Callable[[int, int], None] | None = None) -> dict:
+               progress: Callable[[int, int], None] | None = None, full_results: dict | None = None) -> dict:
     """Pass-key grid: the compressed engine and the full cache on the very same prompts.
 
     ``relative_accuracy`` is the share of the full cache's successes that the compressed
     run also gets right (prompts the full cache fails are not held against the policy).
+    ``full_results`` (a dict the caller keeps) caches the full cache's answers across
+    calls with the same seed, so a grid of policies pays for the reference once.
     """
     from dataclasses import replace
 
@@ -106,7 +108,13 @@ def run_needle(model_path: str, *, lengths: Sequence[int], depths: Sequence[floa
                         "correct_both": 0}
                 for _ in range(samples):
                     p = builder.build(int(length), float(depth), random_key(rng))
-                    ok_full = key_found(greedy_answer(full, p.tokens), p.key)
+                    memo_key = (int(length), float(depth), p.key)
+                    if full_results is not None and memo_key in full_results:
+                        ok_full = full_results[memo_key]
+                    else:
+                        ok_full = key_found(greedy_answer(full, p.tokens), p.key)
+                        if full_results is not None:
+                            full_results[memo_key] = ok_full
                     if comp is None:
                         ok = ok_full
                         ratios.append(1.0)

@@ -1,0 +1,176 @@
+"""The benchmark grid: every policy at every budget, plus llama.cpp's own KV types.
+
+For each configuration we measure fidelity (KLD on a long text) and retrieval (a
+pass-key grid on the same prompts as the full cache), then write ``report.md`` with
+tables, a needle heatmap per configuration and a memory-vs-KLD chart. Results are also
+written as ``results.json`` so a report can be re-rendered without re-running.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+POLICIES = ("streaming", "snapkv", "pyramidkv", "spindle")
+BUDGETS = (0.4, 0.25, 0.15)
+CACHE_TYPES = ("f16", "q8_0", "q4_0")
+
+
+@dataclass
+class BenchGrid:
+    policies: tuple[str, ...] = POLICIES
+    budgets: tuple[float, ...] = BUDGETS
+    cache_types: tuple[str, ...] = CACHE_TYPES
+    kld_context: int = 4000
+    kld_continuation: int = 256
+    lengths: tuple[int, ...] = (1000, 3000, 6000)
+    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    samples: int = 2
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def configs(self) -> list[tuple[str, float, str]]:
+        """(policy, budget, cache_type) in run order: baselines first."""
+        out = [("full", 1.0, ct) for ct in self.cache_types]
+        out += [(p, b, "f16") for b in self.budgets for p in self.policies]
+        return out
+
+
+def run_bench(model: str, out_dir: Path, grid: BenchGrid, engine_config, text: str,
+              progress: Callable[[str], None] | None = None) -> dict:
+    """Run the grid, write results.json, report.md and the PNG plots into ``out_dir``."""
+    from spindle_local.eval.kld import run_kld
+    from spindle_local.eval.needle import run_needle
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    results: list[dict] = []
+    full_memo: dict = {}
+    for policy, budget, ctype in grid.configs():
+        cfg = replace(engine_config, policy=policy, kv_budget=budget)
+        label = f"{policy} {ctype}" if policy == "full" else f"{policy} @{budget}"
+        if progress:
+            progress(f"{label}: kld")
+        kld = run_kld(model, text=text, context=grid.kld_context, continuation=grid.kld_continuation,
+                      engine_config=cfg, cache_type=ctype)
+        row = {"label": label, "policy": policy, "kv_budget": budget, "cache_type": ctype, "kld": kld}
+        if ctype == "f16":
+            if progress:
+                progress(f"{label}: needle")
+            row["needle"] = run_needle(model, lengths=grid.lengths, depths=grid.depths, samples=grid.samples,
+                                       seed=grid.seed, engine_config=cfg, haystack=text, full_results=full_memo)
+        results.append(row)
+        (out_dir / "results.json").write_text(json.dumps(
+            {"model": model, "grid": grid.__dict__, "started": started, "results": results}, indent=1, default=str))
+    meta = {"model": model, "grid": grid.__dict__, "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {_cores()} cores",
+            "engine": {k: v for k, v in engine_config.__dict__.items() if k not in ("policy", "kv_budget")}}
+    doc = {**meta, "results": results}
+    (out_dir / "results.json").write_text(json.dumps(doc, indent=1, default=str))
+    write_report(doc, out_dir)
+    return doc
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def write_report(doc: dict, out_dir: Path) -> Path:
+    """Render report.md and the plots from a results document."""
+    results = doc["results"]
+    plots = _plots(results, out_dir)
+    lines = [f"# spindle-local benchmark", "",
+             f"Model: `{doc['model']}`  ", f"Machine: {doc.get('machine', '?')}  ",
+             f"Run: {doc['started']} – {doc.get('finished', '…')}  ",
+             f"Engine settings: `{json.dumps(doc.get('engine', {}), default=str)}`  ",
+             f"Grid: `{json.dumps(doc['grid'], default=str)}`", "",
+             "## Fidelity and memory (KLD against the full f16 cache)", "",
+             "| configuration | reserve ratio | mean KLD | p99 KLD | top-1 agree | ppl | ppl full |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        k = r["kld"]
+        lines.append(f"| {r['label']} | {k['reserve_ratio']:.3f} | {k['mean_kld']:.4f} | {k['p99_kld']:.3f} | "
+                     f"{k['top1_agreement']:.3f} | {k['ppl']:.3f} | {k['ppl_full']:.3f} |")
+    lines += ["", "## Pass-key retrieval (same prompts as the full cache)", "",
+              "| configuration | reserve ratio | accuracy | full-cache accuracy | relative accuracy |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        if "needle" in r:
+            n = r["needle"]
+            lines.append(f"| {r['label']} | {n['reserve_ratio']:.3f} | {n['accuracy']:.3f} | "
+                         f"{n['accuracy_full']:.3f} | {n['relative_accuracy']:.3f} |")
+    lines += [""]
+    for title, path in plots:
+        lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def _plots(results: list[dict], out_dir: Path) -> list[tuple[str, Path]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: list[tuple[str, Path]] = []
+    # Memory vs KLD: one marker per configuration, one series per policy.
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        name = f"full {r['cache_type']}" if r["policy"] == "full" else r["policy"]
+        series.setdefault(name, []).append((r["kld"]["reserve_ratio"], max(r["kld"]["mean_kld"], 1e-6)))
+    for name, pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("reserve ratio (KV bytes / full f16 bytes)")
+    ax.set_ylabel("mean KLD vs full cache (nats, log)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Memory vs fidelity")
+    fig.tight_layout()
+    path = out_dir / "memory_vs_kld.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    made.append(("Memory vs KLD", path))
+    # Needle heatmaps: rows = lengths, columns = depths, value = accuracy relative to full.
+    needle_rows = [r for r in results if "needle" in r]
+    if needle_rows:
+        lengths = sorted({c["length"] for c in needle_rows[0]["needle"]["cells"]})
+        depths = sorted({c["depth"] for c in needle_rows[0]["needle"]["cells"]})
+        ncols = min(4, len(needle_rows))
+        nrows = (len(needle_rows) + ncols - 1) // ncols
+        fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, r in zip(axes.flat, needle_rows):
+            grid = np.full((len(lengths), len(depths)), np.nan)
+            for c in r["needle"]["cells"]:
+                grid[lengths.index(c["length"]), depths.index(c["depth"])] = c["correct"] / max(c["n"], 1)
+            ax.axis("on")
+            ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+            ax.set_yticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            for i in range(len(lengths)):
+                for j in range(len(depths)):
+                    if not np.isnan(grid[i, j]):
+                        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_title(f"{r['label']} (rel {r['needle']['relative_accuracy']:.2f})", fontsize=8)
+            ax.set_xlabel("depth", fontsize=7)
+            ax.set_ylabel("tokens", fontsize=7)
+        fig.suptitle("Pass-key accuracy per cell (length × depth)", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / "needle_heatmaps.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(("Needle heatmaps", path))
+    return made
