@@ -59,12 +59,12 @@ def check_store(inp, st, geo=GEO):
         assert hs.qmask[:, sink_slots].all()
 
 
-@pytest.mark.parametrize("name", POLICY_NAMES)
+CASES = [(name, "auto") for name in POLICY_NAMES] + [("spindle", 2), ("spindle", 0)]
+
+
+@pytest.mark.parametrize("name,cb_layers", CASES)
 @pytest.mark.parametrize("frac", [0.4, 0.25, 0.15])
-@pytest.mark.parametrize("cb_layers", ["auto", 2])
 def test_budget_respected_and_sinks_kept(layers, name, frac, cb_layers):
-    if name != "spindle" and cb_layers != "auto":
-        pytest.skip("codebook_layers only matters for spindle")
     target = int(full_cache_bytes(N, GEO.n_layer, GEO.n_head_kv, 16, 16) * frac)
     pol = make_policy(name, PolicyConfig(codebook_layers=cb_layers))
     stores = pol.plan(layers, GEO, target)
@@ -237,3 +237,78 @@ def test_empty_layer():
     for name in POLICY_NAMES:
         st = make_policy(name).plan([inp], GEO, 0)[0]
         assert layer_store_bytes(st, 16, 16) == 0
+
+
+def test_union_masks_option(layers):
+    target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * 0.25)
+    own = make_policy("spindle", PolicyConfig(codebook_layers=0)).plan(layers, GEO, target)
+    uni = make_policy("spindle", PolicyConfig(codebook_layers=0, query_masks="union")).plan(layers, GEO, target)
+    differs = False
+    for a, b in zip(own, uni):
+        for ha, hb in zip(a.heads, b.heads):
+            assert np.array_equal(ha.token_index, hb.token_index)  # same union stored
+            assert hb.qmask.all()
+            differs |= not ha.qmask.all()
+    assert differs  # with own masks some query head does not see some slot
+
+
+def test_threads_do_not_change_the_plan(layers):
+    target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * 0.15)
+    a = make_policy("spindle", PolicyConfig(threads=1)).plan(layers, GEO, target)
+    b = make_policy("spindle", PolicyConfig(threads=4)).plan(layers, GEO, target)
+    for sa, sb in zip(a, b):
+        assert sa.role == sb.role
+        for ha, hb in zip(sa.heads, sb.heads):
+            assert np.array_equal(ha.token_index, hb.token_index)
+            assert np.array_equal(ha.qmask, hb.qmask)
+
+
+def test_codebook_layouts_and_cache():
+    from spindle_local.policy.layer_plans import fit_codebook_layer, protect
+    from spindle_local.policy.scores import window_scores
+
+    inp = make_layer(GEO, 0, n=N, w=8, r=12, seed=4)
+    cfg = PolicyConfig()
+    sc = protect(window_scores(inp, GEO, cfg), inp.positions, cfg.sinks)
+    budget = raw_slot_bytes(GEO) * N // 2
+    cache: dict = {}
+    best = fit_codebook_layer(inp, GEO, cfg, sc, budget, 4, cache=cache)
+    assert best.store is not None and best.n_slots == max(best.options.values())
+    n_cached = len(cache)
+    for layout, slots in best.options.items():
+        f = fit_codebook_layer(inp, GEO, cfg, sc, budget, 4, cache=cache, layout=layout)
+        assert len(cache) == n_cached  # reused, not rebuilt
+        if slots > best.n_slots_raw:
+            assert (f.k_codebook, f.v_codebook) == layout and f.n_slots == slots
+            assert layer_store_bytes(f.store, 16, 16) == f.bytes <= budget
+            hs = f.store.heads[0]
+            assert (hs.k_codebook is not None) == layout[0] and (hs.v_codebook is not None) == layout[1]
+    fresh = fit_codebook_layer(inp, GEO, cfg, sc, budget, 4)
+    for ha, hb in zip(best.store.heads, fresh.store.heads):
+        assert np.array_equal(ha.token_index, hb.token_index)
+    # without pre-RoPE keys K stays raw
+    inp.k_pre = None
+    f = fit_codebook_layer(inp, GEO, cfg, sc, budget, 4)
+    assert f.store is None or all(h.k_raw is not None for h in f.store.heads)
+
+
+def test_rope_inference_neox_pairing():
+    rng = np.random.default_rng(9)
+    pre = rng.standard_normal((30, 2, 16)).astype(np.float32)
+    # NEOX: rotate (i, i + d/2) pairs: permute dims to adjacent, rotate, permute back
+    perm = np.stack([np.arange(8), np.arange(8, 16)], axis=1).reshape(-1)
+    post = np.empty_like(pre)
+    post[..., perm] = apply_rope(pre[..., perm], np.arange(30))
+    rm = infer_rope(pre, post)
+    assert rm is not None
+    np.testing.assert_allclose(rm.rotate(pre[:, 1]), post[:, 1], atol=1e-4)
+
+
+def test_recent_keys_enter_the_normaliser():
+    from spindle_local.policy.scores import window_scores
+
+    inp = make_layer(GEO, 3, n=40, w=4, r=8, seed=5)
+    with_recent = window_scores(inp, GEO, PolicyConfig(pooling=None))
+    without = window_scores(inp, GEO, PolicyConfig(pooling=None, include_recent_in_softmax=False))
+    assert np.all(with_recent <= without + 1e-7)
+    np.testing.assert_allclose(without.sum(axis=1), 1.0, rtol=1e-4)  # old tokens are all visible
