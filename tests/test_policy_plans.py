@@ -312,3 +312,11 @@ def test_recent_keys_enter_the_normaliser():
     without = window_scores(inp, GEO, PolicyConfig(pooling=None, include_recent_in_softmax=False))
     assert np.all(with_recent <= without + 1e-7)
     np.testing.assert_allclose(without.sum(axis=1), 1.0, rtol=1e-4)  # old tokens are all visible
+
+
+def test_empty_window_falls_back_to_recency():
+    inp = make_layer(GEO, 2, n=50, w=4, seed=6)
+    inp.q_window = inp.q_window[:0]
+    inp.q_positions = inp.q_positions[:0]
+    st = make_policy("snapkv").plan([inp], GEO, raw_slot_bytes(GEO) * 10)[0]
+    assert list(st.heads[0].positions) == [0, 1, 2, 3, 44, 45, 46, 47, 48, 49]

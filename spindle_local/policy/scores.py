@@ -194,7 +194,8 @@ def window_scores(
     use_numba: bool = True,
     logits: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Per-query-head scores float32 [H, n] of the old tokens (pooled, sinks *not* protected).
+    """Per-query-head scores float32 [H, n] of the old tokens (pooled, sinks *not* protected;
+    with pooling, the sinks' own scores are zeroed before pooling).
 
     Tokens are scored in the order of ``inp.positions``; pooling assumes that order is the
     position order (the engine passes old tokens sorted; otherwise they are sorted here).
@@ -202,6 +203,12 @@ def window_scores(
     n = inp.n
     if n == 0:
         return np.zeros((geometry.n_head, 0), dtype=np.float32)
+    if inp.q_window.shape[0] == 0:
+        # no observation window (nothing to score with): fall back to recency, so that
+        # selection degrades to StreamingLLM instead of keeping the oldest tokens
+        pos = np.asarray(inp.positions, dtype=np.float64)
+        rec = (pos - pos.min() + 1.0) / (pos.max() - pos.min() + 1.0)
+        return np.tile(rec.astype(np.float32) * 1e-3, (geometry.n_head, 1))
     lo, lr = logits if logits is not None else layer_logits(inp, geometry, config)
     pos_old = np.asarray(inp.positions, dtype=np.int64)
     rec_pos = inp.resolved_recent_positions()
@@ -211,6 +218,9 @@ def window_scores(
     fn = _softmax_colmean_nb if use_numba else softmax_colmean_ref
     s = fn(lo, lr, q_pos, pos_old, rec_pos.astype(np.int64))
     if config.pooling is not None and config.pool_kernel > 1:
+        # sinks are kept regardless; zero them first so that pooling does not spread
+        # token 0's large score (a sink even without BOS) onto its neighbours
+        s[:, pos_old < config.sinks] = 0.0
         order = np.argsort(pos_old, kind="stable")
         sorted_already = bool(np.all(order == np.arange(n)))
         ss = s if sorted_already else s[:, order]
