@@ -110,7 +110,17 @@ class PolicyConfig:
     runners), a pyramid whose deepest layer gets 1/20 of the mean budget (``beta = 20``),
     ``theta_K = 0.98`` / ``theta_V = 0.95``. ``codebook_layers='auto'`` chooses per layer
     from the context itself; on SmolLM2-135M the codebook wins only in layer 0, so auto
-    examines only the first ``auto_max_layers`` layers (None: a quarter of the stack).
+    examines only the first ``auto_max_layers`` layers (None: a tenth of the stack,
+    rounded up: 3 of SmolLM2's 30 layers), which bounds its cost.
+
+    Other fields: ``window`` is what the engine should capture (the policy uses the
+    queries it is given); ``codebook_block`` sizes the codebook's edge buffer
+    (``n * block`` pairs, see :mod:`.codebook`); ``auto_margin`` is the relative error
+    advantage the codebook needs in ``auto``; ``include_recent_in_softmax`` normalises
+    window attention over the recent keys too; ``query_masks`` is ``'own'`` (SpindleKV:
+    a query head sees only its own top-k of the stored union) or ``'union'`` (every
+    query head sees every stored slot; same bytes); ``threads`` bounds planning threads;
+    ``extra['attn_scale']`` overrides the ``1/sqrt(dk)`` softmax scale.
     """
 
     window: int = 32
