@@ -320,3 +320,34 @@ def test_empty_window_falls_back_to_recency():
     inp.q_positions = inp.q_positions[:0]
     st = make_policy("snapkv").plan([inp], GEO, raw_slot_bytes(GEO) * 10)[0]
     assert list(st.heads[0].positions) == [0, 1, 2, 3, 44, 45, 46, 47, 48, 49]
+
+
+def test_auto_picks_codebook_for_redundant_broad_layer_only():
+    """Layer 0: values from 3 prototypes, flat attention -> codebook; layer 1: sharp -> evict."""
+    geo = Geometry(n_layer=2, n_head=2, n_head_kv=1, head_dim_k=16, head_dim_v=16)
+    rng = np.random.default_rng(11)
+    n, w = 200, 8
+    pos = np.arange(n + w, dtype=np.int32)
+
+    def layer(idx, redundant, sharp):
+        k_pre = rng.standard_normal((n + w, 1, 16)).astype(np.float32)
+        k = apply_rope(k_pre, pos)
+        if redundant:
+            protos = rng.standard_normal((3, 16)).astype(np.float32)
+            v = protos[rng.integers(0, 3, n + w)][:, None, :] * rng.uniform(0.5, 2, (n + w, 1, 1)).astype(np.float32)
+        else:
+            v = rng.standard_normal((n + w, 1, 16)).astype(np.float32)
+        q = rng.standard_normal((w, 2, 16)).astype(np.float32) * 0.01
+        if sharp:
+            q[:, :, :] += k[50, 0] * 3
+        return LayerInput(idx, k[:n], k_pre[:n], v[:n], pos[:n], q, pos[n:], k[n:], pos[n:], v[n:])
+
+    layers = [layer(0, True, False), layer(1, False, True)]
+    target = int(full_cache_bytes(n, 2, 1, 16, 16) * 0.25)
+    pol = make_policy("spindle", PolicyConfig(codebook_layers="auto", auto_max_layers=2, pooling=None))
+    stores = pol.plan(layers, geo, target)
+    assert stores[0].role in ("codebook", "evict+codebook")
+    assert stores[0].heads[0].n_slots > stores[1].heads[0].n_slots
+    assert stores[1].role == "evict"
+    assert pol.last_report[0]["err_codebook"] < pol.last_report[0]["err_evict"]
+    assert total_bytes(stores, geo) <= target
