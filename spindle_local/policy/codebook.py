@@ -10,8 +10,8 @@ relative error of every vector is ``||u_i - c|| = sqrt(2 - 2 cos) < sqrt(2 - 2 t
 Memory is O(n * block): the n x n graph is never materialised. ``_greedy_cover_nb``
 computes all degrees in one pass over the pairs (a numba loop, four rows at a time),
 and keeps the edges themselves only while they fit in a buffer of ``n * block`` pairs
-(typical: redundancy is clustered, edges are few). With the edges kept, the cover runs on adjacency lists in O(edges). When they do not fit, the
-cover *recomputes* similarities instead: the chosen entry scans the live nodes for its
+(typical: redundancy is clustered, edges are few). With the edges kept, the cover runs
+on adjacency lists in O(edges). When they do not fit, the cover *recomputes* similarities instead: the chosen entry scans the live nodes for its
 neighbours, and every removed node scans the live nodes that still have a neighbour to
 decrement their degrees (about one more pass over the pairs; nodes without live
 neighbours leave the scans early). Both paths are the exact greedy of the definition,
@@ -277,7 +277,9 @@ def join_ref(entries: np.ndarray, new_u: np.ndarray, theta: float) -> tuple[np.n
     return (np.array(ents, dtype=np.float32).reshape(-1, d), idx)
 
 
-def codebook_join(codebook: Codebook, new_vectors: np.ndarray, theta: float, use_numba: bool = True) -> Codebook:
+def codebook_join(
+    codebook: Codebook, new_vectors: np.ndarray, theta: float, use_numba: bool = True
+) -> Codebook:
     """A new codebook: ``codebook``'s slots followed by ``new_vectors`` [k, d] joined or added.
 
     ``theta >= 1`` never joins (lossless). Existing entries and slots are unchanged, so the

@@ -6,8 +6,9 @@ keeps everything and ignores the budget: it is the reference run). Sinks (positi
 ``config.sinks``) are kept in every layer; when ``target_bytes`` cannot even hold them a
 ValueError says how many bytes are needed.
 
-After ``plan`` the policy's ``last_report`` lists, per layer, the role, slots, bytes and
-budget (and for ``spindle`` with ``auto`` the measured errors), for logs and benchmarks.
+After ``plan`` the policy's ``last_report`` lists, per layer, the role, token count,
+slots and bytes (``spindle`` adds the layer's pyramid byte share ``share_bytes`` and,
+with ``auto``, the measured errors ``err_evict``/``err_codebook``), for logs and benchmarks.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ class Policy(ABC):
     def __init__(self, config: PolicyConfig | None = None) -> None:
         self.config = config or PolicyConfig()
         self.last_report: list[dict] = []
+        self._extra_report: dict[int, dict] = {}
 
     def plan(self, layers: list[LayerInput], geometry: Geometry, target_bytes: int) -> list[LayerStore]:
         """One LayerStore per entry of ``layers`` (same order), within ``target_bytes``."""
         for inp in layers:
             inp.validate(geometry)
+        self._extra_report = {}
         stores = self._plan(layers, geometry, int(target_bytes))
         total = 0
         self.last_report = []
@@ -54,8 +57,6 @@ class Policy(ABC):
         if self.name != "full" and total > target_bytes:  # a bug, never a user error
             raise AssertionError(f"{self.name}: plan uses {total} bytes > target {target_bytes}")
         return stores
-
-    _extra_report: dict = {}
 
     @abstractmethod
     def _plan(self, layers: list[LayerInput], geometry: Geometry, target_bytes: int) -> list[LayerStore]:
@@ -167,7 +168,7 @@ class SpindlePolicy(Policy):
         n_min = np.array([min(sink_slots(i.positions, cfg.sinks), i.n) for i in layers], dtype=np.int64)
         logits = pmap(lambda inp: layer_logits(inp, geometry, cfg), layers, cfg.threads)
         scores = pmap(lambda il: self._scores(il[0], geometry, il[1]), list(zip(layers, logits)), cfg.threads)
-        self._extra_report = {}
+        self._extra_report = {inp.layer: {"share_bytes": int(b)} for inp, b in zip(layers, budgets)}
 
         fits: dict[int, object] = {}
         if cfg.codebook_layers == "auto":
@@ -176,9 +177,9 @@ class SpindlePolicy(Policy):
             )
             chosen = []
             for i, dec in enumerate(decisions):
-                self._extra_report[layers[i].layer] = {
-                    "err_evict": dec.err_evict, "err_codebook": dec.err_codebook
-                }
+                self._extra_report[layers[i].layer].update(
+                    err_evict=dec.err_evict, err_codebook=dec.err_codebook
+                )
                 if dec.codebook:
                     chosen.append((i, dec.cache, dec.layout))
         else:

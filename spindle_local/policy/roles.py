@@ -206,7 +206,9 @@ def auto_roles(
         (sel_inp, sel_lg), (ev_inp, ev_lg) = _split_window(inp, logits[i])
         sc = protect(window_scores(sel_inp, geometry, config, logits=sel_lg), inp.positions, config.sinks)
         probe = AttentionProbe(ev_inp, geometry, scale, ev_lg)
-        ev = evict_layer(inp, geometry, sc, int(raw_slots[i]), per_query_head=True, union_visible=union_visible)
+        ev = evict_layer(
+            inp, geometry, sc, int(raw_slots[i]), per_query_head=True, union_visible=union_visible
+        )
         dec.err_evict = probe.error(ev)
         args = (inp, geometry, config, sc, int(budgets[i]), int(n_min[i]))
         fit = fit_codebook_layer(*args, cache=dec.cache)

@@ -10,9 +10,10 @@ An old token's score is its attention averaged over the window queries whose pos
 lets them see it.
 
 The Q K^T products (``_logits_nb`` / :func:`attention_logits_ref`), the masked softmax
-and the column average are numba kernels; the latter two are fused in (``_softmax_colmean_nb``) whose plain-numpy reference
-is :func:`softmax_colmean_ref`. Pooling (max or average over ``kernel`` neighbouring
-positions, 'same' padding, SnapKV style) has the pair ``_pool_nb`` / :func:`pool_ref`.
+and the column average are numba kernels; the latter two are fused in
+``_softmax_colmean_nb`` (reference :func:`softmax_colmean_ref`). Pooling (max or
+average over ``kernel`` neighbouring positions, 'same' padding, SnapKV style) has the
+pair ``_pool_nb`` / :func:`pool_ref`.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def _logits_nb(q: np.ndarray, k: np.ndarray, g: int, scale: np.float32) -> np.nd
 
 
 def attention_logits_ref(q: np.ndarray, k: np.ndarray, g: int, scale: float) -> np.ndarray:
-    """Numpy reference of ``_logits_nb``: scaled logits [H, w, n], query head ``hq`` uses KV head ``hq // g``."""
+    """Numpy reference of ``_logits_nb``: scaled logits [H, w, n]; query head ``hq`` uses KV head ``hq // g``."""
     kk = np.repeat(k.astype(np.float64), g, axis=1)  # [n, H, d]
     return (np.einsum("whd,nhd->hwn", q.astype(np.float64), kk) * scale).astype(np.float32)
 

@@ -51,7 +51,8 @@ def make_layer(
     protos = rng.standard_normal((hkv, n_proto, dv)).astype(np.float32)
     lab = rng.integers(0, n_proto, size=(total, hkv))
     noise = 0.08 + 0.6 * depth
-    v = protos[np.arange(hkv)[None, :], lab] + noise * rng.standard_normal((total, hkv, dv)).astype(np.float32)
+    v = protos[np.arange(hkv)[None, :], lab]
+    v = v + noise * rng.standard_normal((total, hkv, dv)).astype(np.float32)
     v *= rng.uniform(0.5, 1.5, size=(total, hkv, 1)).astype(np.float32)
 
     common = rng.standard_normal((1, hkv, dk)).astype(np.float32) * 1.5
