@@ -181,7 +181,7 @@ def engine_options(f):
 def engine_config(*, policy: str, kv_budget: float, window: int, sinks: int, recent: int, codebook_layers: str,
                   theta_k: float, theta_v: float, chunk: int, threads: int | None, flash_attn: bool,
                   max_tokens: int | None = None, n_cells: int | None = None):
-    from spindle_local.runtime.engine import EngineConfig
+    from spindle_local.runtime.config import EngineConfig
 
     try:
         cb = _codebook_layers(codebook_layers)
@@ -224,7 +224,6 @@ def chat(model: Path | None, n_ctx: int | None, temperature: float, max_tokens: 
       /exit            leave (Ctrl-D works too); Ctrl-C stops the current answer
     """
     from spindle_local.chat_repl import ChatRepl, GenerationSettings
-    from spindle_local.runtime.engine_chat import EngineChatModel
     from spindle_local.runtime.gguf_meta import read_meta
     from spindle_local.runtime.loader import load_llama_cpp
     from spindle_local.runtime.model_files import resolve_model
@@ -237,6 +236,7 @@ def chat(model: Path | None, n_ctx: int | None, temperature: float, max_tokens: 
     cfg = engine_config(**engine_kw, max_tokens=n_ctx or (4096 if full else None),
                         n_cells=(n_ctx or 4096) if full else None)
     load_llama_cpp()
+    from spindle_local.runtime.engine_chat import EngineChatModel
     settings = GenerationSettings(temperature=temperature, max_tokens=max_tokens, seed=seed)
     chat_model = EngineChatModel(path, cfg)
     try:
@@ -416,8 +416,8 @@ def bench(model: Path | None, out_dir: Path, text: Path | None, policies: str, b
     """Run the policy × budget grid (plus full f16/q8_0/q4_0) and write a report with plots."""
     from spindle_local.eval.bench import BenchGrid, run_bench
     from spindle_local.eval.texts import load_text
-    from spindle_local.runtime.engine import POLICIES, EngineConfig
 
+    POLICIES = ("full", "streaming", "snapkv", "pyramidkv", "spindle")
     names = tuple(p.strip() for p in policies.split(",") if p.strip())
     bad = [p for p in names if p not in POLICIES or p == "full"]
     if bad:
@@ -430,6 +430,7 @@ def bench(model: Path | None, out_dir: Path, text: Path | None, policies: str, b
     path, meta = _eval_model(model)
     if meta.n_ctx_train and max(max(lengths), kld_context + kld_continuation) > meta.n_ctx_train:
         raise UsageError(f"the grid exceeds the model's trained context ({meta.n_ctx_train})")
+    from spindle_local.runtime.config import EngineConfig
     steps = grid.configs()
     n_steps = sum(2 if ct == "f16" else 1 for _, _, ct in steps)
     with click.progressbar(length=n_steps, label="bench", file=sys.stderr,

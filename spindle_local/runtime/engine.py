@@ -31,55 +31,9 @@ from spindle_local.policy import inputs as pin
 from spindle_local.policy.plan import LayerStore, full_cache_bytes, layer_store_bytes
 from spindle_local.policy.policies import make_policy
 from spindle_local.runtime import rope as roper
+from spindle_local.runtime.config import POLICIES, EngineConfig  # noqa: F401  (re-exported)
 from spindle_local.runtime.lowlevel import LlamaContext, LlamaModel
 from spindle_local.runtime.window import WindowQueries
-
-POLICIES = ("full", "streaming", "snapkv", "pyramidkv", "spindle")
-
-
-@dataclass
-class EngineConfig:
-    """How the engine compresses; the CLI's options map onto these one to one."""
-
-    policy: str = "spindle"
-    kv_budget: float = 0.25
-    window: int = 32
-    sinks: int = 4
-    recent: int = 256
-    chunk: int = 512
-    decode_slack: int = 128
-    codebook_layers: int | str = "auto"
-    theta_k: float = 0.98
-    theta_v: float = 0.95
-    n_threads: int | None = None
-    flash_attn: bool = True
-    cache_type: str = "f16"  # regular-cache type; quantized types only with policy "full"
-    n_cells: int | None = None  # regular-cache allocation; default recent + 2 * chunk
-    max_tokens: int | None = None  # longest context; default the model's trained context
-
-    def validate(self) -> None:
-        if self.policy not in POLICIES:
-            raise UsageError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
-        if not (0.0 < self.kv_budget <= 1.0):
-            raise UsageError(f"--kv-budget must be in (0, 1], got {self.kv_budget}")
-        if self.window < 1 or self.sinks < 0 or self.chunk < 1:
-            raise UsageError("--window and --chunk must be >= 1 and --sinks >= 0")
-        if self.recent < self.window:
-            raise UsageError(f"--recent ({self.recent}) must be at least --window ({self.window})")
-        for name in ("theta_k", "theta_v"):
-            t = getattr(self, name)
-            if not (0.0 < t <= 1.0):
-                raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], got {t}")
-        if self.cache_type not in ("f16", "q8_0", "q4_0"):
-            raise UsageError(f"--cache-type must be f16, q8_0 or q4_0, got {self.cache_type!r}")
-        if self.cache_type != "f16" and self.policy != "full":
-            raise UsageError("quantized KV caches (--cache-type q8_0/q4_0) work with --policy full only")
-        if isinstance(self.codebook_layers, str) and self.codebook_layers != "auto":
-            raise UsageError(f"--codebook-layers must be a number or 'auto', got {self.codebook_layers!r}")
-
-    def cells(self) -> int:
-        return self.n_cells or (self.recent + 2 * self.chunk)
-
 
 @dataclass
 class EngineStats:
