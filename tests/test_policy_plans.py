@@ -351,3 +351,40 @@ def test_auto_picks_codebook_for_redundant_broad_layer_only():
     assert stores[1].role == "evict"
     assert pol.last_report[0]["err_codebook"] < pol.last_report[0]["err_evict"]
     assert total_bytes(stores, geo) <= target
+
+
+@pytest.mark.parametrize("name,cb_layers", CASES)
+def test_unavailable_pairs_are_never_kept(name, cb_layers):
+    """Re-planning: a KV head that no longer holds a token must not select it."""
+    inp = make_layer(GEO, 0, n=N, w=8, r=12, seed=12)
+    rng = np.random.default_rng(12)
+    avail = rng.random((N, GEO.n_head_kv)) > 0.3
+    avail[:4] = True  # sinks are always held
+    avail[:, 0] = True
+    inp.available = avail
+    inp.k[~avail[:, 1], 1] = 0.0  # placeholders, like the engine's
+    inp.v[~avail[:, 1], 1] = 0.0
+    inp.k_pre[~avail[:, 1], 1] = 0.0
+    layers = [inp] + [make_layer(GEO, layer, n=N, w=8, r=12, seed=12) for layer in range(1, GEO.n_layer)]
+    for frac in (0.6, 0.25):
+        target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * frac)
+        stores = make_policy(name, PolicyConfig(codebook_layers=cb_layers)).plan(layers, GEO, target)
+        if name != "full":
+            assert total_bytes(stores) <= target
+        hs = stores[0].heads[1]
+        assert avail[hs.token_index, 1].all()
+        if name == "full":
+            assert hs.n_slots == avail[:, 1].sum()
+        check_store(inp, stores[0])
+
+
+def test_unavailable_pairs_get_no_attention():
+    from spindle_local.policy.scores import window_scores
+
+    inp = make_layer(GEO, 2, n=40, w=4, r=8, seed=13)
+    avail = np.ones((40, GEO.n_head_kv), bool)
+    avail[10:20, 1] = False
+    inp.available = avail
+    s = window_scores(inp, GEO, PolicyConfig(pooling=None))
+    assert np.all(s[GEO.g : 2 * GEO.g, 10:20] == 0)
+    assert np.all(s[:GEO.g, 10:20] > 0)

@@ -51,6 +51,10 @@ class LayerInput:
     query). ``v_recent`` is optional and only used by the ``auto`` role choice, which
     measures attention-output errors; without it that measurement ignores the recent
     tokens' values (their attention weights still enter the softmax normaliser).
+    ``available``: bool [n, Hkv], None meaning all True. When re-planning, KV heads of
+    the store hold different tokens; a (token, KV head) pair that head no longer holds
+    is False (its vectors are placeholders): it gets no attention in the scores and is
+    never selected for that head.
     """
 
     layer: int
@@ -63,10 +67,18 @@ class LayerInput:
     k_recent: np.ndarray | None = None
     recent_positions: np.ndarray | None = None
     v_recent: np.ndarray | None = None
+    available: np.ndarray | None = None
 
     @property
     def n(self) -> int:
         return int(self.k.shape[0])
+
+    def available_mask(self) -> np.ndarray | None:
+        """``available`` as bool [n, Hkv], or None when every pair is available."""
+        if self.available is None:
+            return None
+        a = np.asarray(self.available, dtype=bool)
+        return None if a.all() else a
 
     def resolved_recent_positions(self) -> np.ndarray | None:
         """Positions of ``k_recent`` (inferred as contiguous up to the last query when not given)."""
@@ -95,6 +107,7 @@ class LayerInput:
         check("positions", self.positions, (n,))
         check("q_window", self.q_window, (None, h, dk))
         check("q_positions", self.q_positions, (self.q_window.shape[0],))
+        check("available", self.available, (n, hkv))
         check("k_recent", self.k_recent, (None, hkv, dk))
         if self.k_recent is not None:
             r = self.k_recent.shape[0]

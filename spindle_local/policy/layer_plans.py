@@ -26,11 +26,26 @@ from .plan import F16_BYTES, INDEX_BYTES, MAG_BYTES, MASK_BYTES, POS_BYTES, Code
 from .select import group_select, union_priority, union_select
 
 
-def protect(scores: np.ndarray, positions: np.ndarray, sinks: int) -> np.ndarray:
-    """Scores with the sinks (position < ``sinks``) set to +inf so no tie can evict them."""
+def protect(
+    scores: np.ndarray, positions: np.ndarray, sinks: int, available: np.ndarray | None = None
+) -> np.ndarray:
+    """Scores [H, n] with the sinks (position < ``sinks``) at +inf so no tie can evict them,
+    and pairs absent from a KV head (``available`` [n, Hkv] False) at -inf."""
     s = np.array(scores, dtype=np.float32, copy=True)
     s[:, np.asarray(positions) < sinks] = np.inf
+    if available is not None:
+        g = s.shape[0] // available.shape[1]
+        for hq in range(s.shape[0]):
+            s[hq, ~available[:, hq // g]] = -np.inf
     return s
+
+
+def available_counts(inp: LayerInput, n_kv: int) -> np.ndarray:
+    """Tokens each KV head can keep (all ``n`` unless ``inp.available`` says otherwise)."""
+    avail = inp.available_mask()
+    if avail is None:
+        return np.full(n_kv, inp.n, dtype=np.int64)
+    return avail.sum(axis=0).astype(np.int64)
 
 
 def head_store(
@@ -77,9 +92,11 @@ def evict_layer(
     """Raw layer keeping ``n_slots`` tokens per KV head (protected scores [H, n] given)."""
     g = geometry.g
     store = LayerStore(layer=inp.layer, role=role)
+    cap = available_counts(inp, geometry.n_head_kv)
     for h in range(geometry.n_head_kv):
         grp = scores[h * g : (h + 1) * g]
-        sel, mask = union_select(grp, n_slots) if per_query_head else group_select(grp, n_slots)
+        s_h = int(min(n_slots, cap[h]))  # absent pairs rank last (-inf): never reached
+        sel, mask = union_select(grp, s_h) if per_query_head else group_select(grp, s_h)
         if union_visible:
             mask = np.ones_like(mask)
         store.heads.append(head_store(inp, h, sel, mask))
@@ -127,6 +144,7 @@ def fit_codebook_layer(
     per_slot = codebook_layer_bytes(geometry, 2, k_min, hkv) - codebook_layer_bytes(geometry, 1, k_min, hkv)
     fixed = codebook_layer_bytes(geometry, 1, k_min, hkv) - per_slot
     s_hi = int(min(n, max(0, (budget_bytes - fixed) // per_slot)))
+    s_hi = int(min(s_hi, available_counts(inp, hkv).min()))  # one S for all heads
     if s_hi <= raw_slots:
         return CodebookFit(None, raw_slots, raw_slots, 0, False, False)
     prio = [union_priority(scores[h * g : (h + 1) * g])[:s_hi] for h in range(hkv)]

@@ -85,11 +85,11 @@ class Policy(ABC):
 
     def _scores(self, inp: LayerInput, geometry: Geometry, logits=None) -> np.ndarray:
         s = window_scores(inp, geometry, self.config, logits=logits)
-        return protect(s, inp.positions, self.config.sinks)
+        return protect(s, inp.positions, self.config.sinks, inp.available_mask())
 
 
 class FullPolicy(Policy):
-    """Keeps every token raw. Ignores the budget on purpose: it is the reference run."""
+    """Keeps every (available) token raw. Ignores the budget on purpose: it is the reference run."""
 
     name = "full"
 
@@ -97,9 +97,11 @@ class FullPolicy(Policy):
         out = []
         for inp in layers:
             st = LayerStore(layer=inp.layer, role="full")
-            sel = np.arange(inp.n)
-            mask = np.ones((geometry.g, inp.n), dtype=bool)
-            st.heads = [head_store(inp, h, sel, mask) for h in range(geometry.n_head_kv)]
+            avail = inp.available_mask()
+            for h in range(geometry.n_head_kv):
+                sel = np.arange(inp.n) if avail is None else np.nonzero(avail[:, h])[0]
+                mask = np.ones((geometry.g, len(sel)), dtype=bool)
+                st.heads.append(head_store(inp, h, sel, mask))
             out.append(st)
         return out
 
@@ -114,7 +116,9 @@ class StreamingPolicy(Policy):
         out = []
         for inp, s in zip(layers, slots):
             pos = np.asarray(inp.positions, dtype=np.float32)
-            sc = protect(np.tile(pos, (geometry.n_head, 1)), inp.positions, self.config.sinks)
+            sc = protect(
+                np.tile(pos, (geometry.n_head, 1)), inp.positions, self.config.sinks, inp.available_mask()
+            )
             out.append(evict_layer(inp, geometry, sc, int(s), per_query_head=False))
         return out
 

@@ -204,7 +204,10 @@ def auto_roles(
         if raw_slots[i] >= inp.n or inp.n == 0:
             continue  # everything fits raw: nothing to gain, nothing lost; look deeper
         (sel_inp, sel_lg), (ev_inp, ev_lg) = _split_window(inp, logits[i])
-        sc = protect(window_scores(sel_inp, geometry, config, logits=sel_lg), inp.positions, config.sinks)
+        sc = protect(
+            window_scores(sel_inp, geometry, config, logits=sel_lg),
+            inp.positions, config.sinks, inp.available_mask(),
+        )
         probe = AttentionProbe(ev_inp, geometry, scale, ev_lg)
         ev = evict_layer(
             inp, geometry, sc, int(raw_slots[i]), per_query_head=True, union_visible=union_visible

@@ -25,6 +25,10 @@ from numba import njit
 
 from .inputs import Geometry, LayerInput, PolicyConfig
 
+# Logit of a (token, KV head) pair the store no longer holds. Finite on purpose: the
+# kernels use fastmath, which assumes no infinities; exp() of it underflows to 0.
+UNAVAILABLE_LOGIT = np.float32(-1e30)
+
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _softmax_colmean_nb(
@@ -243,6 +247,10 @@ def layer_logits(
     scale = attn_scale(geometry, config)
     g = geometry.g
     lo = attention_logits(inp.q_window, inp.k, g, scale)
+    avail = inp.available_mask()
+    if avail is not None:  # absent (token, KV head) pairs get no attention
+        for hq in range(geometry.n_head):
+            lo[hq][:, ~avail[:, hq // g]] = UNAVAILABLE_LOGIT
     if inp.k_recent is not None and config.include_recent_in_softmax and inp.k_recent.shape[0] > 0:
         lr = attention_logits(inp.q_window, inp.k_recent, g, scale)
     else:
