@@ -163,6 +163,8 @@ class PolicyConfig:
             t = getattr(self, name)
             if not (0.0 < t <= 1.0):
                 raise ValueError(f"{name} must be in (0, 1], got {t}")
+        if isinstance(self.codebook_layers, str) and self.codebook_layers.strip().isdigit():
+            self.codebook_layers = int(self.codebook_layers)  # "3" from a command line
         if isinstance(self.codebook_layers, str):
             if self.codebook_layers != "auto":
                 raise ValueError(f"codebook_layers must be an int or 'auto', not {self.codebook_layers!r}")
