@@ -91,3 +91,168 @@ class EngineChatModel:
     def close(self) -> None:
         self.engine.close()
 
+
+
+# ----------------------------------------------------------------------------------------
+# Server additions (issue 7: the OpenAI-compatible server). Everything below only adds:
+# a subclass of EngineChatModel, so the code above keeps its behaviour. The server's block.
+# ----------------------------------------------------------------------------------------
+
+import threading  # noqa: E402
+from dataclasses import field  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from spindle_local.errors import UsageError  # noqa: E402
+
+
+@dataclass
+class CompletionSettings:
+    """One request's sampling settings, in OpenAI terms (``top_k`` is llama.cpp's extension)."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 40
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class CompletionResult:
+    """Filled in while a completion streams: what the response's ``usage`` and ``finish_reason`` report."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # "stop", "length", or "cancelled" (client gone)
+
+
+class _BiasedSampler:
+    """A :class:`Sampler` that adds OpenAI-style ``logit_bias`` to the logits first."""
+
+    def __init__(self, sampler: Sampler, bias: dict[int, float]) -> None:
+        self.sampler = sampler
+        self.ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+        self.values = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
+
+    def sample(self, logits: np.ndarray) -> int:
+        logits = np.array(logits, dtype=np.float32, copy=True)
+        logits[self.ids] += self.values
+        return self.sampler.sample(logits)
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class ServingChatModel(EngineChatModel):
+    """EngineChatModel plus what the HTTP server needs: OpenAI sampling settings, stop
+    strings, usage counts, finish reasons, cancellation and plain-text completions.
+
+    A subclass rather than edits above, so the REPL's model keeps its exact behaviour.
+    """
+
+    def context_limit(self) -> int:
+        """The most tokens (prompt + completion) one sequence may reach with this configuration."""
+        limit = self.engine.max_tokens
+        if self.engine.config.policy == "full":
+            limit = min(limit, self.engine.cells)
+        return limit
+
+    def chat_prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        return self._tokens(messages, add_generation_prompt=True)
+
+    def text_prompt_tokens(self, text: str) -> list[int]:
+        # Like llama-cpp-python's create_completion: BOS per the model, special tokens parsed.
+        return self.engine.model.tokenize(text, add_special=True, parse_special=True)
+
+    def stream_tokens(self, prompt: list[int], settings: CompletionSettings,
+                      result: CompletionResult, cancel: threading.Event | None = None) -> Iterator[str]:
+        """Generate after ``prompt`` (reusing the held prefix); yield text, honour stop strings.
+
+        Text that might be the start of a stop string is held back until it is known not
+        to be one, so a stop string never reaches the caller. ``cancel`` is checked between
+        tokens: setting it stops generation promptly (finish_reason "cancelled").
+        """
+        if not prompt:
+            raise UsageError("the prompt is empty")
+        result.prompt_tokens = len(prompt)
+        todo = self._sync(prompt)
+        logits = self.engine.feed(todo)
+        sampler = Sampler(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                          seed=settings.seed)
+        if settings.logit_bias:
+            sampler = _BiasedSampler(sampler, settings.logit_bias)
+        detok = Detokenizer(self.engine.model)
+        stops = tuple(s for s in settings.stop if s)
+        pending = ""
+        result.finish_reason = "length"
+        gen = self.engine.generate(logits, max_tokens=settings.max_tokens, sampler=sampler, stop=self.stop)
+        try:
+            for tok in gen:
+                result.completion_tokens += 1
+                pending += detok.push(tok)
+                if stops:
+                    hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
+                    if hits:
+                        if min(hits):
+                            yield pending[:min(hits)]
+                        result.finish_reason = "stop"
+                        return
+                    keep = _held_back(pending, stops)
+                    out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
+                else:
+                    out, pending = pending, ""
+                if out:
+                    yield out
+                if cancel is not None and cancel.is_set():
+                    result.finish_reason = "cancelled"
+                    return
+            else:
+                if result.completion_tokens < settings.max_tokens:
+                    result.finish_reason = "stop"  # an end-of-generation token
+            pending += detok.flush()
+            if pending:
+                yield pending
+        finally:
+            gen.close()
+
+    def stream_chat(self, messages: list[dict[str, str]], settings: CompletionSettings,
+                    result: CompletionResult, cancel: threading.Event | None = None) -> Iterator[str]:
+        """``stream_reply`` with OpenAI's settings, stop strings and usage counts."""
+        return self.stream_tokens(self.chat_prompt_tokens(messages), settings, result, cancel)
+
+    def stream_completion(self, prompt_text: str, settings: CompletionSettings,
+                          result: CompletionResult, cancel: threading.Event | None = None) -> Iterator[str]:
+        """A plain-text completion of ``prompt_text``, with the same prefix reuse as chat."""
+        return self.stream_tokens(self.text_prompt_tokens(prompt_text), settings, result, cancel)
+
+    def stats_dict(self) -> dict:
+        """Memory and reuse counters for ``/spindle/stats`` (call from the engine's thread)."""
+        s = self.engine.refresh_stats()
+        return {
+            "policy": self.engine.config.policy,
+            "kv_budget": self.engine.config.kv_budget,
+            "tokens_held": s.tokens_seen,
+            "kv_bytes": s.kv_bytes,
+            "store_bytes": s.store_bytes,
+            "regular_bytes": s.regular_bytes,
+            "full_bytes": s.full_bytes,
+            "reserve_ratio": s.reserve_ratio,
+            "compressions": s.compressions,
+            "context_limit": self.context_limit(),
+            "reuse": {
+                "last_prompt_tokens": self.reuse.last_prompt_tokens,
+                "last_reused_tokens": self.reuse.last_reused_tokens,
+                "last_prefilled_tokens": self.reuse.last_prefilled_tokens,
+                "rereads": self.reuse.rereads,
+            },
+        }

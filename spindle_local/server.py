@@ -1,0 +1,506 @@
+"""``spindle-local serve``: an OpenAI-compatible HTTP server over one compressed-KV engine.
+
+One model, one sequence: every request takes its turn on the single long-lived engine,
+so a client that resends its whole history (as chat clients do) only pays for the new
+part of the prompt — the engine keeps the longest common prefix it still holds exactly.
+
+Concurrency: llama.cpp calls block, so each request's work runs on one dedicated engine
+thread and hands its text to the event loop through an asyncio queue. A FIFO lock,
+taken before the work is submitted and released only when the engine thread is done
+with it, makes requests queue in arrival order. A client that goes away sets its job's
+cancel flag; the engine thread checks it between tokens (and between prefill chunks) and
+the next request starts right after.
+
+Errors use OpenAI's format (``{"error": {...}}``); tracebacks go to the server log only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from spindle_local.errors import SpindleError
+from spindle_local.server_schema import (ApiError, ChatRequest, CompletionRequest, clean_text, internal_error,
+                                         parse_body)
+
+if TYPE_CHECKING:
+    from spindle_local.runtime.config import EngineConfig
+    from spindle_local.runtime.engine_chat import CompletionResult, CompletionSettings, ServingChatModel
+
+log = logging.getLogger("spindle_local.server")
+
+
+class FifoLock:
+    """An asyncio lock that is handed to waiters strictly in arrival order."""
+
+    def __init__(self) -> None:
+        self._locked = False
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for w in self._waiters if not w.done())
+
+    @property
+    def locked(self) -> bool:
+        return self._locked
+
+    async def acquire(self) -> None:
+        if not self._locked and not self._waiters:
+            self._locked = True
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the lock was handed to us just as we were cancelled: pass it on
+            else:
+                self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        """Hand the lock to the oldest live waiter (it stays locked), or unlock."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._locked = False
+
+
+@dataclass
+class Job:
+    """One request's work on the engine thread, and the channel its output comes back on."""
+
+    loop: asyncio.AbstractEventLoop
+    prompt: list[dict[str, str]] | str | list[int]  # chat messages, completion text, or token ids
+    param: str  # the request field the prompt came from ("messages" or "prompt"), for errors
+    settings: CompletionSettings
+    max_tokens_given: bool
+    result: CompletionResult
+    cancel: threading.Event = field(default_factory=threading.Event)
+    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+
+    def emit(self, kind: str, value: Any = None) -> None:
+        """From the engine thread: queue an event for the request's coroutine."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    async def next(self) -> tuple[str, Any]:
+        return await self.events.get()
+
+
+class ServerState:
+    """The one model, its engine thread, the request lock and the last stats snapshot."""
+
+    def __init__(self, model: ServingChatModel, model_path: Path, *, display_name: str | None = None,
+                 default_max_tokens: int = 512) -> None:
+        self.model = model
+        self.model_path = Path(model_path)
+        self.model_id = self.model_path.stem
+        self.display_name = display_name or self.model_id
+        self.created = int(self.model_path.stat().st_mtime) if self.model_path.exists() else int(time.time())
+        self.default_max_tokens = default_max_tokens
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spindle-engine")
+        self.lock = FifoLock()
+        self.requests_done = 0
+        self.last_finish: str | None = None
+        self.stats: dict[str, Any] = self.executor.submit(model.stats_dict).result()
+
+    @classmethod
+    def load(cls, model_path: Path, config: EngineConfig, *, default_max_tokens: int = 512) -> ServerState:
+        """Load ``model_path`` with ``config`` (checks the patched runtime first)."""
+        from spindle_local.runtime.gguf_meta import read_meta
+        from spindle_local.runtime.loader import load_llama_cpp
+
+        meta = read_meta(model_path)
+        load_llama_cpp()
+        from spindle_local.runtime.engine_chat import ServingChatModel
+
+        return cls(ServingChatModel(model_path, config), model_path, display_name=meta.name,
+                   default_max_tokens=default_max_tokens)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.model.close()
+
+    # -- model names --------------------------------------------------------------------
+
+    def check_model(self, name: str | None) -> None:
+        """Accept the file stem or the GGUF's own name (case-insensitive); 404 otherwise."""
+        if name is None:
+            return
+        if name.casefold() in (self.model_id.casefold(), self.display_name.casefold()):
+            return
+        raise ApiError(404, f"The model '{name}' does not exist; this server serves '{self.model_id}'.",
+                       param="model", code="model_not_found")
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    async def submit(self, job: Job) -> None:
+        """Wait for our turn (FIFO), then run ``job`` on the engine thread; the turn ends with it."""
+        await self.lock.acquire()
+        try:
+            fut = asyncio.get_running_loop().run_in_executor(self.executor, self._run, job)
+        except BaseException:
+            self.lock.release()
+            raise
+        fut.add_done_callback(lambda _: self.lock.release())
+
+    def _run(self, job: Job) -> None:
+        """On the engine thread: tokenize, check the context, generate, report."""
+        model = self.model
+        try:
+            if job.cancel.is_set():  # the client left while queued
+                job.result.finish_reason = "cancelled"
+                job.emit("end")
+                return
+            if isinstance(job.prompt, str):
+                prompt = model.text_prompt_tokens(job.prompt)
+            elif job.prompt and isinstance(job.prompt[0], dict):
+                prompt = model.chat_prompt_tokens(job.prompt)  # type: ignore[arg-type]
+            else:
+                prompt = list(job.prompt)  # type: ignore[arg-type]
+            self._check_context(job, prompt)
+            job.emit("start", len(prompt))
+            for piece in model.stream_tokens(prompt, job.settings, job.result, job.cancel):
+                job.emit("text", piece)
+            job.emit("end")
+        except ApiError as e:
+            job.emit("error", e)
+        except SpindleError as e:
+            log.warning("request failed: %s", e)
+            self._reset_engine()
+            job.emit("error", ApiError(400, str(e), param=job.param))
+        except Exception:
+            log.exception("internal error while generating")
+            self._reset_engine()
+            job.emit("error", internal_error())
+        finally:
+            self.requests_done += 1
+            self.last_finish = job.result.finish_reason
+            try:
+                self.stats = model.stats_dict()
+            except Exception:
+                log.exception("could not read the engine's stats")
+
+    def _check_context(self, job: Job, prompt: list[int]) -> None:
+        limit = self.model.context_limit()
+        n_vocab = self.model.engine.model.n_vocab
+        if not prompt:
+            raise ApiError(400, "The prompt is empty.", param=job.param, code="invalid_value")
+        if any(not 0 <= t < n_vocab for t in prompt):
+            raise ApiError(400, f"Token ids must be in 0..{n_vocab - 1}.", param=job.param, code="invalid_value")
+        if len(prompt) >= limit or (job.max_tokens_given and len(prompt) + job.settings.max_tokens > limit):
+            asked = len(prompt) + (job.settings.max_tokens if job.max_tokens_given else 1)
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{asked} tokens ({len(prompt)} in the {job.param}"
+                                + (f", {job.settings.max_tokens} in the completion" if job.max_tokens_given else "")
+                                + "). Please reduce the length of the prompt or completion.",
+                           param=job.param, code="context_length_exceeded")
+        if not job.max_tokens_given:
+            job.settings.max_tokens = min(job.settings.max_tokens, limit - len(prompt))
+
+    def _reset_engine(self) -> None:
+        """After a failure mid-request the held state may be partial: start clean next time."""
+        try:
+            self.model.engine.reset()
+        except Exception:
+            log.exception("engine reset failed")
+
+    def stats_response(self) -> dict[str, Any]:
+        return {"object": "spindle.stats", "model": self.model_id, **self.stats,
+                "queue": {"busy": self.lock.locked, "waiting": self.lock.waiting},
+                "requests_done": self.requests_done, "last_finish_reason": self.last_finish}
+
+
+# -- request handling ---------------------------------------------------------------------
+
+
+def _settings_for(state: ServerState, req: ChatRequest | CompletionRequest) -> tuple[CompletionSettings, bool]:
+    from spindle_local.runtime.engine_chat import CompletionSettings
+
+    limit = state.model.context_limit()
+    asked = req.requested_max_tokens()
+    if asked is not None and not 1 <= asked <= limit:
+        raise ApiError(400, f"max_tokens must be between 1 and {limit} (the context limit), got {asked}.",
+                       param="max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None
+                       else "max_tokens", code="invalid_value")
+    settings = CompletionSettings(
+        max_tokens=asked if asked is not None else state.default_max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=40 if req.top_k is None else req.top_k,
+        seed=req.seed,
+        stop=req.stop_strings(),
+        logit_bias=req.bias(state.model.engine.model.n_vocab),
+    )
+    return settings, asked is not None
+
+
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    """Set the job's cancel flag when the client goes away (the body is already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel.set()
+            return
+
+
+def _usage(result: CompletionResult) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def _sse(obj: dict[str, Any] | str) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+async def _handle(state: ServerState, request: Request, *, chat: bool) -> Any:
+    from spindle_local.runtime.engine_chat import CompletionResult
+
+    raw = await request.body()
+    req = parse_body(ChatRequest if chat else CompletionRequest, raw)
+    state.check_model(req.model)
+    if chat and req.logprobs:
+        raise ApiError(400, "logprobs are not supported by this server.", param="logprobs", code="unsupported")
+    if not chat and req.logprobs:
+        raise ApiError(400, "logprobs are not supported by this server.", param="logprobs", code="unsupported")
+    settings, given = _settings_for(state, req)
+    if chat:
+        prompt: Any = [m.as_template_message() for m in req.messages]
+        param = "messages"
+    else:
+        p = req.prompt
+        if isinstance(p, list) and p and isinstance(p[0], str):
+            if len(p) != 1:
+                raise ApiError(400, "This server completes one prompt per request.", param="prompt",
+                               code="invalid_value")
+            p = p[0]
+        prompt = clean_text(p) if isinstance(p, str) else list(p)
+        param = "prompt"
+    echo = "" if chat or not req.echo or not isinstance(prompt, str) else prompt
+    job = Job(loop=asyncio.get_running_loop(), prompt=prompt, param=param, settings=settings,
+              max_tokens_given=given, result=CompletionResult())
+    watcher = asyncio.create_task(_watch_disconnect(request, job))
+    try:
+        await state.submit(job)
+        kind, value = await job.next()
+        if kind == "error":
+            raise value
+    except BaseException:
+        job.cancel.set()
+        watcher.cancel()
+        raise
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_stream(state, job, watcher, ident, created, chat, echo, include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        pieces = [echo]
+        while True:
+            kind, value = await job.next()
+            if kind == "text":
+                pieces.append(value)
+            elif kind == "error":
+                raise value
+            else:
+                break
+    finally:
+        job.cancel.set()
+        watcher.cancel()
+    text = "".join(pieces)
+    finish = job.result.finish_reason
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": state.model_id, "system_fingerprint": None, "choices": [choice],
+            "usage": _usage(job.result)}
+
+
+async def _stream(state: ServerState, job: Job, watcher: asyncio.Task, ident: str, created: int, chat: bool,
+                  echo: str, include_usage: bool) -> AsyncIterator[bytes]:
+    """Server-sent events for one streamed completion; cancels the job if the client leaves."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, finish: str | None, *, role: bool = False) -> dict[str, Any]:
+        if chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        out = {"id": ident, "object": obj, "created": created, "model": state.model_id,
+               "system_fingerprint": None, "choices": [choice]}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    try:
+        if chat:
+            yield _sse(chunk("", None, role=True))
+        elif echo:
+            yield _sse(chunk(echo, None))
+        while True:
+            kind, value = await job.next()
+            if kind == "text":
+                yield _sse(chunk(value, None))
+            elif kind == "error":  # after the first event only internal errors can come
+                yield _sse(value.body())
+                break
+            else:
+                yield _sse(chunk(None if chat else "", job.result.finish_reason))
+                if include_usage:
+                    yield _sse({"id": ident, "object": obj, "created": created, "model": state.model_id,
+                                "system_fingerprint": None, "choices": [], "usage": _usage(job.result)})
+                break
+        yield _sse("[DONE]")
+    finally:
+        job.cancel.set()
+        watcher.cancel()
+
+
+def _error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The FastAPI application serving ``state``'s model."""
+    app = FastAPI(title="spindle-local", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.spindle = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
+        msg = f"Unknown request URL: {request.method} {request.url.path}." if exc.status_code in (404, 405) \
+            else str(exc.detail)
+        return _error_response(ApiError(exc.status_code, msg, code=kind))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error_response(internal_error())
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": state.model_id}
+
+    def model_card() -> dict[str, Any]:
+        return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "spindle-local"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        state.check_model(name)
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await _handle(state, request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await _handle(state, request, chat=False)
+
+    @app.get("/spindle/stats")
+    async def stats() -> dict[str, Any]:
+        return state.stats_response()
+
+    return app
+
+
+# -- the command ---------------------------------------------------------------------------
+# ``serve_command`` is built on first access (PEP 562) because its options come from
+# spindle_local.cli, which registers this command: importing cli at module level here
+# would be circular.
+
+_serve_command = None
+
+
+def _build_serve_command():
+    import click
+
+    from spindle_local.cli import engine_config, engine_options
+
+    @click.command("serve")
+    @click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=Path))
+    @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+    @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="TCP port.")
+    @click.option("--ctx", "n_ctx", type=click.IntRange(min=64), default=None,
+                  help="Longest sequence in tokens (default: the model's trained context; "
+                       "with --policy full, 4096 — the full cache is allocated up front).")
+    @click.option("--max-tokens", "default_max_tokens", type=click.IntRange(min=1), default=512,
+                  show_default=True, help="Completion length when a request does not set max_tokens.")
+    @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+                  default="info", show_default=True, help="Server log level.")
+    @engine_options
+    def serve_command(model: Path | None, host: str, port: int, n_ctx: int | None, default_max_tokens: int,
+                      log_level: str, **engine_kw: Any) -> None:
+        """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, ...).
+
+        One model, one conversation at a time: requests queue in order, and a request
+        that extends the previous conversation only prefills its new part.
+        """
+        import uvicorn
+
+        from spindle_local.errors import UsageError
+        from spindle_local.runtime.gguf_meta import read_meta
+        from spindle_local.runtime.model_files import resolve_model
+
+        path = resolve_model(model)
+        meta = read_meta(path)
+        if n_ctx and meta.n_ctx_train and n_ctx > meta.n_ctx_train:
+            raise UsageError(f"--ctx {n_ctx} exceeds the model's trained context ({meta.n_ctx_train} tokens)")
+        full = engine_kw["policy"] == "full"
+        cfg = engine_config(**engine_kw, max_tokens=n_ctx or (4096 if full else None),
+                            n_cells=(n_ctx or 4096) if full else None)
+        state = ServerState.load(path, cfg, default_max_tokens=default_max_tokens)
+        logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
+        click.echo(f"serving {state.model_id} on http://{host}:{port}/v1 (policy {cfg.policy}, "
+                   f"kv budget {cfg.kv_budget}, context {state.model.context_limit()} tokens)", err=True)
+        try:
+            uvicorn.run(create_app(state), host=host, port=port, log_level=log_level)
+        finally:
+            state.close()
+
+    return serve_command
+
+
+def __getattr__(name: str) -> Any:
+    global _serve_command
+    if name == "serve_command":
+        if _serve_command is None:
+            _serve_command = _build_serve_command()
+        return _serve_command
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
