@@ -162,12 +162,16 @@ class ServerState:
         fut.add_done_callback(lambda _: self.lock.release())
 
     def _run(self, job: Job) -> None:
-        """On the engine thread: tokenize, check the context, generate, report."""
+        """On the engine thread: tokenize, check the context, generate, report.
+
+        The final event ("end" or "error") goes out only after the stats snapshot is
+        taken, so a client that reads /spindle/stats after its response sees its request.
+        """
         model = self.model
+        final: tuple[str, Any] = ("end", None)
         try:
             if job.cancel.is_set():  # the client left while queued
                 job.result.finish_reason = "cancelled"
-                job.emit("end")
                 return
             if isinstance(job.prompt, str):
                 prompt = model.text_prompt_tokens(job.prompt)
@@ -179,17 +183,16 @@ class ServerState:
             job.emit("start", len(prompt))
             for piece in model.stream_tokens(prompt, job.settings, job.result, job.cancel):
                 job.emit("text", piece)
-            job.emit("end")
         except ApiError as e:
-            job.emit("error", e)
+            final = ("error", e)
         except SpindleError as e:
             log.warning("request failed: %s", e)
             self._reset_engine()
-            job.emit("error", ApiError(400, str(e), param=job.param))
+            final = ("error", ApiError(400, str(e), param=job.param))
         except Exception:
             log.exception("internal error while generating")
             self._reset_engine()
-            job.emit("error", internal_error())
+            final = ("error", internal_error())
         finally:
             self.requests_done += 1
             self.last_finish = job.result.finish_reason
@@ -197,6 +200,7 @@ class ServerState:
                 self.stats = model.stats_dict()
             except Exception:
                 log.exception("could not read the engine's stats")
+            job.emit(*final)
 
     def _check_context(self, job: Job, prompt: list[int]) -> None:
         limit = self.model.context_limit()

@@ -67,7 +67,16 @@ class EngineChatModel:
     def stream_reply(self, messages: list[dict[str, str]], settings) -> Iterator[str]:
         prompt = self._tokens(messages, add_generation_prompt=True)
         todo = self._sync(prompt)
-        logits = self.engine.feed(todo)
+
+        def stop_prefill(done: int, total: int, stats: object) -> None:
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled  # between chunks: the engine holds exactly what it fed
+
+        try:
+            logits = self.engine.feed(todo, progress=stop_prefill if cancel is not None else None)
+        except _Cancelled:
+            result.finish_reason = "cancelled"
+            return
         sampler = Sampler(temperature=settings.temperature, seed=settings.seed)
         detok = Detokenizer(self.engine.model)
         for tok in self.engine.generate(logits, max_tokens=settings.max_tokens, sampler=sampler, stop=self.stop):
@@ -142,6 +151,10 @@ class _BiasedSampler:
         return self.sampler.sample(logits)
 
 
+class _Cancelled(Exception):
+    """Raised from the prefill's progress callback when the request was cancelled."""
+
+
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest suffix of ``text`` that could still grow into a stop string."""
     best = 0
@@ -186,7 +199,16 @@ class ServingChatModel(EngineChatModel):
             raise UsageError("the prompt is empty")
         result.prompt_tokens = len(prompt)
         todo = self._sync(prompt)
-        logits = self.engine.feed(todo)
+
+        def stop_prefill(done: int, total: int, stats: object) -> None:
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled  # between chunks: the engine holds exactly what it fed
+
+        try:
+            logits = self.engine.feed(todo, progress=stop_prefill if cancel is not None else None)
+        except _Cancelled:
+            result.finish_reason = "cancelled"
+            return
         sampler = Sampler(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
                           seed=settings.seed)
         if settings.logit_bias:

@@ -1,0 +1,312 @@
+"""The OpenAI-compatible server, live on loopback with the real default model.
+
+One server for the module (uvicorn in a background thread of this process, so the tests
+can also look at the engine object). Every request loop here is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, state: Any, port: int) -> None:
+        self.state = state
+        self.base = f"http://127.0.0.1:{port}"
+        self.http = httpx.Client(base_url=self.base, timeout=120)
+        self.client = openai.OpenAI(base_url=f"{self.base}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+    def stats(self) -> dict[str, Any]:
+        r = self.http.get("/spindle/stats")
+        assert r.status_code == 200
+        return r.json()
+
+
+@pytest.fixture(scope="module")
+def server(default_model: Path) -> Iterator[LiveServer]:
+    from spindle_local.runtime.config import EngineConfig
+    from spindle_local.server import ServerState, create_app
+
+    state = ServerState.load(default_model, EngineConfig(), default_max_tokens=8)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    live = LiveServer(state, port)
+    try:
+        yield live
+    finally:
+        live.http.close()
+        srv.should_exit = True
+        thread.join(timeout=30)
+        state.close()
+
+
+def _assert_openai_error(r: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert "Traceback" not in r.text
+    if code is not None:
+        assert err["code"] == code
+    return err
+
+
+# -- the official client ----------------------------------------------------------------------
+
+
+def test_openai_client_chat_stream_completion_models(server: LiveServer) -> None:
+    c = server.client
+    models = c.models.list()
+    ids = [m.id for m in models.data]
+    assert ids == [server.state.model_id]
+
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    chat = c.chat.completions.create(model=ids[0], messages=msgs, max_tokens=12, temperature=0)
+    assert chat.object == "chat.completion"
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert chat.usage.completion_tokens <= 12
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+
+    # The same request streamed (the name is also accepted case-insensitively) gives the same text.
+    stream = c.chat.completions.create(model=ids[0].lower(), messages=msgs, max_tokens=12, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+    parts, finish, usage = [], None, None
+    for ev in stream:
+        if ev.usage is not None:
+            usage = ev.usage
+        for ch in ev.choices:
+            parts.append(ch.delta.content or "")
+            finish = ch.finish_reason or finish
+    assert "".join(parts) == chat.choices[0].message.content
+    assert finish == chat.choices[0].finish_reason
+    assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens
+
+    comp = c.completions.create(model=ids[0], prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert comp.object == "text_completion"
+    assert comp.choices[0].text
+    assert comp.usage.completion_tokens <= 6
+
+
+def test_stop_strings_are_not_returned(server: LiveServer) -> None:
+    r = server.http.post("/v1/completions", json={"prompt": "1, 2, 3, 4, 5,", "max_tokens": 40,
+                                                    "temperature": 0, "stop": [" 8"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    text = body["choices"][0]["text"]
+    assert " 8" not in text
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert text.startswith(" 6, 7,")
+
+
+# -- prefix reuse -------------------------------------------------------------------------------
+
+
+def test_follow_up_prefills_only_the_new_tokens(server: LiveServer) -> None:
+    c = server.client
+    msgs = [{"role": "system", "content": "You are a terse assistant."},
+            {"role": "user", "content": "What is the largest planet of the solar system?"}]
+    first = c.chat.completions.create(model=server.state.model_id, messages=msgs, max_tokens=24, temperature=0)
+    rereads = server.stats()["reuse"]["rereads"]
+    msgs += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "And the smallest?"}]
+    second = c.chat.completions.create(model=server.state.model_id, messages=msgs, max_tokens=8, temperature=0)
+    reuse = server.stats()["reuse"]
+    assert reuse["last_prompt_tokens"] == second.usage.prompt_tokens
+    assert reuse["last_reused_tokens"] >= first.usage.prompt_tokens
+    assert reuse["last_prefilled_tokens"] == second.usage.prompt_tokens - reuse["last_reused_tokens"]
+    assert reuse["last_prefilled_tokens"] <= second.usage.prompt_tokens - first.usage.prompt_tokens
+    assert reuse["rereads"] == rereads
+    # The engine object agrees with the endpoint.
+    assert server.state.model.reuse.last_prefilled_tokens == reuse["last_prefilled_tokens"]
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def test_errors_in_openai_format(server: LiveServer) -> None:
+    h = server.http
+    ok_msgs = [{"role": "user", "content": "Hi"}]
+    _assert_openai_error(h.post("/v1/chat/completions", content=b"{not json",
+                                headers={"content-type": "application/json"}), 400)
+    _assert_openai_error(h.post("/v1/chat/completions", json={"model": server.state.model_id}), 400,
+                         "missing_required_parameter")
+    err = _assert_openai_error(h.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": 3}]}),
+                               400)
+    assert err["param"] == "messages[0].content"
+    _assert_openai_error(h.post("/v1/chat/completions", json={"messages": ok_msgs, "model": "gpt-4"}), 404,
+                         "model_not_found")
+    for bad in (0, -5, 10**9):
+        err = _assert_openai_error(h.post("/v1/chat/completions", json={"messages": ok_msgs, "max_tokens": bad}),
+                                   400)
+        assert err["param"] == "max_tokens"
+    _assert_openai_error(h.post("/v1/chat/completions", json={"messages": ok_msgs, "temperature": "hot"}), 400)
+    limit = server.state.model.context_limit()
+    long_text = "lorem ipsum dolor sit amet " * (limit // 2)
+    _assert_openai_error(h.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": long_text}]}),
+                         400, "context_length_exceeded")
+    _assert_openai_error(h.post("/v1/completions", json={"prompt": "Hello", "max_tokens": limit}), 400,
+                         "context_length_exceeded")
+    _assert_openai_error(h.get("/v1/nowhere"), 404)
+    with pytest.raises(openai.NotFoundError):
+        server.client.chat.completions.create(model="no-such-model", messages=ok_msgs, max_tokens=2)
+    assert h.get("/health").json()["status"] == "ok"
+
+
+def _fuzz_body(rng: random.Random, model: str) -> bytes:
+    junk: list[Any] = [None, True, False, 0, -1, 3, 2**63, 1.5, -0.0, "", "x", "Hi", [], [1, "a"], {}, {"a": 1},
+                       [{"role": "user"}], [{"role": "wizard", "content": "x"}], [{"content": "x"}],
+                       [{"role": "user", "content": [{"type": "image", "url": "x"}]}], "\u00e9\u4e2d\U0001f600"]
+    chat = rng.random() < 0.6
+    body: dict[str, Any] = {"model": model, "max_tokens": 2, "temperature": 0}
+    if chat:
+        body["messages"] = [{"role": "user", "content": f"Say {rng.randint(0, 99)}"}]
+    else:
+        body["prompt"] = f"Count: {rng.randint(0, 99)}"
+    fields = ["model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stop", "seed", "logit_bias",
+              "messages", "prompt", "stream_options", "echo", "max_completion_tokens", "frequency_penalty"]
+    for _ in range(rng.randint(0, 3)):
+        key = rng.choice(fields)
+        choice = rng.random()
+        if choice < 0.15:
+            body.pop(key, None)
+        elif key in ("max_tokens", "max_completion_tokens") and choice < 0.6:
+            body[key] = rng.choice([-1, 0, 1, 3, 10**7, "4", 2.5])
+        else:
+            body[key] = rng.choice(junk)
+    raw = json.dumps(body).encode()
+    shape = rng.random()
+    if shape < 0.1:
+        raw = raw[: rng.randint(0, len(raw))]  # truncated JSON
+    elif shape < 0.15:
+        raw = bytes(rng.randrange(256) for _ in range(rng.randint(0, 40)))  # noise
+    elif shape < 0.2:
+        raw = json.dumps(rng.choice(junk)).encode()  # JSON, but not an object
+    return raw
+
+
+def _check_fuzz_response(r: httpx.Response, stream: bool) -> None:
+    assert r.status_code != 500 and "Traceback" not in r.text, r.text
+    if r.status_code != 200:
+        _assert_openai_error(r, r.status_code)
+        assert r.status_code in (400, 404)
+        return
+    if r.headers["content-type"].startswith("text/event-stream"):
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        for e in events[:-1]:
+            assert "choices" in json.loads(e)
+        return
+    body = r.json()
+    assert body["object"] in ("chat.completion", "text_completion")
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+
+
+def test_fuzz_then_still_serving(server: LiveServer) -> None:
+    rng = random.Random(1234)
+    model = server.state.model_id
+    statuses: dict[int, int] = {}
+    t0 = time.monotonic()
+    for i in range(300):
+        path = rng.choice(["/v1/chat/completions", "/v1/completions"])
+        raw = _fuzz_body(rng, model)
+        r = server.http.post(path, content=raw, headers={"content-type": rng.choice(
+            ["application/json", "text/plain", "application/x-www-form-urlencoded"])})
+        _check_fuzz_response(r, stream=False)
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+    assert time.monotonic() - t0 < 90
+    assert statuses.get(400, 0) > 50 and statuses.get(200, 0) > 10, statuses
+    assert server.http.get("/health").json()["status"] == "ok"
+    ok = server.client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello"}],
+                                               max_tokens=4, temperature=0)
+    assert ok.choices[0].message.content
+
+
+# -- concurrency --------------------------------------------------------------------------------
+
+
+def _repeat_messages(n: int) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "Repeat the user's number exactly, nothing else."},
+            {"role": "user", "content": "Number: 314"}, {"role": "assistant", "content": "314"},
+            {"role": "user", "content": "Number: 2718"}, {"role": "assistant", "content": "2718"},
+            {"role": "user", "content": f"Number: {n}"}]
+
+
+def _stream_chat(base: str, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, str | None, list[str]]:
+    """Stream one chat completion by hand; return its text, finish reason and the raw events."""
+    events: list[str] = []
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=180) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len({c["id"] for c in chunks}) == 1, "chunks from different completions"
+    assert chunks[0]["choices"][0]["delta"].get("role") == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    return text, chunks[-1]["choices"][0]["finish_reason"], events
+
+
+def test_ten_concurrent_streams_each_get_their_own_answer(server: LiveServer) -> None:
+    numbers = [4711 + 1111 * i for i in range(10)]
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        futures = [pool.submit(_stream_chat, server.base, _repeat_messages(n), 8) for n in numbers]
+        results = [f.result(timeout=300) for f in futures]
+    for n, (text, finish, _) in zip(numbers, results):
+        assert finish in ("stop", "length")
+        found = set(int(x) for x in re.findall(r"\d+", text))
+        assert str(n) in text, (n, text)
+        assert found <= {n}, (n, text)  # nothing from another request
+    assert server.stats()["queue"] == {"busy": False, "waiting": 0}
+
+
+def test_disconnect_mid_stream_frees_the_turn(server: LiveServer) -> None:
+    eog = {str(t): -100 for t in server.state.model.stop}  # never stop early: a long generation
+    body = {"prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "stream": True, "logit_bias": eog}
+    with httpx.stream("POST", f"{server.base}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        seen = 0
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                seen += 1
+            if seen >= 5:
+                break  # leave mid-stream: the connection closes here
+    t0 = time.monotonic()
+    ok = server.client.chat.completions.create(model=server.state.model_id,
+                                               messages=[{"role": "user", "content": "Hello"}],
+                                               max_tokens=4, temperature=0)
+    waited = time.monotonic() - t0
+    assert ok.choices[0].message.content
+    # 3,000 tokens take far longer than this on any machine that runs the suite.
+    assert waited < 8, f"the next request waited {waited:.1f} s"
+    assert server.state.model.engine.n_past < 1000
