@@ -67,16 +67,7 @@ class EngineChatModel:
     def stream_reply(self, messages: list[dict[str, str]], settings) -> Iterator[str]:
         prompt = self._tokens(messages, add_generation_prompt=True)
         todo = self._sync(prompt)
-
-        def stop_prefill(done: int, total: int, stats: object) -> None:
-            if cancel is not None and cancel.is_set():
-                raise _Cancelled  # between chunks: the engine holds exactly what it fed
-
-        try:
-            logits = self.engine.feed(todo, progress=stop_prefill if cancel is not None else None)
-        except _Cancelled:
-            result.finish_reason = "cancelled"
-            return
+        logits = self.engine.feed(todo)
         sampler = Sampler(temperature=settings.temperature, seed=settings.seed)
         detok = Detokenizer(self.engine.model)
         for tok in self.engine.generate(logits, max_tokens=settings.max_tokens, sampler=sampler, stop=self.stop):
