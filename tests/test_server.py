@@ -307,6 +307,7 @@ def test_disconnect_mid_stream_frees_the_turn(server: LiveServer) -> None:
                                                max_tokens=4, temperature=0)
     waited = time.monotonic() - t0
     assert ok.choices[0].message.content
-    # 3,000 tokens take far longer than this on any machine that runs the suite.
-    assert waited < 8, f"the next request waited {waited:.1f} s"
-    assert server.state.model.engine.n_past < 1000
+    # Cancellation takes effect between tokens, so at worst after one running compression
+    # (seconds on a busy CPU); the 3,000 tokens with their compressions would take minutes.
+    assert waited < 30, f"the next request waited {waited:.1f} s"
+    assert server.state.model.engine.n_past < 1500
