@@ -442,5 +442,10 @@ def bench(model: Path | None, out_dir: Path, text: Path | None, policies: str, b
     click.echo(f"report: {out_dir / 'report.md'}")
 
 
+from spindle_local.server import serve_command  # noqa: E402  (built lazily: no import cycle)
+
+main.add_command(serve_command, "serve")
+
+
 if __name__ == "__main__":
     main()

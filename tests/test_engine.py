@@ -24,7 +24,7 @@ def pydoc_tokens(default_model: Path) -> list[int]:
 @pytest.mark.parametrize("policy", ["streaming", "snapkv", "pyramidkv", "spindle"])
 @pytest.mark.parametrize("budget", [0.4, 0.25, 0.15])
 def test_budget_holds_at_6k(default_model: Path, pydoc_tokens: list[int], policy: str, budget: float) -> None:
-    cfg = EngineConfig(policy=policy, kv_budget=budget, chunk=1024, recent=256)
+    cfg = EngineConfig(policy=policy, kv_budget=budget, chunk=512, recent=256)
     ratios: list[float] = []
     with Engine(default_model, cfg) as eng:
         seen_compressions = 0
@@ -38,12 +38,12 @@ def test_budget_holds_at_6k(default_model: Path, pydoc_tokens: list[int], policy
         eng.feed(pydoc_tokens[:6000], progress=progress)
         s = eng.refresh_stats()
         assert s.tokens_seen == 6000
-        assert s.compressions >= 3
+        assert s.compressions >= 2
         assert s.over_budget_compressions == 0
         assert s.reserve_ratio <= budget + 1e-9, s.as_dict()
         assert all(r <= budget + 1e-9 for r in ratios), ratios
         # The bytes reported by llama.cpp's store are real and non-trivial.
-        assert s.store_bytes > 0 and s.regular_bytes == 256 * eng.bytes_per_token
+        assert s.store_bytes > 0 and s.regular_bytes <= (256 + 512) * eng.bytes_per_token
 
 
 def test_full_policy_keeps_everything(default_model: Path, pydoc_tokens: list[int]) -> None:

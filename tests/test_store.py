@@ -388,3 +388,24 @@ def test_empty_store_is_bit_identical(smollm: LlamaModel, flash_attn: bool) -> N
         ctx.decode(tokens[-1:])
         got = ctx.logits()
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_compaction_keeps_logits(tiny, flash_attn: bool) -> None:
+    """Compacting the regular cache (cells to the front) changes nothing the model sees."""
+    model, _ = tiny["gqa"]
+    toks = _tiny_tokens(model, 700, seed=5)
+    outs = []
+    for do_compact in (False, True):
+        ctx = LlamaContext(model, n_ctx=1024, n_batch=512, flash_attn=flash_attn)
+        ctx.decode(toks[:600])
+        ctx.move_to_store(0, 400)  # cells 0..399 freed: the recent tokens sit at 400..599
+        ctx.decode(toks[600:650])  # some land after them, in ring order
+        if do_compact:
+            assert ctx.compact() == 250
+            k, v, pos = ctx.read_layer_kv(0)
+            assert list(pos) == list(range(400, 650))
+        ctx.decode(toks[650:651])
+        outs.append(ctx.logits().copy())
+        ctx.close()
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5 if not flash_attn else 1e-2)  # FA: f16 accumulation order

@@ -50,4 +50,17 @@ class EngineConfig:
             raise UsageError(f"--codebook-layers must be a number or 'auto', got {self.codebook_layers!r}")
 
     def cells(self) -> int:
-        return self.n_cells or (self.recent + 2 * self.chunk)
+        """Regular-cache cells: enough to reach the first compression the budget can pay for.
+
+        Below n = (recent + (1 - b)·chunk) / b tokens no store fits the budget (the recent
+        part alone exceeds it), so the regular cache must hold that many plus one chunk;
+        compressing earlier would only lose information and still be over budget.
+        """
+        if self.n_cells:
+            return self.n_cells
+        b = self.kv_budget
+        first = int((self.recent + (1.0 - b) * self.chunk) / b) + 1
+        cells = first + self.chunk + 64
+        if self.max_tokens:
+            cells = min(cells, self.max_tokens)
+        return max(cells, self.recent + self.chunk + 64)

@@ -99,6 +99,7 @@ class Engine:
         self.tokens: list[int] = []
         self.stats = EngineStats()
         self._store_layers: set[int] = set()
+        self._allowance: int | None = None  # growth the last plan left room for (None: no plan yet)
 
     def _n_layer_hint(self) -> int:
         from spindle_local.runtime import native  # noqa: F401  (checks the runtime is patched)
@@ -133,6 +134,7 @@ class Engine:
         self.queries.reset()
         self.tokens = []
         self.stats = EngineStats()
+        self._allowance = None
 
     def truncate(self, n: int) -> bool:
         """Forget every token from index ``n`` on, if they are all still in the regular cache.
@@ -196,22 +198,25 @@ class Engine:
             raise UsageError("nothing to feed: empty prompt")
         self._check_room(len(tokens))
         chunk = self.config.chunk
+        compressing = self.config.policy != "full"
         done = 0
         while done < len(tokens):
-            room = self.cells - self.regular_count()
-            if room < min(chunk, len(tokens) - done) and self.config.policy != "full":
-                self._compress(force=True)
+            take = min(chunk, len(tokens) - done)
+            if compressing:
+                # Compress *before* a chunk that would take the regular part past what the
+                # last plan left room for; the chunk itself stays exact until the next one.
                 room = self.cells - self.regular_count()
-            take = max(1, min(chunk, len(tokens) - done, room))
+                if room < take or self._needs_compress(take):
+                    self.maybe_compress(growth=max(take, self.config.decode_slack), force=room < take)
+            take = max(1, min(take, self.cells - self.regular_count()))
             part = tokens[done:done + take]
             t0 = time.perf_counter()
-            self._decode(part, capture=self.config.policy != "full", all_logits=all_logits)
+            self._decode(part, capture=compressing, all_logits=all_logits)
             self.stats.prefill_seconds += time.perf_counter() - t0
+            self.stats.tokens_prefilled += len(part)
             if all_logits:
                 rows.append(self.ctx.logits())
-            self.stats.tokens_prefilled += len(part)
             done += take
-            self.maybe_compress(slack=0)
             if progress is not None:
                 progress(done, len(tokens), self.refresh_stats())
         return np.concatenate(rows) if all_logits else self.ctx.logits()
@@ -219,34 +224,57 @@ class Engine:
     def step(self, token: int) -> np.ndarray:
         """Decode one generated token and return the logits that follow it."""
         self._check_room(1)
-        if self.config.policy != "full" and self.regular_count() >= self.cells:
-            self._compress(force=True)
-        slack = self.config.decode_slack
-        # Capture queries only for the tokens that will form the window of the next compression.
-        capture = self.config.policy != "full" and \
-            self.regular_count() + 1 > self.config.recent + slack - self.config.window
+        cfg = self.config
+        capture = False
+        if cfg.policy != "full":
+            room = self.cells - self.regular_count()
+            if room < 1 or self._needs_compress(1):
+                self.maybe_compress(growth=cfg.decode_slack, force=room < 1)
+            # Capture queries only for the tokens that will form the next compression's window.
+            capture = self._needs_compress(1 + cfg.window)
         t0 = time.perf_counter()
         self._decode([token], capture=capture)
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.tokens_generated += 1
-        self.maybe_compress(slack=slack)
         return self.ctx.logits()
 
     # -- compression -------------------------------------------------------------------------
 
-    def maybe_compress(self, *, slack: int) -> bool:
-        if self.config.policy == "full":
+    def _needs_compress(self, incoming: int) -> bool:
+        """Would ``incoming`` more tokens take the regular part past what the last plan allows?
+
+        A plan made for ``growth`` tokens keeps the reserve ratio within budget while the
+        regular part holds at most ``recent + growth`` tokens (see :meth:`_target_bytes`).
+        """
+        reg = self.regular_count() + incoming
+        if reg <= self.config.recent:
             return False
-        if self.regular_count() <= self.config.recent + slack:
+        return self._allowance is None or reg > self.config.recent + self._allowance
+
+    def maybe_compress(self, *, growth: int, force: bool = False) -> bool:
+        """Move all but the newest ``recent`` tokens into the store if the budget can pay for it.
+
+        ``growth`` is how many tokens the regular part may gain before the next compression;
+        the store is planned small enough that the reserve ratio stays within the budget
+        until then. Before the budget can pay for any store (the recent part alone exceeds
+        it) nothing is compressed unless ``force`` (the regular cache is full).
+        """
+        if self.config.policy == "full" or self.regular_count() <= self.config.recent:
             return False
-        if self._target_bytes(self.config.recent) < self._min_store_bytes():
-            return False  # too early: the budget cannot pay for any store yet
-        self._compress(force=False)
+        if self._target_bytes(growth) < self._min_store_bytes() and not force:
+            return False
+        self._compress(growth=growth, force=force)
         return True
 
-    def _target_bytes(self, recent_count: int) -> int:
-        full = self.n_past * self.bytes_per_token
-        return int(self.config.kv_budget * full) - recent_count * self.bytes_per_token
+    def _target_bytes(self, growth: int) -> int:
+        """Store bytes that keep the reserve ratio within budget now and for ``growth`` more tokens.
+
+        With R recent tokens, n tokens seen and budget b, after j more tokens the ratio is
+        (store + (R + j)·t) / ((n + j)·t) for t bytes per token; it grows with j when b < 1,
+        so store <= b·n·t - R·t - (1 - b)·growth·t keeps it <= b up to j = growth.
+        """
+        b, t = self.config.kv_budget, self.bytes_per_token
+        return int(b * self.n_past * t - self.config.recent * t - (1.0 - b) * growth * t)
 
     def _min_store_bytes(self) -> int:
         # Sinks kept raw in every layer and KV head, plus per-slot bookkeeping.
@@ -254,7 +282,7 @@ class Engine:
         per_slot = lg.n_head_kv * (4 + lg.n_head // lg.n_head_kv + 2 * (lg.head_dim_k + lg.head_dim_v))
         return self.geometry.n_layer * max(self.config.sinks, 1) * per_slot
 
-    def _compress(self, *, force: bool) -> None:
+    def _compress(self, *, growth: int, force: bool) -> None:
         """Move every regular token older than the newest ``recent`` into the store (re-planned)."""
         t0 = time.perf_counter()
         cfg = self.config
@@ -264,7 +292,7 @@ class Engine:
                 raise SpindleError("the regular cache is full and nothing can move to the store; "
                                    "use a larger --ctx or a smaller --recent")
             return
-        target = self._target_bytes(cfg.recent)
+        target = self._target_bytes(growth)
         if target < self._min_store_bytes():
             if not force:
                 return
@@ -278,6 +306,8 @@ class Engine:
         p_min, _ = self.ctx.pos_range()
         if 0 <= p_min < cut:
             self.ctx.seq_rm(p_min, cut)
+        self.ctx.compact()
+        self._allowance = growth
         self.stats.compressions += 1
         self.stats.compress_seconds += time.perf_counter() - t0
 

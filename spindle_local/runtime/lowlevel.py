@@ -299,6 +299,16 @@ class LlamaContext:
 
         return native.store_bytes(self, layer)
 
+    def compact(self) -> int:
+        """Move sequence 0's cells to the front of the regular cache, in position order.
+
+        After old tokens left for the store, attention would otherwise keep scanning the
+        whole allocation (llama.cpp attends over cells up to the highest one in use).
+        """
+        from spindle_local.runtime import native
+
+        return native.compact(self)
+
     def cache_bytes(self) -> tuple[int, int]:
         """Regular cache: (bytes of the cells in use for sequence 0, bytes allocated)."""
         from spindle_local.runtime import native

@@ -19,7 +19,7 @@ from spindle_local.errors import RuntimeNotPatchedError, SpindleError
 from spindle_local.policy.plan import Codebook, HeadStore, LayerStore
 
 #: The ``LLAMA_SPINDLE_API_VERSION`` this module was written against.
-API_VERSION = 1
+API_VERSION = 2
 
 ERR_ARG = -1
 ERR_UNSUPPORTED = -2
@@ -124,6 +124,7 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "llama_spindle_store_bytes": ([_P, _I32, _I32], _I64),
     "llama_spindle_store_buffer_bytes": ([_P, _I32, _I32], _I64),
     "llama_spindle_cache_bytes": ([_P, _I32, ctypes.POINTER(_I64), ctypes.POINTER(_I64)], _I32),
+    "llama_spindle_compact": ([_P, _I32], _I32),
 }
 
 _HINT = "run `spindle-local setup` to build the patched runtime"
@@ -511,6 +512,12 @@ def store_buffer_bytes(ctx: Any, layer: int | None = None) -> int:
     n = native()
     il = -1 if layer is None else layer
     return n.check(n.spindle_store_buffer_bytes(ctx_ptr(ctx), il, 0), "store buffer bytes")
+
+
+def compact(ctx: Any, seq: int = 0) -> int:
+    """Move the sequence's regular-cache cells to the front (see llama_spindle_compact)."""
+    n = native()
+    return n.check(n.spindle_compact(ctx_ptr(ctx), seq), "compact the KV cache")
 
 
 def cache_bytes(ctx: Any) -> tuple[int, int]:
