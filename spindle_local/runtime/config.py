@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from spindle_local.errors import UsageError
 
@@ -26,6 +26,8 @@ class EngineConfig:
     n_threads: int | None = None
     flash_attn: bool = True
     cache_type: str = "f16"  # regular-cache type; quantized types only with policy "full"
+    eager_compress: bool = False  # compress after every prompt chunk, not only when the cache is full
+    policy_options: dict = field(default_factory=dict)  # further PolicyConfig fields (experiments)
     n_cells: int | None = None  # regular-cache allocation; default recent + 2 * chunk
     max_tokens: int | None = None  # longest context; default the model's trained context
 

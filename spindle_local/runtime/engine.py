@@ -48,6 +48,7 @@ class EngineStats:
     regular_bytes: int = 0
     full_bytes: int = 0
     over_budget_compressions: int = 0
+    peak_reserve_ratio: float = 0.0  # highest ratio seen mid-prompt, after the first compression
     extra: dict = field(default_factory=dict)
 
     @property
@@ -94,7 +95,7 @@ class Engine:
         self.max_tokens = cfg.max_tokens or g.n_ctx_train or 1 << 30
         self.policy = make_policy(cfg.policy, pin.PolicyConfig(
             window=cfg.window, sinks=cfg.sinks, theta_k=cfg.theta_k, theta_v=cfg.theta_v,
-            codebook_layers=cfg.codebook_layers))
+            codebook_layers=cfg.codebook_layers, **cfg.policy_options))
         self.cells = self.ctx.n_ctx
         self.tokens: list[int] = []
         self.stats = EngineStats()
@@ -203,11 +204,17 @@ class Engine:
         while done < len(tokens):
             take = min(chunk, len(tokens) - done)
             if compressing:
-                # Compress *before* a chunk that would take the regular part past what the
-                # last plan left room for; the chunk itself stays exact until the next one.
+                # Compress *before* a chunk that does not fit in the regular cache any more.
+                # Compressing as late as the allocation allows keeps the observation window
+                # as close as possible to the end of the prompt (where the question is):
+                # what an early plan evicts never comes back. Mid-prompt plans use the whole
+                # budget (growth 0); while a prompt is read, memory is bounded by the
+                # regular-cache allocation, and the reserve ratio is within budget whenever
+                # feed() returns and during generation.
                 room = self.cells - self.regular_count()
-                if room < take or self._needs_compress(take):
-                    self.maybe_compress(growth=max(take, self.config.decode_slack), force=room < take)
+                eager = self.config.eager_compress and self._needs_compress(take)
+                if room < take or eager:
+                    self.maybe_compress(growth=0, force=room < take)
             take = max(1, min(take, self.cells - self.regular_count()))
             part = tokens[done:done + take]
             t0 = time.perf_counter()
@@ -217,8 +224,14 @@ class Engine:
             if all_logits:
                 rows.append(self.ctx.logits())
             done += take
+            if compressing:
+                s = self.refresh_stats()
+                s.peak_reserve_ratio = max(s.peak_reserve_ratio, s.reserve_ratio if s.compressions else 0.0)
             if progress is not None:
                 progress(done, len(tokens), self.refresh_stats())
+        if compressing and self._needs_compress(0):
+            # Leave room for generation: within budget for ``decode_slack`` more tokens.
+            self.maybe_compress(growth=self.config.decode_slack)
         return np.concatenate(rows) if all_logits else self.ctx.logits()
 
     def step(self, token: int) -> np.ndarray:
