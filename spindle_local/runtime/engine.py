@@ -1,20 +1,24 @@
-"""The engine: prefill in chunks, compress the KV cache between them, decode.
+"""The engine: prefill in chunks, compress the KV cache, decode.
 
 One sequence on one patched llama.cpp context. The regular cache holds the recent
-tokens (a small allocation); older tokens live in the compressed store that the patch
-adds to every layer. When to compress (DESIGN.md section 2, "When to compress"):
+tokens; older tokens live in the compressed store that the patch adds to every layer.
+When to compress (DESIGN.md section 2, "When to compress"):
 
-* after a prompt chunk is prefilled, once the regular cache holds more than
-  ``recent`` tokens and the budget can pay for a store, everything but the newest
-  ``recent`` tokens moves into the store;
-* during generation, the same whenever the recent part outgrows ``recent + slack``;
-* always before the regular cache would run out of cells.
+* while a prompt is read, before a chunk that no longer fits in the regular cache
+  (``eager_compress`` compresses after every chunk instead). Compressing as late as
+  the allocation allows keeps the observation window near the end of the prompt, where
+  a question usually is: a token evicted by an early plan never comes back;
+* when a prompt has been read, so that the reserve ratio is within budget whenever
+  ``feed`` returns;
+* during generation, whenever the recent part outgrows ``recent + decode_slack``.
 
 Each compression re-plans the whole store: tokens already in it are read back, scored
-again with the newest window queries and planned together with the tokens moving in,
-within ``kv_budget × full-cache bytes`` minus the bytes of the recent part. So the
-reserve ratio (store bytes + recent bytes) / (full f16 cache bytes) stays within the
-budget after every compression, not only at the end.
+again with the newest window queries and planned together with the tokens moving in.
+The plan's byte target is ``kv_budget × full-cache bytes`` minus the recent part,
+minus headroom for the tokens that will arrive before the next compression, so the
+reserve ratio (store + recent bytes) / (full f16 cache bytes) stays within the budget
+from the end of a prompt on, through generation. While one prompt is read, memory is
+bounded by the regular-cache allocation (``n_cells``) plus the store.
 """
 
 from __future__ import annotations
