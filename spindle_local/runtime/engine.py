@@ -234,8 +234,8 @@ class Engine:
             if progress is not None:
                 progress(done, len(tokens), self.refresh_stats())
         if compressing and self._needs_compress(0):
-            # Leave room for generation: within budget for ``decode_slack`` more tokens.
-            self.maybe_compress(growth=self.config.decode_slack)
+            # Leave room for generation: within budget for ``_slack()`` more tokens.
+            self.maybe_compress(growth=self._slack())
         return np.concatenate(rows) if all_logits else self.ctx.logits()
 
     def step(self, token: int) -> np.ndarray:
@@ -246,7 +246,7 @@ class Engine:
         if cfg.policy != "full":
             room = self.cells - self.regular_count()
             if room < 1 or self._needs_compress(1):
-                self.maybe_compress(growth=cfg.decode_slack, force=room < 1)
+                self.maybe_compress(growth=self._slack(), force=room < 1)
             # Capture queries only for the tokens that will form the next compression's window.
             capture = self._needs_compress(1 + cfg.window)
         t0 = time.perf_counter()
@@ -257,6 +257,20 @@ class Engine:
 
     # -- compression -------------------------------------------------------------------------
 
+    def _recent(self) -> int:
+        """Tokens left uncompressed by a compression: ``--recent``, but at most a quarter of the budget.
+
+        At short contexts a fixed recent part would eat most of the budget and leave the
+        policy nothing to choose with; the window queries always stay uncompressed.
+        """
+        cfg = self.config
+        return max(cfg.window, min(cfg.recent, int(0.25 * cfg.kv_budget * self.n_past)))
+
+    def _slack(self) -> int:
+        """Tokens generation may add before the next compression (headroom the plan leaves)."""
+        cfg = self.config
+        return max(16, min(cfg.decode_slack, int(0.25 * cfg.kv_budget * self.n_past)))
+
     def _needs_compress(self, incoming: int) -> bool:
         """Would ``incoming`` more tokens take the regular part past what the last plan allows?
 
@@ -264,9 +278,9 @@ class Engine:
         regular part holds at most ``recent + growth`` tokens (see :meth:`_target_bytes`).
         """
         reg = self.regular_count() + incoming
-        if reg <= self.config.recent:
+        if reg <= self._recent():
             return False
-        return self._allowance is None or reg > self.config.recent + self._allowance
+        return self._allowance is None or reg > self._recent() + self._allowance
 
     def maybe_compress(self, *, growth: int, force: bool = False) -> bool:
         """Move all but the newest ``recent`` tokens into the store if the budget can pay for it.
@@ -276,7 +290,7 @@ class Engine:
         until then. Before the budget can pay for any store (the recent part alone exceeds
         it) nothing is compressed unless ``force`` (the regular cache is full).
         """
-        if self.config.policy == "full" or self.regular_count() <= self.config.recent:
+        if self.config.policy == "full" or self.regular_count() <= self._recent():
             return False
         if self._target_bytes(growth) < self._min_store_bytes() and not force:
             return False
@@ -291,7 +305,7 @@ class Engine:
         so store <= b·n·t - R·t - (1 - b)·growth·t keeps it <= b up to j = growth.
         """
         b, t = self.config.kv_budget, self.bytes_per_token
-        return int(b * self.n_past * t - self.config.recent * t - (1.0 - b) * growth * t)
+        return int(b * self.n_past * t - self._recent() * t - (1.0 - b) * growth * t)
 
     def _min_store_bytes(self) -> int:
         # Sinks kept raw in every layer and KV head, plus per-slot bookkeeping.
@@ -303,7 +317,7 @@ class Engine:
         """Move every regular token older than the newest ``recent`` into the store (re-planned)."""
         t0 = time.perf_counter()
         cfg = self.config
-        cut = self.n_past - cfg.recent
+        cut = self.n_past - self._recent()
         if cut <= 0:
             if force:
                 raise SpindleError("the regular cache is full and nothing can move to the store; "
