@@ -104,7 +104,7 @@ class Engine:
         self.tokens: list[int] = []
         self.stats = EngineStats()
         self._store_layers: set[int] = set()
-        self._allowance: int | None = None  # growth the last plan left room for (None: no plan yet)
+        self._allowance: int | None = None  # regular tokens the last plan left room for (None: no plan)
 
     def _n_layer_hint(self) -> int:
         from spindle_local.runtime import native  # noqa: F401  (checks the runtime is patched)
@@ -278,9 +278,9 @@ class Engine:
         regular part holds at most ``recent + growth`` tokens (see :meth:`_target_bytes`).
         """
         reg = self.regular_count() + incoming
-        if reg <= self._recent():
-            return False
-        return self._allowance is None or reg > self._recent() + self._allowance
+        if self._allowance is None:
+            return reg > self._recent()
+        return reg > self._allowance
 
     def maybe_compress(self, *, growth: int, force: bool = False) -> bool:
         """Move all but the newest ``recent`` tokens into the store if the budget can pay for it.
@@ -338,7 +338,7 @@ class Engine:
         if 0 <= p_min < cut:
             self.ctx.seq_rm(p_min, cut)
         self.ctx.compact()
-        self._allowance = growth
+        self._allowance = self.n_past - cut + growth  # regular tokens the plan leaves room for
         self.stats.compressions += 1
         self.stats.compress_seconds += time.perf_counter() - t0
 
