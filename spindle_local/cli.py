@@ -194,6 +194,25 @@ def engine_config(*, policy: str, kv_budget: float, window: int, sinks: int, rec
     return cfg
 
 
+def conversation_setup(model: Path | None, n_ctx: int | None, engine_kw: dict[str, Any]):
+    """Model path and engine settings for a conversation (chat, serve), checked before loading.
+
+    ``--ctx`` is the longest conversation; with ``--policy full`` it is also the cache
+    allocated up front (default 4096).
+    """
+    from spindle_local.runtime.gguf_meta import read_meta
+    from spindle_local.runtime.model_files import resolve_model
+
+    path = resolve_model(model)
+    meta = read_meta(path)
+    if n_ctx and meta.n_ctx_train and n_ctx > meta.n_ctx_train:
+        raise UsageError(f"--ctx {n_ctx} exceeds the model's trained context ({meta.n_ctx_train} tokens)")
+    full = engine_kw["policy"] == "full"
+    cfg = engine_config(**engine_kw, max_tokens=n_ctx or (4096 if full else None),
+                        n_cells=(n_ctx or 4096) if full else None)
+    return path, cfg
+
+
 @main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=Path))
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=64), default=None,
@@ -224,17 +243,9 @@ def chat(model: Path | None, n_ctx: int | None, temperature: float, max_tokens: 
       /exit            leave (Ctrl-D works too); Ctrl-C stops the current answer
     """
     from spindle_local.chat_repl import ChatRepl, GenerationSettings
-    from spindle_local.runtime.gguf_meta import read_meta
     from spindle_local.runtime.loader import load_llama_cpp
-    from spindle_local.runtime.model_files import resolve_model
 
-    path = resolve_model(model)
-    meta = read_meta(path)
-    if n_ctx and meta.n_ctx_train and n_ctx > meta.n_ctx_train:
-        raise UsageError(f"--ctx {n_ctx} exceeds the model's trained context ({meta.n_ctx_train} tokens)")
-    full = engine_kw["policy"] == "full"
-    cfg = engine_config(**engine_kw, max_tokens=n_ctx or (4096 if full else None),
-                        n_cells=(n_ctx or 4096) if full else None)
+    path, cfg = conversation_setup(model, n_ctx, engine_kw)
     load_llama_cpp()
     from spindle_local.runtime.engine_chat import EngineChatModel
     settings = GenerationSettings(temperature=temperature, max_tokens=max_tokens, seed=seed)

@@ -455,7 +455,7 @@ _serve_command = None
 def _build_serve_command():
     import click
 
-    from spindle_local.cli import engine_config, engine_options
+    from spindle_local.cli import conversation_setup, engine_options
 
     @click.command("serve")
     @click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=Path))
@@ -478,17 +478,7 @@ def _build_serve_command():
         """
         import uvicorn
 
-        from spindle_local.errors import UsageError
-        from spindle_local.runtime.gguf_meta import read_meta
-        from spindle_local.runtime.model_files import resolve_model
-
-        path = resolve_model(model)
-        meta = read_meta(path)
-        if n_ctx and meta.n_ctx_train and n_ctx > meta.n_ctx_train:
-            raise UsageError(f"--ctx {n_ctx} exceeds the model's trained context ({meta.n_ctx_train} tokens)")
-        full = engine_kw["policy"] == "full"
-        cfg = engine_config(**engine_kw, max_tokens=n_ctx or (4096 if full else None),
-                            n_cells=(n_ctx or 4096) if full else None)
+        path, cfg = conversation_setup(model, n_ctx, engine_kw)
         state = ServerState.load(path, cfg, default_max_tokens=default_max_tokens)
         logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
         click.echo(f"serving {state.model_id} on http://{host}:{port}/v1 (policy {cfg.policy}, "

@@ -32,7 +32,7 @@ import numpy as np
 
 from spindle_local.errors import SpindleError, UsageError
 from spindle_local.policy import inputs as pin
-from spindle_local.policy.plan import LayerStore, full_cache_bytes, layer_store_bytes
+from spindle_local.policy.plan import LayerStore, full_cache_bytes
 from spindle_local.policy.policies import make_policy
 from spindle_local.runtime import rope as roper
 from spindle_local.runtime.config import POLICIES, EngineConfig  # noqa: F401  (re-exported)
