@@ -30,6 +30,7 @@ class EngineConfig:
     policy_options: dict = field(default_factory=dict)  # further PolicyConfig fields (experiments)
     n_cells: int | None = None  # regular-cache allocation; default recent + 2 * chunk
     max_tokens: int | None = None  # longest context; default the model's trained context
+    kv_mem: int | None = None  # KV memory cap in bytes (regular cache + store); replaces kv_budget
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
@@ -48,6 +49,8 @@ class EngineConfig:
             raise UsageError(f"--cache-type must be f16, q8_0 or q4_0, got {self.cache_type!r}")
         if self.cache_type != "f16" and self.policy != "full":
             raise UsageError("quantized KV caches (--cache-type q8_0/q4_0) work with --policy full only")
+        if self.kv_mem is not None and self.kv_mem <= 0:
+            raise UsageError(f"--kv-mem must be positive, got {self.kv_mem}")
         if isinstance(self.codebook_layers, str) and self.codebook_layers != "auto":
             raise UsageError(f"--codebook-layers must be a number or 'auto', got {self.codebook_layers!r}")
 

@@ -37,6 +37,7 @@ from spindle_local.policy.policies import make_policy
 from spindle_local.runtime import rope as roper
 from spindle_local.runtime.config import POLICIES, EngineConfig  # noqa: F401  (re-exported)
 from spindle_local.runtime.lowlevel import LlamaContext, LlamaModel
+from spindle_local.runtime.memory import CELL_BLOCK, MemoryLayout, format_size, plan_memory
 from spindle_local.runtime.window import WindowQueries
 
 @dataclass
@@ -79,10 +80,11 @@ class Engine:
         self.config.validate()
         self.model = model or LlamaModel(str(model_path))
         cfg = self.config
-        cells = cfg.cells() if cfg.policy != "full" else (cfg.n_cells or cfg.max_tokens or 4096)
+        self.layout: MemoryLayout | None = None  # set when a KV memory cap (kv_mem) sizes everything
+        cells, self.chunk = self._allocation(model_path)
         probe_layers = self._n_layer_hint()
         self.queries = WindowQueries(probe_layers, cfg.window)
-        self.ctx = LlamaContext(self.model, n_ctx=cells, n_batch=cfg.chunk, n_ubatch=cfg.chunk,
+        self.ctx = LlamaContext(self.model, n_ctx=cells, n_batch=self.chunk, n_ubatch=self.chunk,
                                 n_threads=cfg.n_threads, flash_attn=cfg.flash_attn, cb_eval=self.queries,
                                 type_k=cfg.cache_type, type_v=cfg.cache_type)
         self.geometry = self.ctx.geometry()
@@ -101,10 +103,45 @@ class Engine:
             window=cfg.window, sinks=cfg.sinks, theta_k=cfg.theta_k, theta_v=cfg.theta_v,
             codebook_layers=cfg.codebook_layers, **cfg.policy_options))
         self.cells = self.ctx.n_ctx
+        if self.layout is not None:
+            alloc = self.ctx.cache_bytes()[1]
+            if alloc + self.layout.store_cap > self.layout.kv_mem:
+                raise SpindleError(f"internal: llama.cpp allocated {alloc} bytes for {self.cells} cells, more than "
+                                   f"--kv-mem {format_size(self.layout.kv_mem)} leaves for the regular cache")
         self.tokens: list[int] = []
         self.stats = EngineStats()
         self._store_layers: set[int] = set()
         self._allowance: int | None = None  # regular tokens the last plan left room for (None: no plan)
+
+    def _allocation(self, model_path: str | Path) -> tuple[int, int]:
+        """(regular-cache cells, prompt chunk) for this configuration; sets ``self.layout`` under kv_mem."""
+        cfg = self.config
+        if cfg.kv_mem is None:
+            cells = cfg.cells() if cfg.policy != "full" else (cfg.n_cells or cfg.max_tokens or 4096)
+            return cells, cfg.chunk
+        from spindle_local.runtime.gguf_meta import read_meta
+
+        meta = read_meta(model_path)
+        t = meta.kv_bytes_per_token_f16
+        longest = cfg.max_tokens or meta.n_ctx_train or 4096
+        if cfg.policy == "full":
+            cells = min(-(-longest // CELL_BLOCK) * CELL_BLOCK, cfg.kv_mem // t // CELL_BLOCK * CELL_BLOCK)
+            if cells < CELL_BLOCK:
+                raise UsageError(f"--kv-mem {format_size(cfg.kv_mem)} holds no full cache of {meta.name}: the "
+                                 f"smallest is {format_size(CELL_BLOCK * t)} ({CELL_BLOCK} cells)")
+            return cells, cfg.chunk
+        self.layout = plan_memory(cfg.kv_mem, bytes_per_token=t, n_layer=meta.n_layer, window=cfg.window,
+                                  recent=cfg.recent, chunk=cfg.chunk, max_tokens=longest,
+                                  model_name=meta.name or Path(model_path).name)
+        return self.layout.cells, self.layout.chunk
+
+    def kv_memory(self) -> tuple[int, int]:
+        """(bytes llama.cpp holds for KV now: regular allocation + store buffers, the cap or 0)."""
+        from spindle_local.runtime import native
+
+        alloc = self.ctx.cache_bytes()[1]
+        store = native.store_buffer_bytes(self.ctx) if self._store_layers else 0
+        return alloc + store, (self.layout.kv_mem if self.layout else 0)
 
     def _n_layer_hint(self) -> int:
         from spindle_local.runtime import native  # noqa: F401  (checks the runtime is patched)
@@ -202,7 +239,7 @@ class Engine:
         if not tokens:
             raise UsageError("nothing to feed: empty prompt")
         self._check_room(len(tokens))
-        chunk = self.config.chunk
+        chunk = self.chunk
         compressing = self.config.policy != "full"
         done = 0
         while done < len(tokens):
@@ -248,7 +285,8 @@ class Engine:
             if room < 1 or self._needs_compress(1):
                 self.maybe_compress(growth=self._slack(), force=room < 1)
             # Capture queries only for the tokens that will form the next compression's window.
-            capture = self._needs_compress(1 + cfg.window)
+            capture = self._needs_compress(1 + cfg.window) or (
+                self.layout is not None and self.regular_count() + 1 + cfg.window > self.cells)
         t0 = time.perf_counter()
         self._decode([token], capture=capture)
         self.stats.decode_seconds += time.perf_counter() - t0
@@ -264,6 +302,8 @@ class Engine:
         policy nothing to choose with; the window queries always stay uncompressed.
         """
         cfg = self.config
+        if self.layout is not None:
+            return self.layout.recent
         return max(cfg.window, min(cfg.recent, int(0.25 * cfg.kv_budget * self.n_past)))
 
     def _slack(self) -> int:
@@ -276,7 +316,11 @@ class Engine:
 
         A plan made for ``growth`` tokens keeps the reserve ratio within budget while the
         regular part holds at most ``recent + growth`` tokens (see :meth:`_target_bytes`).
+        Under a byte cap (kv_mem) the regular allocation is already paid for: compress
+        only when it is full, as late as possible.
         """
+        if self.layout is not None:
+            return False
         reg = self.regular_count() + incoming
         if self._allowance is None:
             return reg > self._recent()
@@ -304,6 +348,8 @@ class Engine:
         (store + (R + j)·t) / ((n + j)·t) for t bytes per token; it grows with j when b < 1,
         so store <= b·n·t - R·t - (1 - b)·growth·t keeps it <= b up to j = growth.
         """
+        if self.layout is not None:
+            return self.layout.store_cap
         b, t = self.config.kv_budget, self.bytes_per_token
         return int(b * self.n_past * t - self._recent() * t - (1.0 - b) * growth * t)
 
