@@ -1,0 +1,327 @@
+"""Saved conversations: the compressed KV state on disk, to resume without re-reading.
+
+A session file holds everything the engine needs to continue exactly where it was: the
+tokens, the regular cache (llama.cpp's own per-sequence state), every layer's compressed
+store (positions, visibility masks, raw rows or codebooks), the window queries the next
+compression will score with, the last logits, the engine settings and counters, the chat
+messages, and the model's identity.
+
+Layout (little-endian)::
+
+    b"SPNDLSES"  u32 format version  u64 header length  header (UTF-8 JSON)
+    u64 payload length  payload (numpy .npz, no pickles)  sha256 of everything before
+
+Reading checks magic, version, lengths and the checksum before anything is restored,
+so a truncated, corrupted or foreign file is refused with one line and the running
+engine is not touched. Writing goes to a temporary file in the same folder that is
+fsynced and renamed over the target: an interrupted save leaves the previous file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import io
+import json
+import os
+import struct
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from spindle_local.errors import SpindleError
+from spindle_local.policy.plan import Codebook, HeadStore, LayerStore
+from spindle_local.runtime.config import EngineConfig
+
+MAGIC = b"SPNDLSES"
+FORMAT_VERSION = 1
+_HEAD = struct.Struct("<8sIQ")
+_LEN = struct.Struct("<Q")
+_DIGEST = 32
+_FINGERPRINT_SPAN = 1 << 20
+
+
+class SessionError(SpindleError):
+    """A session file that cannot be used (one line, for the user)."""
+
+
+def model_identity(path: str | Path) -> dict[str, Any]:
+    """Name, size and a content fingerprint (sha256 of size, first and last MiB) of a GGUF file.
+
+    Hashing a multi-GiB model on every save would take seconds; its header (metadata,
+    tensor table) and its last tensor's bytes differ between any two models we know of.
+    """
+    from spindle_local.runtime.gguf_meta import read_meta
+
+    p = Path(path)
+    size = p.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(p, "rb") as f:
+        h.update(f.read(_FINGERPRINT_SPAN))
+        f.seek(max(0, size - _FINGERPRINT_SPAN))
+        h.update(f.read(_FINGERPRINT_SPAN))
+    meta = read_meta(p)
+    return {"file": p.name, "name": meta.name, "architecture": meta.architecture, "size": size,
+            "fingerprint": h.hexdigest()}
+
+
+@dataclass
+class Session:
+    """A session file's contents, checked and decoded (nothing restored yet)."""
+
+    header: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return list(self.header.get("messages", []))
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self.header.get("system_prompt")
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.header["model"]
+
+    def config(self) -> EngineConfig:
+        known = {f.name for f in fields(EngineConfig)}
+        cfg = EngineConfig(**{k: v for k, v in self.header["config"].items() if k in known})
+        cfg.validate()
+        return cfg
+
+    def check_model(self, path: str | Path) -> None:
+        """Refuse to resume on another model than the one the session was saved with."""
+        ident = model_identity(path)
+        saved = self.model
+        if ident["fingerprint"] != saved.get("fingerprint"):
+            raise SessionError(f"the session was saved with model {saved.get('file')} ({saved.get('name')}); "
+                               f"{ident['file']} is a different model: pass the session's model to resume")
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+def write_atomic(path: str | Path, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` to ``path`` through a temporary file and a rename (all or nothing)."""
+    target = Path(path)
+    if target.is_dir():
+        raise SessionError(f"{target} is a directory")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise SessionError(f"cannot save to {target}: folder {folder} does not exist")
+    tmp = folder / f".{target.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def encode(header: dict[str, Any], arrays: dict[str, np.ndarray], *, version: int = FORMAT_VERSION) -> list[bytes]:
+    """The file's bytes, in pieces (``version`` other than the current one only for tests)."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    payload = buf.getvalue()
+    pieces = [_HEAD.pack(MAGIC, version, len(head)), head, _LEN.pack(len(payload)), payload]
+    h = hashlib.sha256()
+    for p in pieces:
+        h.update(p)
+    pieces.append(h.digest())
+    return pieces
+
+
+def decode(data: bytes, *, name: str = "the session file") -> Session:
+    """Check and decode a session file's bytes (magic, version, lengths, checksum)."""
+    if len(data) < _HEAD.size or data[:len(MAGIC)] != MAGIC:
+        raise SessionError(f"{name} is not a spindle-local session file")
+    _, version, n_head = _HEAD.unpack_from(data)
+    if version != FORMAT_VERSION:
+        raise SessionError(f"{name} has session format version {version}; this spindle-local reads "
+                           f"version {FORMAT_VERSION}")
+    at = _HEAD.size + n_head
+    if at + _LEN.size > len(data):
+        raise SessionError(f"{name} is truncated")
+    (n_payload,) = _LEN.unpack_from(data, at)
+    end = at + _LEN.size + n_payload
+    if end + _DIGEST > len(data):
+        raise SessionError(f"{name} is truncated ({len(data)} bytes, {end + _DIGEST} expected)")
+    if end + _DIGEST < len(data):
+        raise SessionError(f"{name} has {len(data) - end - _DIGEST} unexpected trailing bytes")
+    if hashlib.sha256(data[:end]).digest() != data[end:end + _DIGEST]:
+        raise SessionError(f"{name} is corrupted (checksum mismatch)")
+    try:
+        header = json.loads(data[_HEAD.size:at].decode())
+        with np.load(io.BytesIO(data[at + _LEN.size:end]), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise SessionError(f"{name} could not be decoded: {e}") from None
+    return Session(header=header, arrays=arrays)
+
+
+def read_session(path: str | Path) -> Session:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise SessionError(f"session file not found: {p}") from None
+    except IsADirectoryError:
+        raise SessionError(f"{p} is a directory, not a session file") from None
+    except OSError as e:
+        raise SessionError(f"cannot read {p}: {e.strerror}") from None
+    return decode(data, name=str(p))
+
+
+# -- engine state <-> arrays -------------------------------------------------------------------
+
+
+def _regular_state(engine) -> np.ndarray:
+    import llama_cpp.llama_cpp as C
+
+    ctx = engine.ctx.ctx
+    n = int(C.llama_state_seq_get_size(ctx, 0))
+    buf = (ctypes.c_uint8 * n)()
+    got = int(C.llama_state_seq_get_data(ctx, buf, n, 0))
+    if got != n:
+        raise SpindleError(f"llama.cpp wrote {got} of {n} bytes of the KV cache state")
+    return np.frombuffer(buf, dtype=np.uint8).copy()
+
+
+def _set_regular_state(engine, data: np.ndarray) -> None:
+    import llama_cpp.llama_cpp as C
+
+    raw = np.ascontiguousarray(data, dtype=np.uint8)
+    buf = (ctypes.c_uint8 * raw.size).from_buffer_copy(raw.tobytes())
+    if raw.size and int(C.llama_state_seq_set_data(engine.ctx.ctx, buf, raw.size, 0)) == 0:
+        raise SessionError("llama.cpp refused the saved KV cache (does the session fit this build's cache?)")
+
+
+def _put_side(out: dict, key: str, raw: np.ndarray | None, cb: Codebook | None) -> None:
+    if cb is not None:
+        out[key + "_ent"] = cb.entries.astype(np.float32)
+        out[key + "_idx"] = cb.index.astype(np.int32)
+        out[key + "_mag"] = cb.magnitude.astype(np.float32)
+    elif raw is not None:
+        out[key + "_raw"] = raw.astype(np.float32)
+
+
+def _get_side(arrays: dict, key: str) -> tuple[np.ndarray | None, Codebook | None]:
+    if key + "_raw" in arrays:
+        return arrays[key + "_raw"], None
+    if key + "_ent" in arrays:
+        return None, Codebook(entries=arrays[key + "_ent"], index=arrays[key + "_idx"],
+                              magnitude=arrays[key + "_mag"])
+    raise SessionError(f"the session file lacks {key} (written by another version?)")
+
+
+def capture(engine, *, messages: list[dict[str, str]], system_prompt: str | None,
+            model_path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Header and arrays describing ``engine``'s state and the conversation."""
+    from spindle_local import __version__
+
+    arrays: dict[str, np.ndarray] = {"tokens": np.asarray(engine.tokens, dtype=np.int32)}
+    if engine.tokens:
+        engine.ctx.compact()  # cells in position order: the restored cache is laid out the same
+        arrays["logits"] = np.asarray(engine.ctx.logits(), dtype=np.float32)
+    arrays["regular"] = _regular_state(engine)
+    q = engine.queries
+    arrays["q_pos"] = q.positions.astype(np.int32)
+    for il in range(q.n_layer):
+        rows = q.layer(il)
+        if rows is not None:
+            arrays[f"q{il}"] = rows.astype(np.float32)
+    stores = []
+    for il in sorted(engine._store_layers):
+        st = engine.ctx.store_get(il)
+        stores.append({"layer": il, "role": st.role, "heads": len(st.heads)})
+        for h, hs in enumerate(st.heads):
+            key = f"s{il}_{h}"
+            arrays[key + "_pos"] = hs.positions.astype(np.int32)
+            arrays[key + "_qmask"] = hs.qmask.astype(np.uint8)
+            _put_side(arrays, key + "_k", hs.k_raw, hs.k_codebook)
+            _put_side(arrays, key + "_v", hs.v_raw, hs.v_codebook)
+    header = {
+        "format": FORMAT_VERSION,
+        "spindle_local": __version__,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": model_identity(model_path),
+        "config": asdict(engine.config),
+        "messages": messages,
+        "system_prompt": system_prompt,
+        "engine": {
+            "cells": engine.cells,
+            "next_pos": engine.ctx.next_pos,
+            "allowance": engine._allowance,
+            "stores": stores,
+            "stats": {k: v for k, v in asdict(engine.stats).items() if k != "extra"},
+        },
+    }
+    return header, arrays
+
+
+def save(path: str | Path, engine, *, messages: list[dict[str, str]], system_prompt: str | None,
+         model_path: str | Path) -> int:
+    """Write the session atomically; return its size in bytes."""
+    header, arrays = capture(engine, messages=messages, system_prompt=system_prompt, model_path=model_path)
+    pieces = encode(header, arrays)
+    write_atomic(path, pieces)
+    return sum(len(p) for p in pieces)
+
+
+def restore(engine, session: Session) -> None:
+    """Put ``engine`` (fresh, built with ``session.config()``, same model) into the saved state."""
+    from spindle_local.runtime.engine import EngineStats
+
+    info = session.header["engine"]
+    if info["cells"] != engine.cells:
+        raise SessionError(f"the session needs a {info['cells']}-cell cache, this engine has {engine.cells}")
+    a = session.arrays
+    engine.reset()
+    _set_regular_state(engine, a["regular"])
+    restored: set[int] = set()
+    try:
+        for st in info["stores"]:
+            il = int(st["layer"])
+            heads = []
+            for h in range(int(st["heads"])):
+                key = f"s{il}_{h}"
+                k_raw, k_cb = _get_side(a, key + "_k")
+                v_raw, v_cb = _get_side(a, key + "_v")
+                heads.append(HeadStore(positions=a[key + "_pos"], qmask=a[key + "_qmask"].astype(bool),
+                                       k_raw=k_raw, k_codebook=k_cb, v_raw=v_raw, v_codebook=v_cb))
+            engine.ctx.store_set(il, LayerStore(layer=il, heads=heads, role=st["role"]))
+            restored.add(il)
+    except BaseException:
+        engine.reset()
+        raise
+    engine._store_layers = restored
+    engine.tokens = [int(t) for t in a["tokens"]]
+    engine.ctx.next_pos = int(info["next_pos"])
+    engine._allowance = info["allowance"]
+    q = engine.queries
+    q.reset()
+    q._pos = a["q_pos"].astype(np.int32)
+    q._q = [a[f"q{il}"] if f"q{il}" in a else None for il in range(q.n_layer)]
+    engine.stats = EngineStats(**info["stats"])
+    if "logits" in a:
+        engine.ctx._logits = a["logits"].astype(np.float32)
