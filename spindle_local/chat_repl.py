@@ -8,12 +8,14 @@ engines. Output goes to stdout (answers) and stderr (prompts, notices), so that
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 import sys
 import textwrap
-from typing import Protocol, TextIO, Iterator
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol, TextIO
 
-from spindle_local.errors import SpindleError
+from spindle_local.errors import SpindleError, UsageError
 
 
 @dataclass
@@ -27,6 +29,8 @@ HELP = """commands:
   /reset           forget the conversation (keeps the system prompt)
   /system TEXT     set the system prompt and start over
   /stats           context in use
+  /read FILE       read a text document into the conversation (then ask about it)
+  /save FILE       save the conversation and its compressed KV cache (resume with --resume FILE)
   /exit, /quit     leave (Ctrl-D works too)
 Ctrl-C stops the current answer; the part already written stays in the conversation."""
 
@@ -39,6 +43,69 @@ class ReplyModel(Protocol):
     def count_tokens(self, messages: list[dict[str, str]]) -> int: ...
 
     def stats_line(self) -> str: ...
+
+    def ingest(self, messages: list[dict[str, str]], progress=None) -> int: ...
+
+    def save_session(self, path: Path, messages: list[dict[str, str]], system_prompt: str | None) -> int: ...
+
+
+def load_document(path: str | Path) -> str:
+    """A UTF-8 text file's contents, or a one-line error."""
+    from spindle_local.paths import read_user_file
+
+    p = Path(path).expanduser()
+    data = read_user_file(p, "document")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{p} is not UTF-8 text (byte {e.start}); convert it first") from None
+    if not text.strip():
+        raise UsageError(f"{p} is empty")
+    return text
+
+
+class ProgressLine:
+    """One status line on stderr while a document is read: tokens, tokens/s, KV memory.
+
+    Redrawn in place on a terminal; elsewhere only the closing summary is written.
+    """
+
+    def __init__(self, label: str, stream: TextIO, memory=None, width: int = 24) -> None:
+        self.label = label
+        self.stream = stream
+        self.memory = memory  # () -> (bytes held, cap or 0)
+        self.width = width
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.t0 = time.perf_counter()
+        self.done = self.total = 0
+        self.peak = 0
+
+    def _kv(self) -> str:
+        if self.memory is None:
+            return ""
+        held, cap = self.memory()
+        self.peak = max(self.peak, held)
+        return f"  KV {held / 2**20:.1f}" + (f"/{cap / 2**20:.1f} MiB" if cap else " MiB")
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        kv = self._kv()
+        if not self.tty:
+            return
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        fill = int(self.width * done / max(total, 1))
+        bar = "#" * fill + "-" * (self.width - fill)
+        self.stream.write(f"\r{self.label} [{bar}] {done:,}/{total:,} tokens  {rate:,.0f} tok/s{kv}\x1b[K")
+        self.stream.flush()
+
+    def finish(self) -> str:
+        secs = time.perf_counter() - self.t0
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+        kv = self._kv()
+        peak = f", peak {self.peak / 2**20:.1f} MiB" if self.memory is not None else ""
+        return (f"{self.label}: {self.done:,} tokens in {secs:.1f} s ({self.done / max(secs, 1e-9):,.0f} tok/s)"
+                f"{kv}{peak}")
 
 
 class ChatRepl:
@@ -91,6 +158,30 @@ class ChatRepl:
             self._notice(f"[{line}]")
         return text
 
+    def read_document(self, path: str | Path) -> None:
+        """Add a text file to the conversation as a user message and read it now.
+
+        The prefill happens here (with a progress line), so the next question only adds
+        its own tokens. On failure or Ctrl-C the document is not part of the conversation.
+        """
+        p = Path(path).expanduser()
+        text = load_document(p)
+        self.messages.append({"role": "user", "content": f"Here is the document {p.name}:\n\n{text}"})
+        progress = ProgressLine(f"reading {p.name}", self.err, getattr(self.model, "kv_memory", None))
+        try:
+            self.model.ingest(self.messages, progress=progress)
+        except KeyboardInterrupt:
+            self.messages.pop()
+            progress.finish()
+            self._notice("[reading stopped; the document is not part of the conversation]")
+            return
+        except BaseException:
+            self.messages.pop()
+            if progress.tty:
+                self.err.write("\n")
+            raise
+        self._notice(f"[{progress.finish()}]")
+
     def one_shot(self, prompt: str) -> int:
         text = self.answer(prompt)
         return 0 if text.strip() else 1
@@ -112,6 +203,25 @@ class ChatRepl:
             self._notice("[system prompt set; conversation cleared]" if arg.strip() else "[system prompt removed]")
         elif cmd == "/stats":
             self._notice(f"messages: {len(self.messages)}  {self.model.stats_line()}")
+        elif cmd == "/read":
+            if not arg.strip():
+                self._notice("usage: /read FILE")
+            else:
+                try:
+                    self.read_document(arg.strip())
+                except SpindleError as e:
+                    self._notice(f"error: {e}")
+        elif cmd == "/save":
+            if not arg.strip():
+                self._notice("usage: /save FILE")
+            else:
+                try:
+                    size = self.model.save_session(Path(arg.strip()).expanduser(), self.messages, self.system_prompt)
+                    self._notice(f"[saved {arg.strip()}: {size / 2**20:.1f} MiB]")
+                except SpindleError as e:
+                    self._notice(f"error: {e}")
+                except OSError as e:
+                    self._notice(f"error: cannot save to {arg.strip()}: {e.strerror}")
         else:
             self._notice(f"unknown command {cmd}; /help lists the commands")
         return True

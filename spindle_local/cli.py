@@ -153,8 +153,11 @@ def engine_options(f):
     options = [
         click.option("--policy", type=click.Choice(["full", "streaming", "snapkv", "pyramidkv", "spindle"]),
                      default="spindle", show_default=True, help="KV-cache policy; 'full' keeps everything."),
-        click.option("--kv-budget", type=float, default=0.25, show_default=True,
-                     help="Reserve ratio: KV bytes held / full f16 cache bytes, in (0, 1]."),
+        click.option("--kv-budget", type=float, default=None,
+                     help="Reserve ratio: KV bytes held / full f16 cache bytes, in (0, 1].  [default: 0.25]"),
+        click.option("--kv-mem", default=None, metavar="SIZE",
+                     help="KV memory cap instead of --kv-budget, e.g. 64MiB (KiB/MiB/GiB): llama.cpp's "
+                          "regular cache and the compressed store together never allocate more."),
         click.option("--window", type=click.IntRange(min=1), default=32, show_default=True,
                      help="Observation window: recent queries that score older tokens."),
         click.option("--sinks", type=click.IntRange(min=0), default=4, show_default=True,
@@ -178,10 +181,17 @@ def engine_options(f):
     return f
 
 
-def engine_config(*, policy: str, kv_budget: float, window: int, sinks: int, recent: int, codebook_layers: str,
-                  theta_k: float, theta_v: float, chunk: int, threads: int | None, flash_attn: bool,
-                  max_tokens: int | None = None, n_cells: int | None = None):
+def engine_config(*, policy: str, kv_budget: float | None, window: int, sinks: int, recent: int,
+                  codebook_layers: str, theta_k: float, theta_v: float, chunk: int, threads: int | None,
+                  flash_attn: bool, kv_mem: str | None = None, max_tokens: int | None = None,
+                  n_cells: int | None = None):
     from spindle_local.runtime.config import EngineConfig
+    from spindle_local.runtime.memory import parse_size
+
+    if kv_mem is not None and kv_budget is not None:
+        raise UsageError("give either --kv-budget (a share of the full cache) or --kv-mem (bytes), not both")
+    mem = parse_size(kv_mem) if kv_mem is not None else None
+    kv_budget = 0.25 if kv_budget is None else kv_budget
 
     try:
         cb = _codebook_layers(codebook_layers)
@@ -189,7 +199,7 @@ def engine_config(*, policy: str, kv_budget: float, window: int, sinks: int, rec
         raise click.BadParameter(str(e), param_hint="'--codebook-layers'") from None
     cfg = EngineConfig(policy=policy, kv_budget=kv_budget, window=window, sinks=sinks, recent=recent,
                        codebook_layers=cb, theta_k=theta_k, theta_v=theta_v, chunk=chunk, n_threads=threads,
-                       flash_attn=flash_attn, max_tokens=max_tokens, n_cells=n_cells)
+                       flash_attn=flash_attn, max_tokens=max_tokens, n_cells=n_cells, kv_mem=mem)
     cfg.validate()
     return cfg
 
@@ -208,9 +218,22 @@ def conversation_setup(model: Path | None, n_ctx: int | None, engine_kw: dict[st
     if n_ctx and meta.n_ctx_train and n_ctx > meta.n_ctx_train:
         raise UsageError(f"--ctx {n_ctx} exceeds the model's trained context ({meta.n_ctx_train} tokens)")
     full = engine_kw["policy"] == "full"
+    sized = full and engine_kw.get("kv_mem") is None  # --kv-mem sizes a full cache itself
     cfg = engine_config(**engine_kw, max_tokens=n_ctx or (4096 if full else None),
-                        n_cells=(n_ctx or 4096) if full else None)
+                        n_cells=(n_ctx or 4096) if sized else None)
+    check_memory(cfg, meta)
     return path, cfg
+
+
+def check_memory(cfg: Any, meta: Any) -> None:
+    """Refuse an impossible --kv-mem before anything loads (the message names the minimum)."""
+    if cfg.kv_mem is None or cfg.policy == "full":
+        return
+    from spindle_local.runtime.memory import plan_memory
+
+    plan_memory(cfg.kv_mem, bytes_per_token=meta.kv_bytes_per_token_f16, n_layer=meta.n_layer,
+                window=cfg.window, recent=cfg.recent, chunk=cfg.chunk,
+                max_tokens=cfg.max_tokens or meta.n_ctx_train or 4096, model_name=meta.name or meta.path)
 
 
 @main.command()
@@ -226,13 +249,21 @@ def conversation_setup(model: Path | None, n_ctx: int | None, engine_kw: dict[st
 @click.option("--system", "system_prompt", default=None, help="System prompt for the conversation.")
 @click.option("--prompt", default=None,
               help="Answer this one message, print the answer to stdout and exit (scriptable).")
+@click.option("--file", "files", multiple=True, type=click.Path(path_type=Path), metavar="DOC",
+              help="Read a UTF-8 text document into the conversation first (repeatable), with a progress line.")
+@click.option("--resume", "resume_path", type=click.Path(path_type=Path), default=None, metavar="SESSION",
+              help="Continue a conversation saved with /save (its engine settings are used; MODEL must be "
+                   "the model it was saved with).")
 @engine_options
 def chat(model: Path | None, n_ctx: int | None, temperature: float, max_tokens: int, seed: int | None,
-         system_prompt: str | None, prompt: str | None, **engine_kw: Any) -> None:
+         system_prompt: str | None, prompt: str | None, files: tuple[Path, ...], resume_path: Path | None,
+         **engine_kw: Any) -> None:
     """Chat with MODEL in the terminal (default model if none is given).
 
     The KV cache is compressed with --policy (default: spindle) to at most --kv-budget
-    of the full cache's bytes once the conversation is long enough.
+    of the full cache's bytes once the conversation is long enough, or to at most
+    --kv-mem bytes of KV memory (e.g. --kv-mem 64MiB) however long it gets: documents
+    far longer than that memory are read in chunks, compressing between chunks.
 
     \b
     Inside the chat:
@@ -240,18 +271,40 @@ def chat(model: Path | None, n_ctx: int | None, temperature: float, max_tokens: 
       /reset           forget the conversation
       /system TEXT     set the system prompt (and reset)
       /stats           tokens seen, KV bytes now, full-cache bytes, reserve ratio
+      /read FILE       read a text document into the conversation
+      /save FILE       save the conversation with its compressed KV cache
       /exit            leave (Ctrl-D works too); Ctrl-C stops the current answer
     """
-    from spindle_local.chat_repl import ChatRepl, GenerationSettings
+    from spindle_local.chat_repl import ChatRepl, GenerationSettings, load_document
     from spindle_local.runtime.loader import load_llama_cpp
 
-    path, cfg = conversation_setup(model, n_ctx, engine_kw)
+    saved = None
+    if resume_path is not None:
+        from spindle_local.runtime.model_files import resolve_model
+        from spindle_local.runtime.session import read_session
+
+        saved = read_session(resume_path)  # checked before anything loads
+        path = resolve_model(model)
+        saved.check_model(path)
+        cfg = saved.config()
+        system_prompt = saved.system_prompt
+    else:
+        path, cfg = conversation_setup(model, n_ctx, engine_kw)
+    for f in files:
+        load_document(f)  # a missing or unreadable document fails before the model loads
     load_llama_cpp()
     from spindle_local.runtime.engine_chat import EngineChatModel
     settings = GenerationSettings(temperature=temperature, max_tokens=max_tokens, seed=seed)
     chat_model = EngineChatModel(path, cfg)
     try:
         repl = ChatRepl(chat_model, settings, system_prompt=system_prompt)
+        if saved is not None:
+            chat_model.resume(saved)
+            repl.messages = saved.messages
+            repl._notice(f"[resumed {resume_path.name}: {len(saved.messages)} messages, "
+                         f"{chat_model.engine.n_past:,} tokens]")
+        for f in files:
+            repl.read_document(f)
         if prompt is not None:
             sys.exit(repl.one_shot(prompt))
         sys.exit(repl.run())

@@ -31,3 +31,18 @@ def wheels_dir() -> Path:
 
 def build_dir() -> Path:
     return cache_root() / "build"
+
+
+def read_user_file(path: str | Path, what: str) -> bytes:
+    """The bytes of a file the user named, or a one-line UsageError saying what is wrong."""
+    from spindle_local.errors import UsageError
+
+    p = Path(path).expanduser()
+    try:
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{what} not found: {p}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{p} is a directory, not a {what}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {p}: {e.strerror}") from None

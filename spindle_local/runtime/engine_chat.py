@@ -31,6 +31,7 @@ class EngineChatModel:
     """The chat REPL's model interface on top of :class:`Engine`."""
 
     def __init__(self, model_path: Path, config: EngineConfig) -> None:
+        self.model_path = Path(model_path)
         self.engine = Engine(model_path, config)
         self.template = ChatTemplate(self.engine.model)
         self.stop = eog_tokens(self.engine.model)
@@ -78,10 +79,42 @@ class EngineChatModel:
         if tail:
             yield tail
 
+    def ingest(self, messages: list[dict[str, str]], progress=None) -> int:
+        """Read the conversation so far (e.g. a document just added) without answering.
+
+        The next turn then reuses all of it. Returns the number of tokens prefilled.
+        ``progress(done, total)`` is called after every chunk.
+        """
+        prompt = self._tokens(messages, add_generation_prompt=False)
+        todo = self._sync(prompt)
+        if todo:
+            self.engine.feed(todo, progress=(lambda d, t, s: progress(d, t)) if progress else None)
+        return len(todo)
+
+    def kv_memory(self) -> tuple[int, int]:
+        """(KV bytes llama.cpp holds: regular allocation + store, the --kv-mem cap or 0)."""
+        return self.engine.kv_memory()
+
+    def save_session(self, path: Path, messages: list[dict[str, str]], system_prompt: str | None) -> int:
+        """Write the conversation and the engine's KV state to ``path``; returns the file size."""
+        from spindle_local.runtime import session
+
+        return session.save(path, self.engine, messages=messages, system_prompt=system_prompt,
+                            model_path=self.model_path)
+
+    def resume(self, saved) -> None:
+        """Continue a saved session (a checked :class:`~spindle_local.runtime.session.Session`)."""
+        from spindle_local.runtime import session
+
+        session.restore(self.engine, saved)
+
     def stats_line(self) -> str:
         s = self.engine.refresh_stats()
+        held, cap = self.engine.kv_memory()
+        limit = f" / {cap / 2**20:.1f} MiB cap" if cap else ""
         return (f"tokens seen: {s.tokens_seen}  KV now: {s.kv_bytes / 2**20:.2f} MiB  "
                 f"full cache: {s.full_bytes / 2**20:.2f} MiB  reserve ratio: {s.reserve_ratio:.3f}  "
+                f"allocated: {held / 2**20:.1f} MiB{limit}  "
                 f"policy: {self.engine.config.policy}  compressions: {s.compressions}")
 
     def turn_notice(self) -> str | None:

@@ -180,15 +180,10 @@ def decode(data: bytes, *, name: str = "the session file") -> Session:
 
 
 def read_session(path: str | Path) -> Session:
+    from spindle_local.paths import read_user_file
+
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise SessionError(f"session file not found: {p}") from None
-    except IsADirectoryError:
-        raise SessionError(f"{p} is a directory, not a session file") from None
-    except OSError as e:
-        raise SessionError(f"cannot read {p}: {e.strerror}") from None
+    data = read_user_file(p, "session file")
     return decode(data, name=str(p))
 
 
@@ -217,19 +212,20 @@ def _set_regular_state(engine, data: np.ndarray) -> None:
 
 
 def _put_side(out: dict, key: str, raw: np.ndarray | None, cb: Codebook | None) -> None:
+    # Rows and codebook entries live as f16 in the store: f16 on disk loses nothing.
     if cb is not None:
-        out[key + "_ent"] = cb.entries.astype(np.float32)
+        out[key + "_ent"] = cb.entries.astype(np.float16)
         out[key + "_idx"] = cb.index.astype(np.int32)
         out[key + "_mag"] = cb.magnitude.astype(np.float32)
     elif raw is not None:
-        out[key + "_raw"] = raw.astype(np.float32)
+        out[key + "_raw"] = raw.astype(np.float16)
 
 
 def _get_side(arrays: dict, key: str) -> tuple[np.ndarray | None, Codebook | None]:
     if key + "_raw" in arrays:
-        return arrays[key + "_raw"], None
+        return arrays[key + "_raw"].astype(np.float32), None
     if key + "_ent" in arrays:
-        return None, Codebook(entries=arrays[key + "_ent"], index=arrays[key + "_idx"],
+        return None, Codebook(entries=arrays[key + "_ent"].astype(np.float32), index=arrays[key + "_idx"],
                               magnitude=arrays[key + "_mag"])
     raise SessionError(f"the session file lacks {key} (written by another version?)")
 
