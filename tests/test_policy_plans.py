@@ -14,6 +14,7 @@ from spindle_local.policy import (
     layer_store_bytes,
     make_policy,
 )
+from spindle_local.policy.inputs import PAPER_SPINDLE
 from spindle_local.policy.budgets import (
     allocate_slots,
     codebook_layer_bytes,
@@ -148,7 +149,7 @@ def test_spindle_query_heads_keep_different_tokens():
     hot = {0: [10, 11], 1: [20, 21], 2: [10, 40]}  # head 0 and 2 share token 10
     for j, toks in hot.items():
         inp.q_window[:, j, :] = (k[toks[0], 0] + k[toks[1], 0]) * 3
-    cfg = PolicyConfig(pooling=None, sinks=0, codebook_layers=0)
+    cfg = PolicyConfig(pooling=None, sinks=0, codebook_layers=0, **PAPER_SPINDLE)
     slots = 5
     st = make_policy("spindle", cfg).plan([inp], geo, raw_slot_bytes(geo) * slots)[0]
     hs = st.heads[0]
@@ -241,8 +242,10 @@ def test_empty_layer():
 
 def test_union_masks_option(layers):
     target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * 0.25)
-    own = make_policy("spindle", PolicyConfig(codebook_layers=0)).plan(layers, GEO, target)
-    uni = make_policy("spindle", PolicyConfig(codebook_layers=0, query_masks="union")).plan(layers, GEO, target)
+    paper = dict(PAPER_SPINDLE)
+    own = make_policy("spindle", PolicyConfig(codebook_layers=0, **paper)).plan(layers, GEO, target)
+    paper["query_masks"] = "union"
+    uni = make_policy("spindle", PolicyConfig(codebook_layers=0, **paper)).plan(layers, GEO, target)
     differs = False
     for a, b in zip(own, uni):
         for ha, hb in zip(a.heads, b.heads):
@@ -388,3 +391,67 @@ def test_unavailable_pairs_get_no_attention():
     s = window_scores(inp, GEO, PolicyConfig(pooling=None))
     assert np.all(s[GEO.g : 2 * GEO.g, 10:20] == 0)
     assert np.all(s[:GEO.g, 10:20] > 0)
+
+
+SPINDLE_VARIANTS = [
+    dict(PAPER_SPINDLE),
+    dict(PAPER_SPINDLE, codebook_layers=2),
+    dict(gqa_select="max"),
+    dict(gqa_select="mean", query_masks="union"),
+    dict(layer_alloc="mass", alloc_floor=0.2),
+    dict(layer_alloc="mass", alloc_floor=0.0, gqa_select="max", value_weight=True, query_masks="union"),
+    dict(layer_alloc="mass", alloc_floor=1.0, codebook_layers=0),
+]
+
+
+@pytest.mark.parametrize("opts", SPINDLE_VARIANTS)
+@pytest.mark.parametrize("frac", [0.4, 0.25, 0.15])
+def test_spindle_variants_respect_budget(layers, opts, frac):
+    target = int(full_cache_bytes(N, GEO.n_layer, GEO.n_head_kv, 16, 16) * frac)
+    pol = make_policy("spindle", PolicyConfig(**opts))
+    stores = pol.plan(layers, GEO, target)
+    assert total_bytes(stores) <= target
+    assert target - total_bytes(stores) < raw_slot_bytes(GEO) * GEO.n_layer + 200 * GEO.n_layer
+    for inp, st in zip(layers, stores):
+        check_store(inp, st)
+
+
+def test_mass_slots_contract_and_greedy():
+    from spindle_local.policy.budgets import mass_slots
+
+    gains = [np.array([5.0, 4.0, 0.1, 0.1]), np.array([1.0, 1.0, 1.0, 1.0]), np.array([9.0, 0.0])]
+    lo = np.array([2, 2, 2])
+    hi = np.array([6, 6, 4])
+    # no floor: the 4 largest gains are 9, 5, 4 and a 1 (ties: earlier layer first)
+    s = mass_slots(gains, lo, hi, np.zeros(3, dtype=np.int64), 6 + 4)
+    assert list(s) == [4, 3, 3]
+    # a floor is kept even where gains are small
+    s = mass_slots(gains, lo, hi, np.array([2, 2, 4]), 6 + 4)
+    assert s[2] == 4 and s.sum() == 10 and (s >= lo).all() and (s <= hi).all()
+    # everything fits: hi
+    assert list(mass_slots(gains, lo, hi, lo, 100)) == list(hi)
+    # non-monotone gains are made non-increasing (each layer keeps a prefix)
+    s = mass_slots([np.array([0.0, 10.0]), np.array([1.0, 1.0])], np.array([0, 0]), np.array([2, 2]),
+                   np.zeros(2, dtype=np.int64), 2)
+    assert list(s) == [0, 2]
+
+
+def test_group_max_and_value_weight():
+    from spindle_local.policy.scores import value_norm_weights, window_scores
+    from spindle_local.policy.select import group_select
+
+    sc = np.array([[1.0, 0.0, 0.5, 0.0], [0.0, 0.9, 0.0, 0.2]], dtype=np.float32)
+    sel, mask = group_select(sc, 2, "max")
+    assert list(sel) == [0, 1] and mask.all()
+    sel, _ = group_select(sc, 2, "mean")
+    assert list(sel) == [0, 1]
+    sel, _ = group_select(np.array([[1.0, 0.6, 0.7], [0.0, 0.6, 0.0]]), 1, "mean")
+    assert list(sel) == [1]
+    inp = make_layer(GEO, 3, n=40, w=8, r=12, seed=3)
+    inp.v[5] *= 10.0
+    w = value_norm_weights(inp, GEO)
+    assert w.shape == (GEO.n_head, 40) and (w[:, 5] > w[:, 6]).all()
+    cfg = PolicyConfig(pooling=None)
+    plain = window_scores(inp, GEO, cfg)
+    weighted = window_scores(inp, GEO, cfg, value_weight=True)
+    np.testing.assert_allclose(weighted, plain * w, rtol=1e-6)

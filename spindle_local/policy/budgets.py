@@ -116,3 +116,44 @@ def allocate_slots(
 def sink_slots(positions: np.ndarray, sinks: int) -> int:
     """Number of protected tokens among ``positions`` (those with position < ``sinks``)."""
     return int(np.count_nonzero(np.asarray(positions) < sinks))
+
+
+def mass_slots(
+    gains: list[np.ndarray], lo: np.ndarray, hi: np.ndarray, floor: np.ndarray, total_slots: int
+) -> np.ndarray:
+    """Slots per layer that keep the most window attention mass, each layer at least ``floor``.
+
+    ``gains[l][t]`` is what layer ``l``'s slot ``lo[l] + t`` (in its selection order) would
+    retain, summed over the layer's heads; it is made non-increasing so that every layer
+    keeps a prefix. Slots beyond ``floor`` go to the largest gains over all layers (a
+    global top-k), which is optimal for the summed mass. Same contract as
+    :func:`allocate_slots`: ``lo <= slots <= hi`` and ``sum <= total_slots``, using the
+    whole budget unless every layer reaches ``hi``.
+    """
+    lo = np.asarray(lo, dtype=np.int64)
+    hi = np.maximum(np.asarray(hi, dtype=np.int64), lo)
+    base = np.clip(np.asarray(floor, dtype=np.int64), lo, hi)
+    if base.sum() > total_slots:
+        return allocate_slots(np.maximum(np.asarray(floor, dtype=np.float64), 1e-9), lo, hi, total_slots)
+    if hi.sum() <= total_slots:
+        return hi.copy()
+    rest = int(total_slots - base.sum())
+    vals, owner = [], []
+    for l, gl in enumerate(gains):
+        g = np.asarray(gl, dtype=np.float64)[: hi[l] - lo[l]]
+        if len(g) < hi[l] - lo[l]:
+            g = np.concatenate([g, np.zeros(hi[l] - lo[l] - len(g))])
+        g = np.minimum.accumulate(np.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)) if len(g) else g
+        cand = g[base[l] - lo[l]:]
+        vals.append(cand)
+        owner.append(np.full(len(cand), l, dtype=np.int64))
+    if rest <= 0 or not vals:
+        return base
+    v = np.concatenate(vals)
+    o = np.concatenate(owner)
+    take = min(rest, len(v))
+    # stable: among equal gains, earlier layers first (deterministic)
+    idx = np.argsort(-v, kind="stable")[:take]
+    slots = base + np.bincount(o[idx], minlength=len(gains))
+    assert slots.sum() <= total_slots and (slots <= hi).all()
+    return slots

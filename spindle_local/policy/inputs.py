@@ -115,6 +115,10 @@ class LayerInput:
             check("v_recent", self.v_recent, (r, hkv, dv))
 
 
+# The SpindleKV paper's choices for the spindle-only knobs (the defaults are the measured best).
+PAPER_SPINDLE = dict(query_masks="own", gqa_select="union", layer_alloc="pyramid", value_weight=False)
+
+
 @dataclass
 class PolicyConfig:
     """Knobs shared by all policies (each policy reads the ones it needs).
@@ -130,10 +134,21 @@ class PolicyConfig:
     queries it is given); ``codebook_block`` sizes the codebook's edge buffer
     (``n * block`` pairs, see :mod:`.codebook`); ``auto_margin`` is the relative error
     advantage the codebook needs in ``auto``; ``include_recent_in_softmax`` normalises
-    window attention over the recent keys too; ``query_masks`` is ``'own'`` (SpindleKV:
-    a query head sees only its own top-k of the stored union) or ``'union'`` (every
-    query head sees every stored slot; same bytes); ``threads`` bounds planning threads;
+    window attention over the recent keys too; ``threads`` bounds planning threads;
     ``extra['attn_scale']`` overrides the ``1/sqrt(dk)`` softmax scale.
+
+    ``spindle`` only (measured on SmolLM2-135M with pydoc text, see
+    ``scripts/tune_policy.py``; :data:`PAPER_SPINDLE` gives the paper's choices):
+    ``query_masks`` ``'union'`` lets every query head of a group see every stored slot
+    (``'own'``, the paper: each sees only its own top-k; same bytes, more missing
+    attention mass); ``gqa_select`` ``'max'`` keeps the tokens whose best score over the
+    group's query heads is highest (a flattened top-k over (query head, token) pairs:
+    heads with broad attention claim more slots than sharp ones); ``layer_alloc``
+    ``'mass'`` gives each eviction layer ``alloc_floor`` of the flat share and hands the
+    rest of the slots to the largest window attention masses over all layers (layers
+    with concentrated attention need few slots), ``'pyramid'`` follows ``pyramid_beta``;
+    ``value_weight`` multiplies attention by the token's value norm relative to its KV
+    head's mean (a token with a small value adds little to the output).
     """
 
     window: int = 32
@@ -148,7 +163,12 @@ class PolicyConfig:
     auto_max_layers: int | None = None
     auto_margin: float = 0.0
     include_recent_in_softmax: bool = True
-    query_masks: str = "own"  # spindle: "own" (paper: a query head sees its own top-k) or "union"
+    # spindle only (snapkv/pyramidkv ignore these; PAPER_SPINDLE restores the paper's choices)
+    query_masks: str = "union"  # "union" (every query head sees the stored union) or "own" (paper)
+    gqa_select: str = "max"  # tokens of a GQA group: "max" over its query heads, "union" (round-robin, paper), "mean"
+    layer_alloc: str = "mass"  # "mass" (window score mass, floor alloc_floor) or "pyramid" (beta schedule, paper)
+    alloc_floor: float = 0.2  # "mass": share of the flat per-layer budget every eviction layer keeps
+    value_weight: bool = True  # scores times the token's relative value norm
     threads: int | None = None  # planning threads (None: the CPUs this process may use)
     extra: dict = field(default_factory=dict)
 
@@ -174,5 +194,11 @@ class PolicyConfig:
             raise ValueError("pyramid_beta must be >= 1 (1 = flat)")
         if self.query_masks not in ("own", "union"):
             raise ValueError(f"query_masks must be 'own' or 'union', not {self.query_masks!r}")
+        if self.gqa_select not in ("union", "max", "mean"):
+            raise ValueError(f"gqa_select must be 'union', 'max' or 'mean', not {self.gqa_select!r}")
+        if self.layer_alloc not in ("pyramid", "mass"):
+            raise ValueError(f"layer_alloc must be 'pyramid' or 'mass', not {self.layer_alloc!r}")
+        if not (0.0 <= self.alloc_floor <= 1.0):
+            raise ValueError("alloc_floor must be in [0, 1]")
         if self.codebook_block < 1:
             raise ValueError("codebook_block must be >= 1")

@@ -23,7 +23,7 @@ from .codebook import build_codebook, distinct_prefix_counts, subset_codebook
 from .inputs import Geometry, LayerInput, PolicyConfig
 from .parallel import pmap
 from .plan import F16_BYTES, INDEX_BYTES, MAG_BYTES, MASK_BYTES, POS_BYTES, Codebook, HeadStore, LayerStore
-from .select import group_select, union_priority, union_select
+from .select import group_priority, group_select, union_priority, union_select
 
 
 def protect(
@@ -80,6 +80,39 @@ def head_store(
     return hs
 
 
+def select_tokens(grp: np.ndarray, n_slots: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and query-head masks for one GQA group: ``'union'`` (SpindleKV round-robin,
+    each query head masked to its own top-k), ``'mean'`` (SnapKV) or ``'max'`` (group max,
+    every head sees every slot)."""
+    if mode == "union":
+        return union_select(grp, n_slots)
+    return group_select(grp, n_slots, mode)
+
+
+def selection_priority(grp: np.ndarray, mode: str) -> np.ndarray:
+    """Every token of a group in the order ``select_tokens(grp, S, mode)`` takes them."""
+    return union_priority(grp) if mode == "union" else group_priority(grp, mode)
+
+
+def layer_gains(scores: np.ndarray, g: int, mode: str, n_protected: int) -> np.ndarray:
+    """Window attention mass the layer's ``t``-th unprotected slot would keep, summed over heads.
+
+    Per KV head, tokens in selection order (``mode``); a token's mass is the sum of its
+    (protected) scores over the group's query heads, non-finite ones (sinks, absent
+    pairs) counting 0. Every KV head keeps the same slot count, so the layer's gain of
+    its ``t``-th slot is the sum over KV heads. Returns float64 [n - n_protected].
+    """
+    n_h, n = scores.shape
+    m = max(n - n_protected, 0)
+    out = np.zeros(m, dtype=np.float64)
+    finite = np.where(np.isfinite(scores), scores, 0.0).astype(np.float64)
+    for h in range(n_h // g):
+        grp = scores[h * g : (h + 1) * g]
+        prio = selection_priority(grp, mode)[n_protected:]
+        out[: len(prio)] += finite[h * g : (h + 1) * g][:, prio].sum(axis=0)[:m]
+    return out
+
+
 def evict_layer(
     inp: LayerInput,
     geometry: Geometry,
@@ -88,15 +121,21 @@ def evict_layer(
     per_query_head: bool,
     role: str = "evict",
     union_visible: bool = False,
+    select: str | None = None,
 ) -> LayerStore:
-    """Raw layer keeping ``n_slots`` tokens per KV head (protected scores [H, n] given)."""
+    """Raw layer keeping ``n_slots`` tokens per KV head (protected scores [H, n] given).
+
+    ``select`` picks the group rule (:func:`select_tokens`); None means ``'union'``
+    (per-query-head round-robin) when ``per_query_head`` else ``'mean'``.
+    """
     g = geometry.g
     store = LayerStore(layer=inp.layer, role=role)
     cap = available_counts(inp, geometry.n_head_kv)
+    mode = select or ("union" if per_query_head else "mean")
     for h in range(geometry.n_head_kv):
         grp = scores[h * g : (h + 1) * g]
         s_h = int(min(n_slots, cap[h]))  # absent pairs rank last (-inf): never reached
-        sel, mask = union_select(grp, s_h) if per_query_head else group_select(grp, s_h)
+        sel, mask = select_tokens(grp, s_h, mode)
         if union_visible:
             mask = np.ones_like(mask)
         store.heads.append(head_store(inp, h, sel, mask))
@@ -147,7 +186,8 @@ def fit_codebook_layer(
     s_hi = int(min(s_hi, available_counts(inp, hkv).min()))  # one S for all heads
     if s_hi <= raw_slots:
         return CodebookFit(None, raw_slots, raw_slots, 0, False, False)
-    prio = [union_priority(scores[h * g : (h + 1) * g])[:s_hi] for h in range(hkv)]
+    mode = config.gqa_select
+    prio = [selection_priority(scores[h * g : (h + 1) * g], mode)[:s_hi] for h in range(hkv)]
     all_tokens = s_hi == n
     # build_rows[h]: the rows each codebook is built on; order[h]: priority order as
     # positions within build_rows (its prefixes are the candidate slot sets)
@@ -200,8 +240,8 @@ def fit_codebook_layer(
     for h in range(hkv):
         rows = prio[h][:s]
         grp = scores[h * g : (h + 1) * g]
-        sel, mask = union_select(grp, s)
-        # union_select's set equals the priority prefix; align the mask to ``rows`` order
+        sel, mask = select_tokens(grp, s, mode)
+        # the selected set equals the priority prefix; align the mask to ``rows`` order
         where = np.full(n, -1, dtype=np.int64)
         where[sel] = np.arange(len(sel))
         assert (where[rows] >= 0).all(), "priority prefix and union selection disagree"

@@ -17,9 +17,9 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from .budgets import allocate_slots, pyramid_weights, raw_slot_bytes, sink_slots
+from .budgets import allocate_slots, mass_slots, pyramid_weights, raw_slot_bytes, sink_slots
 from .inputs import Geometry, LayerInput, PolicyConfig
-from .layer_plans import evict_layer, fit_codebook_layer, head_store, protect
+from .layer_plans import evict_layer, fit_codebook_layer, head_store, layer_gains, protect
 from .parallel import pmap
 from .plan import LayerStore, layer_store_bytes
 from .roles import auto_roles
@@ -83,8 +83,8 @@ class Policy(ABC):
         w = pyramid_weights(geometry.n_layer, self.config.pyramid_beta)
         return np.array([w[min(max(i.layer, 0), geometry.n_layer - 1)] for i in layers])
 
-    def _scores(self, inp: LayerInput, geometry: Geometry, logits=None) -> np.ndarray:
-        s = window_scores(inp, geometry, self.config, logits=logits)
+    def _scores(self, inp: LayerInput, geometry: Geometry, logits=None, value_weight: bool = False) -> np.ndarray:
+        s = window_scores(inp, geometry, self.config, logits=logits, value_weight=value_weight)
         return protect(s, inp.positions, self.config.sinks, inp.available_mask())
 
 
@@ -150,15 +150,24 @@ class PyramidKVPolicy(SnapKVPolicy):
 
 
 class SpindlePolicy(Policy):
-    """SpindleKV: pyramid budgets, per-query-head selection with a shared union, codebook layers.
+    """SpindleKV: codebook layers at the shallow end, eviction with adaptive budgets elsewhere.
 
-    1. Pyramid slots over all layers give each layer a byte share.
+    1. Every layer gets a byte share: flat with ``layer_alloc='mass'`` (default), the
+       pyramid (``pyramid_beta``) with ``'pyramid'`` (the paper).
     2. Codebook layers (the first ``codebook_layers`` or, with ``'auto'``, those where the
-       codebook's measured attention error beats eviction at equal bytes) evict with the
-       union order and codebook K (pre-RoPE) and V to fit their share; a layer whose
+       codebook's measured attention error beats eviction at equal bytes) evict in
+       selection order and codebook K (pre-RoPE) and V to fit their share; a layer whose
        codebook keeps no more tokens than plain eviction stays an eviction layer.
-    3. Bytes the codebook layers leave unused are redistributed over the eviction layers
-       with the same pyramid weights.
+    3. The bytes left go to the eviction layers: ``'mass'`` keeps ``alloc_floor`` of the
+       flat share in every layer and gives each further slot to the layer where it keeps
+       the most window attention mass (a global top-k over layers); ``'pyramid'`` uses the
+       pyramid weights.
+    4. Per KV head, tokens are chosen by ``gqa_select`` (default: the best score over the
+       group's query heads; ``'union'``: the paper's round-robin over per-query-head
+       top-k) with scores weighted by value norms (``value_weight``); with
+       ``query_masks='own'`` each query head sees only its own top-k of the union.
+    Every KV head of a layer keeps the same slot count: the store pads a layer's heads to
+    its largest one, so unequal per-head budgets would cost bytes without keeping more.
     """
 
     name = "spindle"
@@ -166,12 +175,15 @@ class SpindlePolicy(Policy):
     def _plan(self, layers, geometry, target_bytes):
         cfg = self.config
         unit = raw_slot_bytes(geometry)
-        weights = self._layer_weights(layers, geometry)
+        mass = cfg.layer_alloc == "mass"
+        # "mass": byte shares start flat; the eviction layers' slots then follow the score mass
+        weights = np.ones(len(layers)) if mass else self._layer_weights(layers, geometry)
         slots = self._slot_budget(layers, geometry, target_bytes, weights)
         budgets = slots * unit
         n_min = np.array([min(sink_slots(i.positions, cfg.sinks), i.n) for i in layers], dtype=np.int64)
         logits = pmap(lambda inp: layer_logits(inp, geometry, cfg), layers, cfg.threads)
-        scores = pmap(lambda il: self._scores(il[0], geometry, il[1]), list(zip(layers, logits)), cfg.threads)
+        scores = pmap(lambda il: self._scores(il[0], geometry, il[1], value_weight=cfg.value_weight),
+                      list(zip(layers, logits)), cfg.threads)
         self._extra_report = {inp.layer: {"share_bytes": int(b)} for inp, b in zip(layers, budgets)}
 
         fits: dict[int, object] = {}
@@ -208,11 +220,17 @@ class SpindlePolicy(Policy):
         if rest:
             lo = n_min[rest]
             hi = np.array([layers[i].n for i in rest], dtype=np.int64)
-            s_rest = allocate_slots(weights[rest], lo, hi, (target_bytes - used) // unit)
+            total = (target_bytes - used) // unit
+            s_rest = allocate_slots(weights[rest], lo, hi, total)
+            if mass:
+                floor = np.floor(cfg.alloc_floor * s_rest).astype(np.int64)
+                gains = [layer_gains(scores[i], geometry.g, cfg.gqa_select, int(n_min[i])) for i in rest]
+                s_rest = mass_slots(gains, lo, hi, floor, total)
             for i, s in zip(rest, s_rest):
+                self._extra_report[layers[i].layer]["slots_planned"] = int(s)
                 out[i] = evict_layer(
                     layers[i], geometry, scores[i], int(s), per_query_head=True,
-                    union_visible=cfg.query_masks == "union",
+                    union_visible=cfg.query_masks == "union", select=cfg.gqa_select,
                 )
         return out  # type: ignore[return-value]
 

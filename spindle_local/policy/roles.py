@@ -205,12 +205,13 @@ def auto_roles(
             continue  # everything fits raw: nothing to gain, nothing lost; look deeper
         (sel_inp, sel_lg), (ev_inp, ev_lg) = _split_window(inp, logits[i])
         sc = protect(
-            window_scores(sel_inp, geometry, config, logits=sel_lg),
+            window_scores(sel_inp, geometry, config, logits=sel_lg, value_weight=config.value_weight),
             inp.positions, config.sinks, inp.available_mask(),
         )
         probe = AttentionProbe(ev_inp, geometry, scale, ev_lg)
         ev = evict_layer(
-            inp, geometry, sc, int(raw_slots[i]), per_query_head=True, union_visible=union_visible
+            inp, geometry, sc, int(raw_slots[i]), per_query_head=True, union_visible=union_visible,
+            select=config.gqa_select,
         )
         dec.err_evict = probe.error(ev)
         args = (inp, geometry, config, sc, int(budgets[i]), int(n_min[i]))

@@ -198,9 +198,15 @@ def window_scores(
     config: PolicyConfig,
     use_numba: bool = True,
     logits: tuple[np.ndarray, np.ndarray] | None = None,
+    value_weight: bool = False,
 ) -> np.ndarray:
     """Per-query-head scores float32 [H, n] of the old tokens (pooled, sinks *not* protected;
     with pooling, the sinks' own scores are zeroed before pooling).
+
+    ``value_weight`` multiplies each token's attention by the norm of its value vector
+    (relative to the KV head's mean value norm) before pooling: what a token adds to the
+    attention output is its weight times its value, so a token with a tiny value
+    contributes little however much attention it gets (value-aware token pruning).
 
     Tokens are scored in the order of ``inp.positions``; pooling assumes that order is the
     position order (the engine passes old tokens sorted; otherwise they are sorted here).
@@ -222,6 +228,8 @@ def window_scores(
     q_pos = np.asarray(inp.q_positions, dtype=np.int64)
     fn = _softmax_colmean_nb if use_numba else softmax_colmean_ref
     s = fn(lo, lr, q_pos, pos_old, rec_pos.astype(np.int64))
+    if value_weight:
+        s = s * value_norm_weights(inp, geometry)
     if config.pooling is not None and config.pool_kernel > 1:
         # sinks are kept regardless; zero them first so that pooling does not spread
         # token 0's large score (a sink even without BOS) onto its neighbours
@@ -238,6 +246,17 @@ def window_scores(
             s = np.empty_like(ss)
             s[:, order] = ss
     return s
+
+
+def value_norm_weights(inp: LayerInput, geometry: Geometry) -> np.ndarray:
+    """float32 [H, n]: each token's value norm over its KV head's mean value norm
+    (placeholder rows of absent pairs excluded from the mean)."""
+    vn = np.linalg.norm(np.asarray(inp.v, dtype=np.float32), axis=2)  # [n, Hkv]
+    avail = inp.available_mask()
+    ok = np.ones_like(vn, dtype=bool) if avail is None else avail
+    mean = np.array([vn[ok[:, h], h].mean() if ok[:, h].any() else 1.0 for h in range(vn.shape[1])])
+    w = vn / np.maximum(mean, 1e-12)[None, :]
+    return np.repeat(w.T, geometry.g, axis=0).astype(np.float32)
 
 
 def layer_logits(

@@ -111,11 +111,32 @@ def union_priority(scores: np.ndarray) -> np.ndarray:
     return np.lexsort((best_head, best_rank)).astype(np.int64)
 
 
-def group_select(scores: np.ndarray, n_slots: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``n_slots`` of the group-averaged scores; every query head sees every slot."""
+def group_aggregate(scores: np.ndarray, how: str = "mean") -> np.ndarray:
+    """Scores [g, n] of a GQA group reduced to one per token: ``'mean'`` or ``'max'`` over the heads.
+
+    ``'max'`` keeps a token when any query head of the group wants it; a top-``S`` of the
+    max is the same as taking (query head, token) pairs in descending score order until
+    ``S`` distinct tokens are held, so a head with concentrated attention claims few
+    slots and a head with broad attention many (AdaKV's flattened top-k, within a group).
+    """
+    x = scores.astype(np.float64)
+    if how == "mean":
+        return x.mean(axis=0)
+    if how == "max":
+        return x.max(axis=0)
+    raise ValueError(f"unknown group aggregation {how!r}")
+
+
+def group_priority(scores: np.ndarray, how: str = "mean") -> np.ndarray:
+    """All tokens in descending order of the group's aggregated score (stable)."""
+    return np.argsort(-group_aggregate(scores, how), kind="stable").astype(np.int64)
+
+
+def group_select(scores: np.ndarray, n_slots: int, how: str = "mean") -> tuple[np.ndarray, np.ndarray]:
+    """Top ``n_slots`` of the group-aggregated scores (default: averaged, as SnapKV);
+    every query head sees every slot."""
     g, n = scores.shape
     if n_slots >= n:
         return np.arange(n), np.ones((g, n), dtype=bool)
-    mean = scores.astype(np.float64).mean(axis=0)
-    top = np.argsort(-mean, kind="stable")[:n_slots]
+    top = group_priority(scores, how)[:n_slots]
     return np.sort(top), np.ones((g, n_slots), dtype=bool)
