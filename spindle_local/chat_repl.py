@@ -128,7 +128,8 @@ class ChatRepl:
     def _notice(self, text: str) -> None:
         width = max(20, min(shutil.get_terminal_size((80, 24)).columns, 100))
         for line in text.splitlines() or [""]:
-            self.err.write(textwrap.fill(line, width=width, subsequent_indent="  ") + "\n" if line else "\n")
+            self.err.write(textwrap.fill(line, width=width, subsequent_indent="  ", break_long_words=False,
+                                         break_on_hyphens=False) + "\n" if line else "\n")
         self.err.flush()
 
     def answer(self, user_text: str) -> str:
