@@ -481,8 +481,9 @@ def _build_serve_command():
         path, cfg = conversation_setup(model, n_ctx, engine_kw)
         state = ServerState.load(path, cfg, default_max_tokens=default_max_tokens)
         logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
+        budget = f"kv mem {cfg.kv_mem / 2**20:.1f} MiB" if cfg.kv_mem else f"kv budget {cfg.kv_budget}"
         click.echo(f"serving {state.model_id} on http://{host}:{port}/v1 (policy {cfg.policy}, "
-                   f"kv budget {cfg.kv_budget}, context {state.model.context_limit()} tokens)", err=True)
+                   f"{budget}, context {state.model.context_limit()} tokens)", err=True)
         try:
             uvicorn.run(create_app(state), host=host, port=port, log_level=log_level)
         finally:

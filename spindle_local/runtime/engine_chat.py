@@ -287,6 +287,8 @@ class ServingChatModel(EngineChatModel):
         return {
             "policy": self.engine.config.policy,
             "kv_budget": self.engine.config.kv_budget,
+            "kv_mem": self.engine.config.kv_mem,
+            "kv_allocated_bytes": self.engine.kv_memory()[0],
             "tokens_held": s.tokens_seen,
             "kv_bytes": s.kv_bytes,
             "store_bytes": s.store_bytes,
