@@ -140,7 +140,9 @@ def test_lossless_move_tiny(tiny: dict, name: str, flash_attn: bool) -> None:
         ctx.decode(tokens[-1:])
         got = ctx.logits()
     assert got.argmax() == want.argmax()
-    assert float(np.abs(got - want).max()) < 2e-3
+    # one-token decodes with a store use non-flash math (split path) even in a flash-attention
+    # context, so the FA case differs from stock by what switching flash attention off does
+    assert float(np.abs(got - want).max()) < (5e-3 if flash_attn else 2e-3)
 
 
 # -- codebooks -------------------------------------------------------------------------------
@@ -213,18 +215,55 @@ def test_codebook_one_entry_per_token_tiny(tiny: dict, flash_attn: bool) -> None
 
 
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["nofa", "fa"])
-def test_shared_codebook_matches_reference(tiny: dict, flash_attn: bool) -> None:
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per_head"])
+def test_shared_codebook_matches_reference(tiny: dict, flash_attn: bool, per_head: bool) -> None:
+    """``per_head``: the KV heads keep different tokens (uneven slot counts), so every (slot, head)
+    is re-roped at its own position; otherwise all heads share positions (roped once per slot)."""
     model, ref = tiny["gqa"]
     tokens = _tiny_tokens(model, 50, seed=2)
+    rng = np.random.default_rng(5)
     with LlamaContext(model, n_ctx=512, n_batch=128, flash_attn=flash_attn) as ctx:
         ctx.decode(tokens[:-1], logits="none")
         for il in range(model.n_layer):
-            ctx.store_set(il, _codebook_store(ctx, il, 40, n_entries=12))
+            st = _codebook_store(ctx, il, 40, n_entries=12)
+            for hs in st.heads if per_head else []:
+                keep = np.sort(rng.choice(40, int(rng.integers(20, 40)), replace=False))
+                hs.positions, hs.qmask = hs.positions[keep], hs.qmask[:, keep]
+                for cb in (hs.k_codebook, hs.v_codebook):
+                    cb.index, cb.magnitude = cb.index[keep], cb.magnitude[keep]
+            ctx.store_set(il, st)
         ctx.evict(0, 40)
         want = _reference_next(ctx, ref, tokens[-1], len(tokens) - 1, flash_attn)
         ctx.decode(tokens[-1:], [len(tokens) - 1])
         got = ctx.logits()
     assert float(np.abs(got - want).max()) < REF_ATOL
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["nofa", "fa"])
+@pytest.mark.parametrize("codebook", [False, True], ids=["raw", "codebook"])
+def test_split_and_joined_paths_agree(tiny: dict, flash_attn: bool, codebook: bool) -> None:
+    """One-token ubatches attend to store and cache separately (split path); larger ones join
+    the store to the cache views (joined path). Both must give the same next-token logits."""
+    model, _ = tiny["gqa"]
+    tokens = _tiny_tokens(model, 52, seed=6)
+    outs = []
+    for joined in (False, True):
+        with LlamaContext(model, n_ctx=512, n_batch=128, flash_attn=flash_attn) as ctx:
+            ctx.decode(tokens[:-3], logits="none")
+            if codebook:
+                for il in range(model.n_layer):
+                    ctx.store_set(il, _codebook_store(ctx, il, 40, n_entries=12))
+                ctx.evict(0, 40)
+            else:
+                ctx.move_to_store(0, 40)
+            if joined:
+                ctx.decode(tokens[-3:])  # one ubatch of 3 tokens
+            else:
+                for t in tokens[-3:]:
+                    ctx.decode([t])
+            outs.append(ctx.logits().copy())
+    # batched and one-by-one decoding differ a little even in stock llama.cpp (other matmul kernels)
+    assert float(np.abs(outs[0] - outs[1]).max()) < REF_ATOL
 
 
 # -- per-query-head masks ---------------------------------------------------------------------
