@@ -385,6 +385,7 @@ class Engine:
             self.ctx.seq_rm(p_min, cut)
         self.ctx.compact()
         self._allowance = self.n_past - cut + growth  # regular tokens the plan leaves room for
+        _release_heap()
         self.stats.compressions += 1
         self.stats.compress_seconds += time.perf_counter() - t0
 
@@ -452,6 +453,34 @@ class Engine:
                 return
             yield tok
             logits = self.step(tok)
+
+
+def _libc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+    return lambda: trim(0)
+
+
+_trim = None
+
+
+def _release_heap() -> None:
+    """Give the planning's freed scratch memory back to the OS (glibc keeps it otherwise).
+
+    A compression allocates and frees a few hundred MB of numpy scratch; without this the
+    process's resident size ratchets up with every plan (measured: 560 vs 340 MB after 14
+    compressions of a 1,500-token store).
+    """
+    global _trim
+    if _trim is None:
+        _trim = _libc_trim()
+    _trim()
 
 
 class Sampler:
