@@ -144,7 +144,7 @@ class PolicyConfig:
     attention mass); ``gqa_select`` ``'max'`` keeps the tokens whose best score over the
     group's query heads is highest (a flattened top-k over (query head, token) pairs:
     heads with broad attention claim more slots than sharp ones); ``layer_alloc``
-    ``'mass'`` gives each eviction layer ``alloc_floor`` of the flat share and hands the
+    ``'flat'`` (default) gives every layer the same share, ``'mass'`` gives each eviction layer ``alloc_floor`` of the flat share and hands the
     rest of the slots to the largest window attention masses over all layers (layers
     with concentrated attention need few slots), ``'pyramid'`` follows ``pyramid_beta``;
     ``value_weight`` multiplies attention by the token's value norm relative to its KV
@@ -166,7 +166,7 @@ class PolicyConfig:
     # spindle only (snapkv/pyramidkv ignore these; PAPER_SPINDLE restores the paper's choices)
     query_masks: str = "union"  # "union" (every query head sees the stored union) or "own" (paper)
     gqa_select: str = "max"  # tokens of a GQA group: "max" over its query heads, "union" (round-robin, paper), "mean"
-    layer_alloc: str = "mass"  # "mass" (window score mass, floor alloc_floor) or "pyramid" (beta schedule, paper)
+    layer_alloc: str = "flat"  # "flat", "mass" (window score mass, floor alloc_floor) or "pyramid" (paper)
     alloc_floor: float = 0.2  # "mass": share of the flat per-layer budget every eviction layer keeps
     value_weight: bool = True  # scores times the token's relative value norm
     threads: int | None = None  # planning threads (None: the CPUs this process may use)
@@ -196,8 +196,8 @@ class PolicyConfig:
             raise ValueError(f"query_masks must be 'own' or 'union', not {self.query_masks!r}")
         if self.gqa_select not in ("union", "max", "mean"):
             raise ValueError(f"gqa_select must be 'union', 'max' or 'mean', not {self.gqa_select!r}")
-        if self.layer_alloc not in ("pyramid", "mass"):
-            raise ValueError(f"layer_alloc must be 'pyramid' or 'mass', not {self.layer_alloc!r}")
+        if self.layer_alloc not in ("flat", "pyramid", "mass"):
+            raise ValueError(f"layer_alloc must be 'flat', 'pyramid' or 'mass', not {self.layer_alloc!r}")
         if not (0.0 <= self.alloc_floor <= 1.0):
             raise ValueError("alloc_floor must be in [0, 1]")
         if self.codebook_block < 1:
