@@ -204,25 +204,21 @@ class ChatRepl:
             self._notice("[system prompt set; conversation cleared]" if arg.strip() else "[system prompt removed]")
         elif cmd == "/stats":
             self._notice(f"messages: {len(self.messages)}  {self.model.stats_line()}")
-        elif cmd == "/read":
-            if not arg.strip():
-                self._notice("usage: /read FILE")
-            else:
-                try:
-                    self.read_document(arg.strip())
-                except SpindleError as e:
-                    self._notice(f"error: {e}")
-        elif cmd == "/save":
-            if not arg.strip():
-                self._notice("usage: /save FILE")
-            else:
-                try:
-                    size = self.model.save_session(Path(arg.strip()).expanduser(), self.messages, self.system_prompt)
-                    self._notice(f"[saved {arg.strip()}: {size / 2**20:.1f} MiB]")
-                except SpindleError as e:
-                    self._notice(f"error: {e}")
-                except OSError as e:
-                    self._notice(f"error: cannot save to {arg.strip()}: {e.strerror}")
+        elif cmd in ("/read", "/save"):
+            name = arg.strip()
+            if not name:
+                self._notice(f"usage: {cmd} FILE")
+                return True
+            try:
+                if cmd == "/read":
+                    self.read_document(name)
+                else:
+                    size = self.model.save_session(Path(name).expanduser(), self.messages, self.system_prompt)
+                    self._notice(f"[saved {name}: {size / 2**20:.1f} MiB]")
+            except SpindleError as e:
+                self._notice(f"error: {e}")
+            except OSError as e:
+                self._notice(f"error: cannot write {name}: {e.strerror}")
         else:
             self._notice(f"unknown command {cmd}; /help lists the commands")
         return True

@@ -281,12 +281,10 @@ class Engine:
         cfg = self.config
         capture = False
         if cfg.policy != "full":
-            room = self.cells - self.regular_count()
-            if room < 1 or self._needs_compress(1):
-                self.maybe_compress(growth=self._slack(), force=room < 1)
+            if self._compress_due(1):
+                self.maybe_compress(growth=self._slack(), force=self.regular_count() + 1 > self.cells)
             # Capture queries only for the tokens that will form the next compression's window.
-            capture = self._needs_compress(1 + cfg.window) or (
-                self.layout is not None and self.regular_count() + 1 + cfg.window > self.cells)
+            capture = self._compress_due(1 + cfg.window)
         t0 = time.perf_counter()
         self._decode([token], capture=capture)
         self.stats.decode_seconds += time.perf_counter() - t0
@@ -310,6 +308,10 @@ class Engine:
         """Tokens generation may add before the next compression (headroom the plan leaves)."""
         cfg = self.config
         return max(16, min(cfg.decode_slack, int(0.25 * cfg.kv_budget * self.n_past)))
+
+    def _compress_due(self, incoming: int) -> bool:
+        """Must a compression come before ``incoming`` more tokens (cache full, or the plan's allowance)?"""
+        return self.regular_count() + incoming > self.cells or self._needs_compress(incoming)
 
     def _needs_compress(self, incoming: int) -> bool:
         """Would ``incoming`` more tokens take the regular part past what the last plan allows?

@@ -229,6 +229,10 @@ class LlamaContext:
             self._logits = None
         self.next_pos = int(pos[-1]) + 1
 
+    def restore_logits(self, logits: np.ndarray) -> None:
+        """Set what :meth:`logits` returns (a restored session's last logits)."""
+        self._logits = np.asarray(logits, dtype=np.float32)
+
     def logits(self) -> np.ndarray:
         """Logits of the last :meth:`decode`: float32 [n_vocab] ("last") or [n, n_vocab] ("all")."""
         if self._logits is None:

@@ -59,11 +59,6 @@ class MemoryLayout:
     regular_bytes: int  # what llama.cpp allocates for ``cells`` cells
     store_cap: int  # store bytes (storage formula) the plans may use
 
-    @property
-    def tokens_uncompressed(self) -> int:
-        """Tokens that would fit in ``kv_mem`` as a plain f16 cache (for messages)."""
-        return self.kv_mem * self.cells // self.regular_bytes if self.regular_bytes else 0
-
 
 def _blocks(n: int) -> int:
     return -(-n // CELL_BLOCK) * CELL_BLOCK

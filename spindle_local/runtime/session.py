@@ -240,12 +240,9 @@ def capture(engine, *, messages: list[dict[str, str]], system_prompt: str | None
         engine.ctx.compact()  # cells in position order: the restored cache is laid out the same
         arrays["logits"] = np.asarray(engine.ctx.logits(), dtype=np.float32)
     arrays["regular"] = _regular_state(engine)
-    q = engine.queries
-    arrays["q_pos"] = q.positions.astype(np.int32)
-    for il in range(q.n_layer):
-        rows = q.layer(il)
-        if rows is not None:
-            arrays[f"q{il}"] = rows.astype(np.float32)
+    q_pos, q_rows = engine.queries.snapshot()
+    arrays["q_pos"] = q_pos
+    arrays.update({f"q{il}": rows for il, rows in enumerate(q_rows) if rows is not None})
     stores = []
     for il in sorted(engine._store_layers):
         st = engine.ctx.store_get(il)
@@ -314,10 +311,7 @@ def restore(engine, session: Session) -> None:
     engine.tokens = [int(t) for t in a["tokens"]]
     engine.ctx.next_pos = int(info["next_pos"])
     engine._allowance = info["allowance"]
-    q = engine.queries
-    q.reset()
-    q._pos = a["q_pos"].astype(np.int32)
-    q._q = [a[f"q{il}"] if f"q{il}" in a else None for il in range(q.n_layer)]
+    engine.queries.restore(a["q_pos"], [a.get(f"q{il}") for il in range(engine.queries.n_layer)])
     engine.stats = EngineStats(**info["stats"])
     if "logits" in a:
-        engine.ctx._logits = a["logits"].astype(np.float32)
+        engine.ctx.restore_logits(a["logits"])

@@ -70,6 +70,17 @@ class WindowQueries:
         self._pos = np.zeros(0, dtype=np.int32)
         self._pending.clear()
 
+    def snapshot(self) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """(positions, per-layer rows) — what a saved session keeps."""
+        return self._pos.copy(), [None if q is None else q.copy() for q in self._q]
+
+    def restore(self, positions: np.ndarray, rows: list[np.ndarray | None]) -> None:
+        if len(rows) != self.n_layer:
+            raise ValueError(f"{len(rows)} layers of window queries for a {self.n_layer}-layer model")
+        self.reset()
+        self._pos = np.asarray(positions, dtype=np.int32)
+        self._q = [None if r is None else np.asarray(r, dtype=np.float32) for r in rows]
+
     @property
     def positions(self) -> np.ndarray:
         return self._pos
