@@ -50,7 +50,8 @@ def _tokens(model, text: str) -> list[int]:
     return toks
 
 
-ENGINE_FIELDS = ("window", "sinks", "codebook_layers", "theta_k", "theta_v", "recent", "chunk", "decode_slack")
+ENGINE_FIELDS = ("window", "sinks", "codebook_layers", "theta_k", "theta_v", "recent", "chunk", "decode_slack",
+                 "lookahead", "eager_compress")
 
 
 def _engine_config(policy: str, budget: float, opts: dict, threads: int = 1, engine_kw: dict | None = None):
@@ -61,7 +62,8 @@ def _engine_config(policy: str, budget: float, opts: dict, threads: int = 1, eng
     po = {}
     for k, v in opts.items():
         (kw if k in ENGINE_FIELDS else po)[k] = v
-    return EngineConfig(policy=policy, kv_budget=budget, n_threads=threads, policy_options=po, **kw)
+    return EngineConfig(policy=policy, kv_budget=budget, n_threads=int(os.environ.get("TUNE_THREADS", threads)),
+                        policy_options=po, **kw)
 
 
 def kld_run(model_path: str, model, toks: list[int], *, offset: int, context: int, continuation: int,

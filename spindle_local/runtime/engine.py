@@ -7,7 +7,10 @@ When to compress (DESIGN.md section 2, "When to compress"):
 * while a prompt is read, before a chunk that no longer fits in the regular cache
   (``eager_compress`` compresses after every chunk instead). Compressing as late as
   the allocation allows keeps the observation window near the end of the prompt, where
-  a question usually is: a token evicted by an early plan never comes back;
+  a question usually is: a token evicted by an early plan never comes back. For the
+  same reason a mid-prompt plan also scores with *look-ahead* queries (the prompt's
+  last ``window`` tokens, probed from where the reading is; :meth:`Engine._probe`) and
+  keeps as much as the end-of-prompt plan will;
 * when a prompt has been read, so that the reserve ratio is within budget whenever
   ``feed`` returns;
 * during generation, whenever the recent part outgrows ``recent + decode_slack``.
@@ -18,7 +21,8 @@ The plan's byte target is ``kv_budget × full-cache bytes`` minus the recent par
 minus headroom for the tokens that will arrive before the next compression, so the
 reserve ratio (store + recent bytes) / (full f16 cache bytes) stays within the budget
 from the end of a prompt on, through generation. While one prompt is read, memory is
-bounded by the regular-cache allocation (``n_cells``) plus the store.
+bounded by the regular-cache allocation (``n_cells``) plus a store no larger than the
+one kept when the prompt has been read.
 """
 
 from __future__ import annotations
@@ -112,6 +116,7 @@ class Engine:
         self.stats = EngineStats()
         self._store_layers: set[int] = set()
         self._allowance: int | None = None  # regular tokens the last plan left room for (None: no plan)
+        self._prompt_end: int | None = None  # while feed() reads a prompt: the position after it
 
     def _allocation(self, model_path: str | Path) -> tuple[int, int]:
         """(regular-cache cells, prompt chunk) for this configuration; sets ``self.layout`` under kv_mem."""
@@ -239,23 +244,36 @@ class Engine:
         if not tokens:
             raise UsageError("nothing to feed: empty prompt")
         self._check_room(len(tokens))
+        self._prompt_end = self.n_past + len(tokens)
+        try:
+            return self._feed_chunks(tokens, progress, all_logits, rows)
+        finally:
+            self._prompt_end = None
+
+    def _feed_chunks(self, tokens: list[int], progress, all_logits: bool, rows: list[np.ndarray]) -> np.ndarray:
+        end = self.n_past + len(tokens)  # position after the prompt
         chunk = self.chunk
         compressing = self.config.policy != "full"
         done = 0
+        w = self.config.window
         while done < len(tokens):
             take = min(chunk, len(tokens) - done)
             if compressing:
                 # Compress *before* a chunk that does not fit in the regular cache any more.
                 # Compressing as late as the allocation allows keeps the observation window
                 # as close as possible to the end of the prompt (where the question is):
-                # what an early plan evicts never comes back. Mid-prompt plans use the whole
-                # budget (growth 0); while a prompt is read, memory is bounded by the
-                # regular-cache allocation, and the reserve ratio is within budget whenever
-                # feed() returns and during generation.
+                # what an early plan evicts never comes back, so mid-prompt plans also look
+                # ahead (:meth:`_probe`) and keep as much as the end-of-prompt plan will
+                # (:meth:`_target_bytes`). While a prompt is read, memory is bounded by the
+                # regular-cache allocation plus that store; the reserve ratio is within
+                # budget whenever feed() returns and during generation.
+                probe = self._lookahead_ok(len(tokens) - done)
                 room = self.cells - self.regular_count()
+                need = take + (w if probe else 0)  # the look-ahead probe needs `window` free cells
                 eager = self.config.eager_compress and self._needs_compress(take)
-                if room < take or eager:
-                    self.maybe_compress(growth=0, force=room < take)
+                if room < need or eager:
+                    ahead = self._probe(tokens[-w:], end - w) if probe and room >= w else None
+                    self.maybe_compress(growth=0, force=room < take, lookahead=ahead)
             take = max(1, min(take, self.cells - self.regular_count()))
             part = tokens[done:done + take]
             t0 = time.perf_counter()
@@ -290,6 +308,44 @@ class Engine:
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.tokens_generated += 1
         return self.ctx.logits()
+
+    # -- look-ahead ----------------------------------------------------------------------------
+
+    def _lookahead_ok(self, unread: int) -> bool:
+        """Can a plan made now borrow the queries of the prompt's end (``unread`` tokens still to read)?"""
+        return self.config.lookahead and self.rope_ok and unread >= self.config.window
+
+    def _probe(self, tail: Sequence[int], final_pos: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Queries of the prompt's last tokens as they would look from here: the look-ahead window.
+
+        A plan made in the middle of a long prompt scores tokens with the queries of the
+        last tokens read, which know nothing of the question at the prompt's end; SnapKV
+        and PyramidKV see that question because they hold the whole prompt before they
+        compress. The probe runs the prompt's last ``window`` tokens right after what has
+        been read, captures their queries, and takes them back out of the cache. The
+        queries miss the unread middle of the prompt, but they ask the question: tokens
+        the question will look for score high before the question is read. RoPE makes a
+        query depend on its position only through a rotation, so the probe's queries are
+        turned to the positions those tokens will really have (``final_pos`` on).
+        Returns (positions [w], per-layer queries [w, H, d]).
+        """
+        start = self.n_past
+        pos = np.arange(start, start + len(tail), dtype=np.int32)
+        saved = self.queries.snapshot()
+        self.queries.reset()
+        self.queries.enabled = True
+        try:
+            self.ctx.decode(list(tail), pos, logits="last")
+        finally:
+            self.queries.enabled = False
+            self.ctx.seq_rm(start, -1)
+            self.ctx.next_pos = start
+        self.queries.commit(pos)
+        _, rows = self.queries.snapshot()
+        self.queries.restore(*saved)
+        shift = np.full(len(tail), final_pos - start, dtype=np.int64)
+        rows = [roper.rotate(q, shift, **self._rope_args(il)) for il, q in enumerate(rows)]
+        return np.arange(final_pos, final_pos + len(tail), dtype=np.int32), rows
 
     # -- compression -------------------------------------------------------------------------
 
@@ -328,19 +384,21 @@ class Engine:
             return reg > self._recent()
         return reg > self._allowance
 
-    def maybe_compress(self, *, growth: int, force: bool = False) -> bool:
+    def maybe_compress(self, *, growth: int, force: bool = False,
+                       lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None) -> bool:
         """Move all but the newest ``recent`` tokens into the store if the budget can pay for it.
 
         ``growth`` is how many tokens the regular part may gain before the next compression;
         the store is planned small enough that the reserve ratio stays within the budget
         until then. Before the budget can pay for any store (the recent part alone exceeds
         it) nothing is compressed unless ``force`` (the regular cache is full).
+        ``lookahead`` (from :meth:`_probe`) adds queries from the prompt's end to the window.
         """
         if self.config.policy == "full" or self.regular_count() <= self._recent():
             return False
         if self._target_bytes(growth) < self._min_store_bytes() and not force:
             return False
-        self._compress(growth=growth, force=force)
+        self._compress(growth=growth, force=force, lookahead=lookahead)
         return True
 
     def _target_bytes(self, growth: int) -> int:
@@ -353,7 +411,11 @@ class Engine:
         if self.layout is not None:
             return self.layout.store_cap
         b, t = self.config.kv_budget, self.bytes_per_token
-        return int(b * self.n_past * t - self._recent() * t - (1.0 - b) * growth * t)
+        # Mid-prompt, plan for the length the prompt will have: the store may then be as
+        # large as the one the end-of-prompt plan will keep (never more), which leaves
+        # that plan, made with the question in its window, more tokens to choose from.
+        n = max(self.n_past, self._prompt_end or 0)
+        return int(b * n * t - self._recent() * t - (1.0 - b) * growth * t)
 
     def _min_store_bytes(self) -> int:
         # Sinks kept raw in every layer and KV head, plus per-slot bookkeeping.
@@ -361,7 +423,8 @@ class Engine:
         per_slot = lg.n_head_kv * (4 + lg.n_head // lg.n_head_kv + 2 * (lg.head_dim_k + lg.head_dim_v))
         return self.geometry.n_layer * max(self.config.sinks, 1) * per_slot
 
-    def _compress(self, *, growth: int, force: bool) -> None:
+    def _compress(self, *, growth: int, force: bool,
+                  lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None) -> None:
         """Move every regular token older than the newest ``recent`` into the store (re-planned)."""
         t0 = time.perf_counter()
         cfg = self.config
@@ -377,7 +440,7 @@ class Engine:
                 return
             self.stats.over_budget_compressions += 1
             target = self._min_store_bytes()
-        layers = [self._layer_input(il, cut) for il in range(self.geometry.n_layer)]
+        layers = [self._layer_input(il, cut, lookahead) for il in range(self.geometry.n_layer)]
         stores = self.policy.plan(layers, self.pgeo, target)
         for st in stores:
             self.ctx.store_set(st.layer, st)
@@ -391,8 +454,10 @@ class Engine:
         self.stats.compressions += 1
         self.stats.compress_seconds += time.perf_counter() - t0
 
-    def _layer_input(self, il: int, cut: int) -> pin.LayerInput:
-        """The policy's view of layer ``il``: store ∪ regular tokens before ``cut``, window queries."""
+    def _layer_input(self, il: int, cut: int,
+                     lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None) -> pin.LayerInput:
+        """The policy's view of layer ``il``: store ∪ regular tokens before ``cut``, window queries
+        (the last tokens read, then the look-ahead probe's when there is one)."""
         k, v, pos = self.ctx.read_layer_kv(il)
         old = pos < cut
         k_old, v_old, p_old = k[old], v[old], pos[old]
@@ -408,8 +473,12 @@ class Engine:
         q = self.queries.layer(il)
         if q is None:
             raise SpindleError("internal: no window queries captured before compression")
+        q_pos = self.queries.positions
+        if lookahead is not None:
+            q = np.concatenate([q, lookahead[1][il]])
+            q_pos = np.concatenate([q_pos, lookahead[0]])
         return pin.LayerInput(layer=il, k=k_old, k_pre=k_pre, v=v_old, positions=p_old.astype(np.int32),
-                              q_window=q, q_positions=self.queries.positions,
+                              q_window=q, q_positions=q_pos,
                               k_recent=k_rec, recent_positions=p_rec.astype(np.int32), v_recent=v_rec,
                               available=avail_old)
 
