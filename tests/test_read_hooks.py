@@ -99,6 +99,36 @@ def test_read_after_seq_rm(smollm: LlamaModel) -> None:
         np.testing.assert_array_equal(v, v_all[4:])
 
 
+def test_eval_callback_on_and_off(smollm: LlamaModel) -> None:
+    """set_eval_enabled(False) removes the callback (no call at all, reused graphs included);
+    turning it back on brings it back, and the logits do not depend on it."""
+    calls = []
+
+    def count(ptr: int, ask: bool) -> bool:
+        calls.append(ask)
+        return False
+
+    tokens = smollm.tokenize("one two three four five six seven eight nine ten")
+    with LlamaContext(smollm, n_ctx=256, cb_eval=count) as ctx:
+        ctx.decode(tokens)
+        assert len(calls) > 100  # asked about every node of the graph
+        seen = []
+        for i, on in enumerate([False, False, True, False, True]):
+            ctx.set_eval_enabled(on)
+            before = len(calls)
+            ctx.decode([tokens[i]])  # one-token graphs: reused from the second on
+            seen.append(len(calls) - before)
+            if i == 1:
+                off_logits = ctx.logits().copy()
+        assert seen[0] == seen[1] == seen[3] == 0
+        assert seen[2] > 100 and seen[4] > 100
+    with LlamaContext(smollm, n_ctx=256) as ref:  # no callback ever
+        ref.decode(tokens)
+        ref.decode([tokens[0]])
+        ref.decode([tokens[1]])
+        np.testing.assert_array_equal(ref.logits(), off_logits)
+
+
 def test_bad_layer_is_a_clear_error(smollm: LlamaModel) -> None:
     with LlamaContext(smollm, n_ctx=256) as ctx:
         with pytest.raises(native.NativeError, match="layer 30 out of range"):

@@ -223,14 +223,19 @@ class Engine:
     def _decode(self, tokens: Sequence[int], *, capture: bool, all_logits: bool = False) -> None:
         start = self.n_past
         pos = np.arange(start, start + len(tokens), dtype=np.int32)
-        self.queries.enabled = capture
+        self._capture(capture)
         try:
             self.ctx.decode(tokens, pos, logits="all" if all_logits else "last")
         finally:
-            self.queries.enabled = False
+            self._capture(False)
         if capture:
             self.queries.commit(pos)
         self.tokens.extend(int(t) for t in tokens)
+
+    def _capture(self, on: bool) -> None:
+        """Capture window queries during the next decode or not (no eval callback at all when not)."""
+        self.queries.enabled = on
+        self.ctx.set_eval_enabled(on)
 
     def feed(self, tokens: Sequence[int], *, progress=None, all_logits: bool = False) -> np.ndarray:
         """Prefill ``tokens`` after what the engine holds; return the next-token logits.
@@ -333,11 +338,11 @@ class Engine:
         pos = np.arange(start, start + len(tail), dtype=np.int32)
         saved = self.queries.snapshot()
         self.queries.reset()
-        self.queries.enabled = True
+        self._capture(True)
         try:
             self.ctx.decode(list(tail), pos, logits="last")
         finally:
-            self.queries.enabled = False
+            self._capture(False)
             self.ctx.seq_rm(start, -1)
             self.ctx.next_pos = start
         self.queries.commit(pos)

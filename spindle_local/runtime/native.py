@@ -19,7 +19,7 @@ from spindle_local.errors import RuntimeNotPatchedError, SpindleError
 from spindle_local.policy.plan import Codebook, HeadStore, LayerStore
 
 #: The ``LLAMA_SPINDLE_API_VERSION`` this module was written against.
-API_VERSION = 2
+API_VERSION = 3
 
 ERR_ARG = -1
 ERR_UNSUPPORTED = -2
@@ -125,6 +125,7 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "llama_spindle_store_buffer_bytes": ([_P, _I32, _I32], _I64),
     "llama_spindle_cache_bytes": ([_P, _I32, ctypes.POINTER(_I64), ctypes.POINTER(_I64)], _I32),
     "llama_spindle_compact": ([_P, _I32], _I32),
+    "llama_spindle_set_eval_callback": ([_P, _P, _P], _I32),
 }
 
 _HINT = "run `spindle-local setup` to build the patched runtime"
@@ -527,3 +528,10 @@ def cache_bytes(ctx: Any) -> tuple[int, int]:
     alloc = ctypes.c_int64()
     n.check(n.spindle_cache_bytes(ctx_ptr(ctx), 0, ctypes.byref(used), ctypes.byref(alloc)), "cache bytes")
     return int(used.value), int(alloc.value)
+
+
+def set_eval_callback(ctx: Any, callback: Any | None) -> None:
+    """Install ``callback`` (a ``ggml_backend_sched_eval_callback``; None: none) from the next compute on."""
+    n = native()
+    fn = ctypes.cast(callback, ctypes.c_void_p) if callback is not None else None
+    n.check(n.spindle_set_eval_callback(ctx_ptr(ctx), fn, None), "set the eval callback")
