@@ -273,13 +273,15 @@ class Engine:
                 # regular-cache allocation plus that store; the reserve ratio is within
                 # budget whenever feed() returns and during generation.
                 probe = self._lookahead_ok(len(tokens) - done)
-                room = self.cells - self.regular_count()
-                need = take + (w if probe else 0)  # the look-ahead probe needs `window` free cells
+                reserve = w if probe else 0  # cells the look-ahead probe needs at the next plan
+                room = self.cells - self.regular_count() - reserve
                 eager = self.config.eager_compress and self._needs_compress(take)
-                if room < need or eager:
-                    ahead = self._probe(tokens[-w:], end - w) if probe and room >= w else None
+                if room < take or eager:
+                    ahead = self._probe(tokens[-w:], end - w) if probe and room >= 0 else None
                     self.maybe_compress(growth=0, force=room < take, lookahead=ahead)
-            take = max(1, min(take, self.cells - self.regular_count()))
+                take = max(1, min(take, self.cells - self.regular_count() - reserve))
+            else:
+                take = max(1, min(take, self.cells - self.regular_count()))
             part = tokens[done:done + take]
             t0 = time.perf_counter()
             self._decode(part, capture=compressing, all_logits=all_logits)
