@@ -244,25 +244,26 @@ class Engine:
         token (for scoring a continuation). ``progress(done, total, stats)`` is called after
         every chunk when given.
         """
-        rows: list[np.ndarray] = []
         tokens = list(tokens)
         if not tokens:
             raise UsageError("nothing to feed: empty prompt")
         self._check_room(len(tokens))
         self._prompt_end = self.n_past + len(tokens)
         try:
-            return self._feed_chunks(tokens, progress, all_logits, rows)
+            return self._feed_chunks(tokens, progress, all_logits)
         finally:
             self._prompt_end = None
 
-    def _feed_chunks(self, tokens: list[int], progress, all_logits: bool, rows: list[np.ndarray]) -> np.ndarray:
-        end = self.n_past + len(tokens)  # position after the prompt
+    def _feed_chunks(self, tokens: list[int], progress, all_logits: bool) -> np.ndarray:
+        rows: list[np.ndarray] = []
+        end = self._prompt_end  # position after the prompt
         chunk = self.chunk
         compressing = self.config.policy != "full"
         done = 0
         w = self.config.window
         while done < len(tokens):
             take = min(chunk, len(tokens) - done)
+            reserve = 0  # cells kept free for the look-ahead probe at the next plan
             if compressing:
                 # Compress *before* a chunk that does not fit in the regular cache any more.
                 # Compressing as late as the allocation allows keeps the observation window
@@ -273,15 +274,13 @@ class Engine:
                 # regular-cache allocation plus that store; the reserve ratio is within
                 # budget whenever feed() returns and during generation.
                 probe = self._lookahead_ok(len(tokens) - done)
-                reserve = w if probe else 0  # cells the look-ahead probe needs at the next plan
+                reserve = w if probe else 0
                 room = self.cells - self.regular_count() - reserve
                 eager = self.config.eager_compress and self._needs_compress(take)
                 if room < take or eager:
                     ahead = self._probe(tokens[-w:], end - w) if probe and room >= 0 else None
                     self.maybe_compress(growth=0, force=room < take, lookahead=ahead)
-                take = max(1, min(take, self.cells - self.regular_count() - reserve))
-            else:
-                take = max(1, min(take, self.cells - self.regular_count()))
+            take = max(1, min(take, self.cells - self.regular_count() - reserve))
             part = tokens[done:done + take]
             t0 = time.perf_counter()
             self._decode(part, capture=compressing, all_logits=all_logits)

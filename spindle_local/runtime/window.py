@@ -71,7 +71,8 @@ class WindowQueries:
         self._pending.clear()
 
     def snapshot(self) -> tuple[np.ndarray, list[np.ndarray | None]]:
-        """(positions, per-layer rows) — what a saved session keeps."""
+        """(positions, per-layer rows), copied — what a saved session keeps and a look-ahead
+        probe puts back after it has used the window."""
         return self._pos.copy(), [None if q is None else q.copy() for q in self._q]
 
     def restore(self, positions: np.ndarray, rows: list[np.ndarray | None]) -> None:
