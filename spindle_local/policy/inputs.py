@@ -148,7 +148,9 @@ class PolicyConfig:
     rest of the slots to the largest window attention masses over all layers (layers
     with concentrated attention need few slots), ``'pyramid'`` follows ``pyramid_beta``;
     ``value_weight`` multiplies attention by the token's value norm relative to its KV
-    head's mean (a token with a small value adds little to the output).
+    head's mean (a token with a small value adds little to the output); ``anchor_*``
+    keep copy spans (the run after a token a deep head attends to strongly, see
+    :mod:`.anchors`).
     """
 
     window: int = 32
@@ -169,6 +171,10 @@ class PolicyConfig:
     layer_alloc: str = "flat"  # "flat", "mass" (window score mass, floor alloc_floor) or "pyramid" (paper)
     alloc_floor: float = 0.2  # "mass": share of the flat per-layer budget every eviction layer keeps
     value_weight: bool = True  # scores times the token's relative value norm
+    anchor_span: int = 24  # copy spans (policy/anchors.py): tokens kept after each anchor; 0 = off
+    anchor_share: float = 0.1  # copy spans take at most this share of a layer's mean slot count
+    anchor_from: int | None = None  # first layer with copy spans (None: half the stack)
+    anchor_min_share: float = 0.01  # an anchor holds at least this share of some deep head's window attention
     threads: int | None = None  # planning threads (None: the CPUs this process may use)
     extra: dict = field(default_factory=dict)
 
@@ -200,5 +206,7 @@ class PolicyConfig:
             raise ValueError(f"layer_alloc must be 'flat', 'pyramid' or 'mass', not {self.layer_alloc!r}")
         if not (0.0 <= self.alloc_floor <= 1.0):
             raise ValueError("alloc_floor must be in [0, 1]")
+        if self.anchor_span < 0 or not (0.0 <= self.anchor_share <= 1.0) or self.anchor_min_share < 0:
+            raise ValueError("anchor_span must be >= 0, anchor_share in [0, 1], anchor_min_share >= 0")
         if self.codebook_block < 1:
             raise ValueError("codebook_block must be >= 1")

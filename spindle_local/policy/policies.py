@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from .anchors import boost, copy_spans
 from .budgets import allocate_slots, mass_slots, pyramid_weights, raw_slot_bytes, sink_slots
 from .inputs import Geometry, LayerInput, PolicyConfig
 from .layer_plans import evict_layer, fit_codebook_layer, head_store, layer_gains, protect
@@ -189,6 +190,16 @@ class SpindlePolicy(Policy):
         scores = pmap(lambda il: self._scores(il[0], geometry, il[1], value_weight=cfg.value_weight),
                       list(zip(layers, logits)), cfg.threads)
         self._extra_report = {inp.layer: {"share_bytes": int(b)} for inp, b in zip(layers, budgets)}
+        if cfg.anchor_span > 0 and cfg.anchor_share > 0:
+            first = geometry.n_layer // 2 if cfg.anchor_from is None else cfg.anchor_from
+            kept = copy_spans(layers, scores, first_layer=first, span=cfg.anchor_span,
+                              cap=int(cfg.anchor_share * slots.mean()), sinks=cfg.sinks,
+                              min_share=cfg.anchor_min_share)
+            scores = [boost(sc, inp.positions, kept) if inp.layer >= first else sc
+                      for inp, sc in zip(layers, scores)]
+            for inp in layers:
+                if inp.layer >= first:
+                    self._extra_report[inp.layer]["copy_span_tokens"] = int(len(kept))
 
         fits: dict[int, object] = {}
         if cfg.codebook_layers == "auto":

@@ -42,6 +42,7 @@ from spindle_local.runtime import rope as roper
 from spindle_local.runtime.config import POLICIES, EngineConfig  # noqa: F401  (re-exported)
 from spindle_local.runtime.lowlevel import LlamaContext, LlamaModel
 from spindle_local.runtime.memory import CELL_BLOCK, MemoryLayout, format_size, plan_memory
+from spindle_local.runtime.spill import PromptSpill
 from spindle_local.runtime.window import WindowQueries
 
 @dataclass
@@ -58,6 +59,7 @@ class EngineStats:
     full_bytes: int = 0
     over_budget_compressions: int = 0
     peak_reserve_ratio: float = 0.0  # highest ratio seen mid-prompt, after the first compression
+    peak_spill_bytes: int = 0  # largest host-side prompt spill (see runtime/spill.py)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -117,6 +119,7 @@ class Engine:
         self._store_layers: set[int] = set()
         self._allowance: int | None = None  # regular tokens the last plan left room for (None: no plan)
         self._prompt_end: int | None = None  # while feed() reads a prompt: the position after it
+        self._spill: PromptSpill | None = None  # while feed() reads a prompt: the rows it evicted
 
     def _allocation(self, model_path: str | Path) -> tuple[int, int]:
         """(regular-cache cells, prompt chunk) for this configuration; sets ``self.layout`` under kv_mem."""
@@ -249,10 +252,15 @@ class Engine:
             raise UsageError("nothing to feed: empty prompt")
         self._check_room(len(tokens))
         self._prompt_end = self.n_past + len(tokens)
+        if self.config.spill and self.config.policy != "full":
+            self._spill = PromptSpill()
         try:
             return self._feed_chunks(tokens, progress, all_logits)
         finally:
             self._prompt_end = None
+            if self._spill is not None:
+                self.stats.peak_spill_bytes = max(self.stats.peak_spill_bytes, self._spill.nbytes())
+                self._spill = None
 
     def _feed_chunks(self, tokens: list[int], progress, all_logits: bool) -> np.ndarray:
         rows: list[np.ndarray] = []
@@ -295,6 +303,8 @@ class Engine:
             if progress is not None:
                 progress(done, len(tokens), self.refresh_stats())
         if compressing and self._needs_compress(0):
+            if self._spill is not None:
+                self._spill.closed = True  # the prompt's last plan: its evictions are final
             # Leave room for generation: within budget for ``_slack()`` more tokens.
             self.maybe_compress(growth=self._slack())
         return np.concatenate(rows) if all_logits else self.ctx.logits()
@@ -463,18 +473,35 @@ class Engine:
     def _layer_input(self, il: int, cut: int,
                      lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None) -> pin.LayerInput:
         """The policy's view of layer ``il``: store ∪ regular tokens before ``cut``, window queries
-        (the last tokens read, then the look-ahead probe's when there is one)."""
+        (the last tokens read, then the look-ahead probe's when there is one).
+
+        While a prompt is read with the spill on, the regular rows leaving the cache now are
+        added to the spill, and the spill stands in for the store's copies of this prompt's
+        tokens: every token of the prompt read so far is a candidate again, exact and in
+        every KV head, so the end-of-prompt plan chooses as if it had read the whole prompt.
+        """
         k, v, pos = self.ctx.read_layer_kv(il)
         old = pos < cut
         k_old, v_old, p_old = k[old], v[old], pos[old]
         k_rec, v_rec, p_rec = k[~old], v[~old], pos[~old]
         avail_old = np.ones((len(p_old), self.pgeo.n_head_kv), dtype=bool)
+        parts = []  # (k, v, positions, available) before the regular rows, oldest first
+        spilled = None
+        if self._spill is not None:
+            spilled = self._spill.add(il, k_old, v_old, p_old)  # earlier evictions only
         if il in self._store_layers:
             ks, vs, ps, avail = self._store_vectors(il)
-            k_old = np.concatenate([ks, k_old])
-            v_old = np.concatenate([vs, v_old])
-            p_old = np.concatenate([ps, p_old])
-            avail_old = np.concatenate([avail, avail_old])
+            if spilled is not None and len(spilled[2]):
+                mine = np.isin(ps, spilled[2])  # this prompt's tokens: the spill holds them exactly
+                ks, vs, ps, avail = ks[~mine], vs[~mine], ps[~mine], avail[~mine]
+            parts.append((ks, vs, ps, avail))
+        if spilled is not None and len(spilled[2]):
+            sk, sv, sp = spilled
+            parts.append((sk.astype(np.float32), sv.astype(np.float32), sp,
+                          np.ones((len(sp), self.pgeo.n_head_kv), dtype=bool)))
+        if parts:
+            parts.append((k_old, v_old, p_old, avail_old))
+            k_old, v_old, p_old, avail_old = (np.concatenate(x) for x in zip(*parts))
         k_pre = self._unrope(il, k_old, p_old) if self.rope_ok else None
         q = self.queries.layer(il)
         if q is None:

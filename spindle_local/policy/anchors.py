@@ -1,0 +1,130 @@
+"""Copy spans: keep the run of tokens that follows what the question points at.
+
+Window scores say which tokens the prompt's last queries attend to, not what generation
+will need next. Asked for a pass key, the question's queries attend to the start of the
+key (the token after "The pass key is"); the following digits score low, because the
+query that will look for them is the one generated after the first digit. Pooling
+spreads a score over three neighbours, so the first digits survive and the rest is
+evicted: the model answers "64." instead of "64597." (traced on SmolLM2-135M, a 6,000-
+token prompt, budget 0.25: keeping the needle's 24 tokens in every KV head of layers
+15-29 alone turns that answer right).
+
+So a few *anchors* are chosen across the whole stack: the tokens that take the largest
+share of some deep query head's window attention (a retrieval head's target stands out
+there however long the prompt). In every layer from ``anchor_from`` on, each anchor
+and the ``anchor_span`` tokens after it are protected in every KV head. The protected set
+is capped at ``anchor_share`` of the layer's mean slot count, so at most that share of
+the budget moves from score order to copy spans.
+
+Kernels: :func:`anchor_strength` (numpy; per position, the best share over layers and
+query heads) and :func:`span_positions` / :func:`span_positions_ref` (numba / numpy:
+anchors → protected positions under the cap).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .inputs import LayerInput
+
+
+def head_shares(scores: np.ndarray, positions: np.ndarray, sinks: int) -> np.ndarray:
+    """Scores [H, n] as each query head's share of its window attention (sinks and non-finite: 0)."""
+    s = np.where(np.isfinite(scores), scores, 0.0).astype(np.float64)
+    s[:, np.asarray(positions) < sinks] = 0.0
+    tot = s.sum(axis=1, keepdims=True)
+    return s / np.where(tot > 0, tot, 1.0)
+
+
+def anchor_strength(layers: list[LayerInput], scores: list[np.ndarray], first_layer: int,
+                    sinks: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions ascending, strength): per position, the largest share of window attention
+    any query head of a layer >= ``first_layer`` gives it."""
+    deep = [(inp, sc) for inp, sc in zip(layers, scores) if inp.layer >= first_layer and inp.n]
+    if not deep:
+        return np.zeros(0, np.int64), np.zeros(0)
+    union = np.unique(np.concatenate([np.asarray(inp.positions, np.int64) for inp, _ in deep]))
+    best = np.zeros(len(union))
+    for inp, sc in deep:
+        rows = np.searchsorted(union, np.asarray(inp.positions, np.int64))
+        np.maximum.at(best, rows, head_shares(sc, inp.positions, sinks).max(axis=0))
+    return union, best
+
+
+@njit(cache=True, nogil=True)
+def _span_positions_nb(positions: np.ndarray, order: np.ndarray, span: int, cap: int) -> np.ndarray:
+    n = positions.shape[0]
+    taken = np.zeros(n, dtype=np.bool_)
+    count = 0
+    for t in range(order.shape[0]):
+        a = order[t]
+        # the anchor's run: itself and the next `span` positions present in the input
+        need = 0
+        lim = positions[a] + span
+        j = a
+        while j < n and positions[j] <= lim:
+            if not taken[j]:
+                need += 1
+            j += 1
+        if count + need > cap:
+            break
+        j = a
+        while j < n and positions[j] <= lim:
+            taken[j] = True
+            j += 1
+        count += need
+    return positions[taken]
+
+
+def span_positions_ref(positions: np.ndarray, order: np.ndarray, span: int, cap: int) -> np.ndarray:
+    """Numpy reference of ``_span_positions_nb``: anchors in ``order`` (indices into the
+    ascending ``positions``), each with every position up to ``span`` after it, taken
+    whole while the union stays within ``cap``; returns the protected positions."""
+    taken: set[int] = set()
+    for a in order:
+        run = {int(p) for p in positions[(positions >= positions[a]) & (positions <= positions[a] + span)]}
+        if len(taken | run) > cap:
+            break
+        taken |= run
+    return np.array(sorted(taken), dtype=positions.dtype)
+
+
+def span_positions(positions: np.ndarray, order: np.ndarray, span: int, cap: int) -> np.ndarray:
+    """Protected positions for anchors ``order`` (see :func:`span_positions_ref`)."""
+    return _span_positions_nb(np.ascontiguousarray(positions, np.int64), np.ascontiguousarray(order, np.int64),
+                              int(span), int(cap))
+
+
+def copy_spans(layers: list[LayerInput], scores: list[np.ndarray], *, first_layer: int, span: int,
+               cap: int, sinks: int, min_share: float) -> np.ndarray:
+    """Positions to protect in the layers from ``first_layer`` on (ascending, at most ``cap``).
+
+    Anchors are positions whose strength (:func:`anchor_strength`) is at least
+    ``min_share``, strongest first.
+    """
+    if cap <= 0 or span < 0:
+        return np.zeros(0, np.int64)
+    pos, strength = anchor_strength(layers, scores, first_layer, sinks)
+    order = np.argsort(-strength, kind="stable")
+    order = order[strength[order] >= min_share]
+    if len(order) == 0:
+        return np.zeros(0, np.int64)
+    return span_positions(pos, order, span, cap)
+
+
+def boost(scores: np.ndarray, positions: np.ndarray, protected: np.ndarray) -> np.ndarray:
+    """Scores [H, n] with ``protected`` positions ranked above every other finite score.
+
+    Sinks (+inf) stay first and unavailable pairs (-inf) stay out; a protected token keeps
+    its own order among the protected (its score plus twice the head's largest finite score).
+    """
+    hit = np.isin(np.asarray(positions), protected)
+    if not hit.any():
+        return scores
+    out = np.array(scores, copy=True)
+    fin = np.isfinite(out)
+    top = np.where(fin, np.abs(out), 0.0).max(axis=1, keepdims=True)
+    sub = out[:, hit]
+    out[:, hit] = np.where(np.isfinite(sub), sub + 2.0 * top + 1e-6, sub)
+    return out

@@ -1,0 +1,79 @@
+"""Copy spans (policy/anchors.py): anchors from deep heads' window attention, the run
+after each kept in every KV head of the deep layers, within a share of the budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spindle_local.policy import Geometry, PolicyConfig, make_policy
+from spindle_local.policy.anchors import (
+    anchor_strength,
+    boost,
+    copy_spans,
+    span_positions,
+    span_positions_ref,
+)
+from spindle_local.policy.scores import layer_logits
+from spindle_local.policy.synthetic import make_layers
+
+GEO = Geometry(n_layer=6, n_head=6, n_head_kv=2, head_dim_k=16, head_dim_v=16)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_span_kernel_matches_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    positions = np.sort(rng.choice(2000, size=n, replace=False)).astype(np.int64)  # gaps, as in a store
+    order = rng.permutation(n)[: int(rng.integers(0, n + 1))]
+    for span in (0, 3, 24):
+        for cap in (0, 5, 40, 10_000):
+            got = span_positions(positions, order, span, cap)
+            ref = span_positions_ref(positions, order, span, cap)
+            assert np.array_equal(got, ref), (span, cap)
+            assert len(got) <= cap
+
+
+def test_copy_spans_follow_the_strongest_deep_anchor() -> None:
+    layers = make_layers(GEO, n=200, w=8, r=12, seed=2)
+    scores = [np.full((GEO.n_head, inp.n), 1.0, np.float32) for inp in layers]
+    scores[4][2, 50] = 400.0  # one deep query head puts most of its attention on position 50
+    scores[1][0, 120] = 4000.0  # a shallow one does too, more strongly: not a deep anchor
+    kept = copy_spans(layers, scores, first_layer=3, span=10, cap=30, sinks=4, min_share=0.05)
+    assert np.array_equal(kept, np.arange(50, 61))
+    pos, strength = anchor_strength(layers, scores, 3, 4)
+    assert pos[np.argmax(strength)] == 50
+    # nothing reaches the threshold: no spans; a cap below one run: no spans
+    assert len(copy_spans(layers, scores, first_layer=3, span=10, cap=30, sinks=4, min_share=0.9)) == 0
+    assert len(copy_spans(layers, scores, first_layer=3, span=10, cap=5, sinks=4, min_share=0.05)) == 0
+
+
+def test_boost_ranks_spans_first_but_keeps_sinks_and_absent_pairs() -> None:
+    s = np.array([[np.inf, 5.0, 0.1, -np.inf, 0.2], [np.inf, 0.3, 9.0, 0.0, -np.inf]], np.float32)
+    pos = np.array([0, 10, 11, 12, 13])
+    out = boost(s, pos, np.array([12, 13]))
+    assert np.isposinf(out[:, 0]).all()
+    assert np.isneginf(out[0, 3]) and np.isneginf(out[1, 4])  # absent stays absent
+    assert out[0, 4] > out[0, 1] and out[1, 3] > out[1, 2]  # protected above every finite score
+    assert np.array_equal(out[:, 1:3], s[:, 1:3])
+
+
+def test_spindle_keeps_copy_spans_in_every_deep_head() -> None:
+    layers = make_layers(GEO, n=400, w=8, r=12, seed=3)
+    cfg = dict(codebook_layers=0, anchor_span=12, anchor_share=0.3, anchor_from=3, anchor_min_share=0.0)
+    pol = make_policy("spindle", PolicyConfig(**cfg))
+    target = int(0.2 * sum(inp.n for inp in layers) * GEO.n_head_kv * 2 * (GEO.head_dim_k + GEO.head_dim_v))
+    stores = pol.plan(layers, GEO, target)
+    # the spans the policy protected, recomputed from its own scores
+    logits = [layer_logits(inp, GEO, pol.config) for inp in layers]
+    scores = [pol._scores(inp, GEO, lg, value_weight=True) for inp, lg in zip(layers, logits)]
+    slots = np.array([st.heads[0].n_slots for st in stores])
+    kept = copy_spans(layers, scores, first_layer=3, span=12, cap=int(0.3 * slots.mean()) + 1, sinks=4,
+                      min_share=0.0)
+    assert len(kept) >= 12
+    for st in stores[3:]:
+        for hs in st.heads:
+            assert set(kept.tolist()) <= set(hs.positions.tolist())
+    # without copy spans the deep heads do not all hold them: the option changes the plan
+    off = make_policy("spindle", PolicyConfig(**{**cfg, "anchor_span": 0})).plan(layers, GEO, target)
+    assert any(not set(kept.tolist()) <= set(hs.positions.tolist()) for st in off[3:] for hs in st.heads)
