@@ -1,5 +1,5 @@
-"""The prompt spill (runtime/spill.py): rows evicted while a long prompt is read stay
-candidates for the prompt's later plans, then the host copy is dropped."""
+"""The prompt spill (runtime/spill.py): rows evicted while a long prompt is read are
+candidates again for the prompt's last plan, then the host copy is dropped."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _plans(default_model: Path, tokens: list[int], spill: bool, model=None):
     return eng, plans
 
 
-def test_later_plans_can_bring_back_what_earlier_ones_evicted(default_model: Path) -> None:
+def test_the_last_plan_can_bring_back_what_earlier_ones_evicted(default_model: Path) -> None:
     from spindle_local.runtime.lowlevel import LlamaModel
 
     model = LlamaModel(str(default_model))

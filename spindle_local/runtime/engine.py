@@ -7,10 +7,11 @@ When to compress (DESIGN.md section 2, "When to compress"):
 * while a prompt is read, before a chunk that no longer fits in the regular cache
   (``eager_compress`` compresses after every chunk instead). Compressing as late as
   the allocation allows keeps the observation window near the end of the prompt, where
-  a question usually is: a token evicted by an early plan never comes back. For the
-  same reason a mid-prompt plan also scores with *look-ahead* queries (the prompt's
-  last ``window`` tokens, probed from where the reading is; :meth:`Engine._probe`) and
-  keeps as much as the end-of-prompt plan will;
+  a question usually is. For the same reason a mid-prompt plan also scores with
+  *look-ahead* queries (the prompt's last ``window`` tokens, probed from where the
+  reading is; :meth:`Engine._probe`) and keeps as much as the end-of-prompt plan will,
+  and the rows it evicts stay on the host (:mod:`.spill`, ``spill``) as candidates for
+  the prompt's later plans: the end-of-prompt plan chooses among all of its tokens;
 * when a prompt has been read, so that the reserve ratio is within budget whenever
   ``feed`` returns;
 * during generation, whenever the recent part outgrows ``recent + decode_slack``.
@@ -20,9 +21,10 @@ again with the newest window queries and planned together with the tokens moving
 The plan's byte target is ``kv_budget × full-cache bytes`` minus the recent part,
 minus headroom for the tokens that will arrive before the next compression, so the
 reserve ratio (store + recent bytes) / (full f16 cache bytes) stays within the budget
-from the end of a prompt on, through generation. While one prompt is read, memory is
-bounded by the regular-cache allocation (``n_cells``) plus a store no larger than the
-one kept when the prompt has been read.
+from the end of a prompt on, through generation. While one prompt is read, KV memory
+is bounded by the regular-cache allocation (``n_cells``) plus a store no larger than
+the one kept when the prompt has been read; the spill adds host memory (f16 rows of
+the prompt's evicted tokens) until ``feed`` returns.
 """
 
 from __future__ import annotations
@@ -476,9 +478,9 @@ class Engine:
         (the last tokens read, then the look-ahead probe's when there is one).
 
         While a prompt is read with the spill on, the regular rows leaving the cache now are
-        added to the spill, and the spill stands in for the store's copies of this prompt's
-        tokens: every token of the prompt read so far is a candidate again, exact and in
-        every KV head, so the end-of-prompt plan chooses as if it had read the whole prompt.
+        added to the spill; at the prompt's last plan the spill stands in for the store's
+        copies of this prompt's tokens: every token of the prompt is a candidate again,
+        exact and in every KV head, so that plan chooses as if it had read the whole prompt.
         """
         k, v, pos = self.ctx.read_layer_kv(il)
         old = pos < cut
@@ -489,6 +491,11 @@ class Engine:
         spilled = None
         if self._spill is not None:
             spilled = self._spill.add(il, k_old, v_old, p_old)  # earlier evictions only
+            if not self._spill.closed:
+                # Mid-prompt plans keep their cost bounded by the regular cache (a long
+                # document may be planned dozens of times); the prompt's last plan, which
+                # decides what is kept, gets every token back.
+                spilled = None
         if il in self._store_layers:
             ks, vs, ps, avail = self._store_vectors(il)
             if spilled is not None and len(spilled[2]):

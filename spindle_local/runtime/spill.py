@@ -5,8 +5,9 @@ Without a spill, whatever such a mid-prompt plan drops is gone before the prompt
 (where the question usually is) can vote for it: a pass key near the start of a long
 document survives only if every earlier plan happened to keep it. The spill keeps an
 exact f16 copy of every row that left the regular cache during the current prompt, so
-each later plan — the end-of-prompt plan above all — chooses among all of the prompt's
-tokens, as SnapKV-style methods do when they hold the whole prompt.
+the end-of-prompt plan (the one that decides what is kept) chooses among all of the
+prompt's tokens, as SnapKV-style methods do when they hold the whole prompt. Mid-prompt
+plans do not read it: their cost stays bounded by the regular cache.
 
 It lives only while ``Engine.feed`` reads one prompt and costs host memory of
 ``2 bytes × (K + V values per token) × evicted tokens`` (23 KB per token for SmolLM2-135M),
