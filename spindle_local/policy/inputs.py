@@ -8,6 +8,8 @@ regular cache (they include the window tokens).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -177,6 +179,14 @@ class PolicyConfig:
     anchor_min_share: float = 0.01  # an anchor holds at least this share of some deep head's window attention
     threads: int | None = None  # planning threads (None: the CPUs this process may use)
     extra: dict = field(default_factory=dict)
+
+    def codebook_candidates(self, n_layer: int) -> int:
+        """How many leading layers may become codebook layers (the only ones that read ``k_pre``)."""
+        if isinstance(self.codebook_layers, int):
+            return min(int(self.codebook_layers), n_layer)
+        if self.auto_max_layers is not None:
+            return min(int(self.auto_max_layers), n_layer)
+        return min(max(1, math.ceil(n_layer / 10)), n_layer)
 
     def __post_init__(self) -> None:
         if self.sinks < 0:

@@ -193,9 +193,7 @@ def auto_roles(
     scale: float,
 ) -> list[RoleDecision]:
     """Decide, layer by layer from the top, whether eviction + codebook beats eviction alone."""
-    n_cand = config.auto_max_layers
-    if n_cand is None:
-        n_cand = max(1, math.ceil(geometry.n_layer / 10))
+    n_cand = config.codebook_candidates(geometry.n_layer)
     union_visible = config.query_masks == "union"
     out: list[RoleDecision] = []
     for i, inp in enumerate(layers[:n_cand]):

@@ -509,7 +509,9 @@ class Engine:
         if parts:
             parts.append((k_old, v_old, p_old, avail_old))
             k_old, v_old, p_old, avail_old = (np.concatenate(x) for x in zip(*parts))
-        k_pre = self._unrope(il, k_old, p_old) if self.rope_ok else None
+        # pre-RoPE keys only where a codebook may be built (they cost a third of a plan's input)
+        wants_pre = il < self.policy.config.codebook_candidates(self.geometry.n_layer)
+        k_pre = self._unrope(il, k_old, p_old) if self.rope_ok and wants_pre else None
         q = self.queries.layer(il)
         if q is None:
             raise SpindleError("internal: no window queries captured before compression")
