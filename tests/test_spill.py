@@ -12,17 +12,18 @@ from spindle_local.runtime.engine import Engine, EngineConfig
 from spindle_local.runtime.spill import PromptSpill
 
 
-def test_spill_returns_earlier_rows_and_stops_when_closed() -> None:
+def test_spill_keeps_rows_in_order_and_stops_when_closed() -> None:
     sp = PromptSpill()
     k = np.arange(24, dtype=np.float32).reshape(4, 2, 3)
-    assert sp.add(0, k, k + 1, np.arange(4)) is None
-    before = sp.add(0, k[:2] * 2, k[:2], np.array([7, 9]))
-    assert np.array_equal(before[2], np.arange(4)) and before[0].dtype == np.float16
+    assert sp.rows(0) is None
+    sp.add(0, k, k + 1, np.arange(4))
+    sp.add(0, k[:2] * 2, k[:2], np.array([7, 9]))
+    before = sp.rows(0)
+    assert np.array_equal(before[2], [0, 1, 2, 3, 7, 9]) and before[0].dtype == np.float16
     sp.closed = True
-    before = sp.add(0, k, k, np.array([20, 21, 22, 23]))
-    assert np.array_equal(before[2], [0, 1, 2, 3, 7, 9])
-    assert np.array_equal(sp.get(0)[2], [0, 1, 2, 3, 7, 9])  # closed: nothing new recorded
-    assert np.array_equal(sp.get(0)[0][4:], (k[:2] * 2).astype(np.float16))
+    sp.add(0, k, k, np.array([20, 21, 22, 23]))
+    assert np.array_equal(sp.rows(0)[2], [0, 1, 2, 3, 7, 9])  # closed: nothing new recorded
+    assert np.array_equal(sp.rows(0)[0][4:], (k[:2] * 2).astype(np.float16))
     assert sp.nbytes() == 6 * (2 * 6 * 2 + 4)
 
 

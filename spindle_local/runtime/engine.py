@@ -490,12 +490,13 @@ class Engine:
         parts = []  # (k, v, positions, available) before the regular rows, oldest first
         spilled = None
         if self._spill is not None:
-            spilled = self._spill.add(il, k_old, v_old, p_old)  # earlier evictions only
-            if not self._spill.closed:
-                # Mid-prompt plans keep their cost bounded by the regular cache (a long
-                # document may be planned dozens of times); the prompt's last plan, which
-                # decides what is kept, gets every token back.
-                spilled = None
+            # Mid-prompt plans only record what leaves the regular cache (their cost stays
+            # bounded by it; a long document may be planned dozens of times); the prompt's
+            # last plan, which decides what is kept, gets every earlier eviction back.
+            if self._spill.closed:
+                spilled = self._spill.rows(il)
+            else:
+                self._spill.add(il, k_old, v_old, p_old)
         if il in self._store_layers:
             ks, vs, ps, avail = self._store_vectors(il)
             if spilled is not None and len(spilled[2]):

@@ -26,24 +26,18 @@ class PromptSpill:
         self._layers: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         self.closed = False  # set before the prompt's last plan: nothing after it could use new rows
 
-    def add(self, layer: int, k: np.ndarray, v: np.ndarray,
-            positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """Record rows leaving layer ``layer`` now; return what was spilled *before* them.
-
-        The returned arrays (K, V as f16, positions as int32, oldest first) are the layer's
-        earlier evictions, which the caller adds to the plan's candidates next to the rows
-        it already holds. None when nothing had been spilled for this layer yet.
-        """
-        chunks = self._layers.setdefault(layer, [])
-        before = self.get(layer)
+    def add(self, layer: int, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> None:
+        """Record rows leaving layer ``layer`` now (ignored once closed)."""
         if len(positions) and not self.closed:
-            chunks.append((k.astype(np.float16), v.astype(np.float16), np.asarray(positions, np.int32)))
-        if len(chunks) > 1:  # keep one array per layer: later reads are a slice, not a concatenation
-            merged = tuple(np.concatenate(x) for x in zip(*chunks))
-            chunks[:] = [merged]  # type: ignore[list-item]
-        return before
+            self._layers.setdefault(layer, []).append(
+                (k.astype(np.float16), v.astype(np.float16), np.asarray(positions, np.int32)))
 
-    def get(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def rows(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Layer ``layer``'s spilled K, V (f16) and positions (int32), oldest first; None if empty.
+
+        Concatenated here, once, by the prompt's last plan: the mid-prompt plans that add
+        rows never read them, so nothing is copied per plan.
+        """
         chunks = self._layers.get(layer)
         if not chunks:
             return None
