@@ -35,7 +35,7 @@ def _plans(default_model: Path, tokens: list[int], spill: bool, model=None):
     orig = eng._compress
 
     def record(**kw):
-        cut = eng.n_past - eng._recent()
+        cut = eng.n_past - max(eng._recent(), kw.get("keep", 0))
         orig(**kw)
         plans.append((cut, {il: [h.positions.copy() for h in eng.ctx.store_get(il).heads]
                             for il in (5, 25)}))

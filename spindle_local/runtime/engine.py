@@ -289,7 +289,11 @@ class Engine:
                 eager = self.config.eager_compress and self._needs_compress(take)
                 if room < take or eager:
                     ahead = self._probe(tokens[-w:], end - w) if probe and room >= 0 else None
-                    self.maybe_compress(growth=0, force=room < take, lookahead=ahead)
+                    # Lazy: keep in the regular cache whatever the rest of the prompt leaves room
+                    # for; the cells are allocated anyway, and the tokens still to read (the
+                    # question among them) then see the old ones exactly, not a store.
+                    keep = self.cells - reserve - (len(tokens) - done) if self.config.lazy_plans else 0
+                    self.maybe_compress(growth=0, force=room < take, lookahead=ahead, keep=keep)
             take = max(1, min(take, self.cells - self.regular_count() - reserve))
             part = tokens[done:done + take]
             t0 = time.perf_counter()
@@ -403,7 +407,7 @@ class Engine:
         return reg > self._allowance
 
     def maybe_compress(self, *, growth: int, force: bool = False,
-                       lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None) -> bool:
+                       lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None, keep: int = 0) -> bool:
         """Move all but the newest ``recent`` tokens into the store if the budget can pay for it.
 
         ``growth`` is how many tokens the regular part may gain before the next compression;
@@ -416,7 +420,7 @@ class Engine:
             return False
         if self._target_bytes(growth) < self._min_store_bytes() and not force:
             return False
-        self._compress(growth=growth, force=force, lookahead=lookahead)
+        self._compress(growth=growth, force=force, lookahead=lookahead, keep=keep)
         return True
 
     def _target_bytes(self, growth: int) -> int:
@@ -442,11 +446,11 @@ class Engine:
         return self.geometry.n_layer * max(self.config.sinks, 1) * per_slot
 
     def _compress(self, *, growth: int, force: bool,
-                  lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None) -> None:
-        """Move every regular token older than the newest ``recent`` into the store (re-planned)."""
+                  lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None, keep: int = 0) -> None:
+        """Move every regular token older than the newest ``max(recent, keep)`` into the store (re-planned)."""
         t0 = time.perf_counter()
         cfg = self.config
-        cut = self.n_past - self._recent()
+        cut = self.n_past - max(self._recent(), keep)
         if cut <= 0:
             if force:
                 raise SpindleError("the regular cache is full and nothing can move to the store; "
