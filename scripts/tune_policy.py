@@ -180,6 +180,8 @@ def main() -> None:
                 out = {"name": c.get("name", c["policy"]), "budget": b,
                        "seconds": round(time.perf_counter() - t0, 1)}
                 out.update({k2: r[k2] for k2 in r if k2 not in ("cells",)})
+                out["misses"] = [f"{c['length']}:{c['depth']}" for c in r["cells"]
+                                 for _ in range(max(0, c["correct_full"] - c["correct"]))]
                 print(json.dumps(out), flush=True)
 
 

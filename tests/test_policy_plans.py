@@ -401,6 +401,7 @@ SPINDLE_VARIANTS = [
     dict(layer_alloc="mass", alloc_floor=0.2),
     dict(layer_alloc="mass", alloc_floor=0.0, gqa_select="max", value_weight=True, query_masks="union"),
     dict(layer_alloc="mass", alloc_floor=1.0, codebook_layers=0),
+    dict(layer_alloc="mass", alloc_floor=0.5, alloc_min_slots=40, anchor_share=0.25, anchor_tokens=30),
 ]
 
 
@@ -414,6 +415,40 @@ def test_spindle_variants_respect_budget(layers, opts, frac):
     assert target - total_bytes(stores) < raw_slot_bytes(GEO) * GEO.n_layer + 200 * GEO.n_layer
     for inp, st in zip(layers, stores):
         check_store(inp, st)
+
+
+def test_mass_min_slots_is_a_floor_up_to_the_flat_share(layers):
+    target = int(full_cache_bytes(N, GEO.n_layer, GEO.n_head_kv, 16, 16) * 0.25)
+
+    def planned(**opts):
+        pol = make_policy("spindle", PolicyConfig(codebook_layers=0, anchor_span=0, **opts))
+        pol.plan(layers, GEO, target)
+        return np.array([r["slots_planned"] for r in pol.last_report])
+
+    flat = planned(layer_alloc="flat")
+    mass = planned(layer_alloc="mass", alloc_floor=0.0, alloc_min_slots=0)
+    assert (mass != flat).any()  # mass moves slots between layers
+    # a minimum at least the flat share gives every layer its flat share back
+    assert np.array_equal(planned(layer_alloc="mass", alloc_floor=0.0, alloc_min_slots=10_000), flat)
+    m = int(flat.min()) // 2
+    low = planned(layer_alloc="mass", alloc_floor=0.0, alloc_min_slots=m)
+    assert (low >= m).all() and low.sum() == flat.sum()
+
+
+def test_anchor_tokens_cap_copy_spans(layers):
+    target = int(full_cache_bytes(N, GEO.n_layer, GEO.n_head_kv, 16, 16) * 0.4)
+    base = dict(codebook_layers=0, anchor_span=6, anchor_share=0.5, anchor_from=3, anchor_min_share=0.0)
+
+    def span_tokens(**opts):
+        pol = make_policy("spindle", PolicyConfig(**base, **opts))
+        pol.plan(layers, GEO, target)
+        return pol.last_report[-1]["copy_span_tokens"]
+
+    free = span_tokens()
+    assert free > 8
+    assert 0 < span_tokens(anchor_tokens=8) <= 8
+    with pytest.raises(ValueError):
+        PolicyConfig(anchor_tokens=-1)
 
 
 def test_mass_slots_contract_and_greedy():

@@ -13,8 +13,8 @@ So a few *anchors* are chosen across the whole stack: the tokens that take the l
 share of some deep query head's window attention (a retrieval head's target stands out
 there however long the prompt). In every layer from ``anchor_from`` on, each anchor
 and the ``anchor_span`` tokens after it are protected in every KV head. The protected set
-is capped at ``anchor_share`` of the layer's mean slot count, so at most that share of
-the budget moves from score order to copy spans.
+is capped at ``anchor_share`` of the layer's mean slot count (and at ``anchor_tokens``
+when set), so at most that share of the budget moves from score order to copy spans.
 
 Kernels: :func:`anchor_strength` (numpy; per position, the best share over layers and
 query heads) and :func:`span_positions` / :func:`span_positions_ref` (numba / numpy:

@@ -146,9 +146,11 @@ class PolicyConfig:
     attention mass); ``gqa_select`` ``'max'`` keeps the tokens whose best score over the
     group's query heads is highest (a flattened top-k over (query head, token) pairs:
     heads with broad attention claim more slots than sharp ones); ``layer_alloc``
-    ``'flat'`` (default) gives every layer the same share, ``'mass'`` gives each eviction layer ``alloc_floor`` of the flat share and hands the
-    rest of the slots to the largest window attention masses over all layers (layers
-    with concentrated attention need few slots), ``'pyramid'`` follows ``pyramid_beta``;
+    ``'flat'`` gives every layer the same share, ``'mass'`` (default) gives each eviction
+    layer ``alloc_floor`` of the flat share, and at least ``alloc_min_slots`` slots up to
+    that share, and hands the rest of the slots to the largest window attention masses
+    over all layers (layers with concentrated attention need few slots), ``'pyramid'``
+    follows ``pyramid_beta``;
     ``value_weight`` multiplies attention by the token's value norm relative to its KV
     head's mean (a token with a small value adds little to the output); ``anchor_*``
     keep copy spans (the run after a token a deep head attends to strongly, see
@@ -170,11 +172,13 @@ class PolicyConfig:
     # spindle only (snapkv/pyramidkv ignore these; PAPER_SPINDLE restores the paper's choices)
     query_masks: str = "union"  # "union" (every query head sees the stored union) or "own" (paper)
     gqa_select: str = "max"  # tokens of a GQA group: "max" over its query heads, "union" (round-robin, paper), "mean"
-    layer_alloc: str = "flat"  # "flat", "mass" (window score mass, floor alloc_floor) or "pyramid" (paper)
-    alloc_floor: float = 0.2  # "mass": share of the flat per-layer budget every eviction layer keeps
+    layer_alloc: str = "mass"  # "flat", "mass" (window score mass above a floor) or "pyramid" (paper)
+    alloc_floor: float = 0.5  # "mass": share of the flat per-layer budget every eviction layer keeps
+    alloc_min_slots: int = 256  # "mass": ... and at least this many slots (at most its flat share)
     value_weight: bool = True  # scores times the token's relative value norm
     anchor_span: int = 24  # copy spans (policy/anchors.py): tokens kept after each anchor; 0 = off
-    anchor_share: float = 0.1  # copy spans take at most this share of a layer's mean slot count
+    anchor_share: float = 0.25  # copy spans take at most this share of a layer's mean slot count
+    anchor_tokens: int | None = None  # ... and at most this many tokens (None: no absolute cap)
     anchor_from: int | None = None  # first layer with copy spans (None: half the stack)
     anchor_min_share: float = 0.01  # an anchor holds at least this share of some deep head's window attention
     threads: int | None = None  # planning threads (None: the CPUs this process may use)
@@ -214,9 +218,11 @@ class PolicyConfig:
             raise ValueError(f"gqa_select must be 'union', 'max' or 'mean', not {self.gqa_select!r}")
         if self.layer_alloc not in ("flat", "pyramid", "mass"):
             raise ValueError(f"layer_alloc must be 'flat', 'pyramid' or 'mass', not {self.layer_alloc!r}")
-        if not (0.0 <= self.alloc_floor <= 1.0):
-            raise ValueError("alloc_floor must be in [0, 1]")
+        if not (0.0 <= self.alloc_floor <= 1.0) or self.alloc_min_slots < 0:
+            raise ValueError("alloc_floor must be in [0, 1] and alloc_min_slots >= 0")
         if self.anchor_span < 0 or not (0.0 <= self.anchor_share <= 1.0) or self.anchor_min_share < 0:
             raise ValueError("anchor_span must be >= 0, anchor_share in [0, 1], anchor_min_share >= 0")
+        if self.anchor_tokens is not None and self.anchor_tokens < 0:
+            raise ValueError("anchor_tokens must be >= 0 or None")
         if self.codebook_block < 1:
             raise ValueError("codebook_block must be >= 1")

@@ -153,19 +153,21 @@ class PyramidKVPolicy(SnapKVPolicy):
 class SpindlePolicy(Policy):
     """SpindleKV: codebook layers at the shallow end, eviction with adaptive budgets elsewhere.
 
-    1. Every layer gets a byte share: flat with ``layer_alloc='flat'`` (default) or
-       ``'mass'``, the pyramid (``pyramid_beta``) with ``'pyramid'`` (the paper). Flat is
-       the default because ``'mass'``, although better on KLD at 0.25/0.15, lost pass keys
-       (8/12 vs 12/12 at budget 0.15): a layer whose window attention is concentrated on
-       a few tokens gets few slots, and the neighbours a retrieval copies from are dropped.
+    1. Every layer gets a byte share: flat with ``layer_alloc='flat'`` or ``'mass'``
+       (default), the pyramid (``pyramid_beta``) with ``'pyramid'`` (the paper). Plain
+       ``'mass'`` loses pass keys in short prompts at small budgets (a layer whose window
+       attention is concentrated on a few tokens gets few slots, and the neighbours a
+       retrieval copies from are dropped), so every layer keeps at least ``alloc_floor``
+       of its flat share and at least ``alloc_min_slots`` slots (never more than the flat
+       share): at small budgets on short prompts that is flat, elsewhere mass.
     2. Codebook layers (the first ``codebook_layers`` or, with ``'auto'``, those where the
        codebook's measured attention error beats eviction at equal bytes) evict in
        selection order and codebook K (pre-RoPE) and V to fit their share; a layer whose
        codebook keeps no more tokens than plain eviction stays an eviction layer.
-    3. The bytes left go to the eviction layers: evenly with ``'flat'``; ``'mass'`` keeps ``alloc_floor`` of the
-       flat share in every layer and gives each further slot to the layer where it keeps
-       the most window attention mass (a global top-k over layers); ``'pyramid'`` uses the
-       pyramid weights.
+    3. The bytes left go to the eviction layers: evenly with ``'flat'``; ``'mass'`` keeps
+       the floor above in every layer and gives each further slot to the layer where it
+       keeps the most window attention mass (a global top-k over layers); ``'pyramid'``
+       uses the pyramid weights.
     4. Per KV head, tokens are chosen by ``gqa_select`` (default: the best score over the
        group's query heads; ``'union'``: the paper's round-robin over per-query-head
        top-k) with scores weighted by value norms (``value_weight``); with
@@ -175,6 +177,16 @@ class SpindlePolicy(Policy):
     """
 
     name = "spindle"
+
+    def _anchor_cap(self, slots: np.ndarray) -> int:
+        """Tokens copy spans may take: a share of a layer's mean slots, at most ``anchor_tokens``.
+
+        What a question points at (a key, a name) does not grow with the budget, so the
+        absolute cap keeps spans from crowding out scored tokens at large budgets; the
+        share keeps them from taking most of a small one.
+        """
+        cap = int(self.config.anchor_share * slots.mean())
+        return cap if self.config.anchor_tokens is None else min(cap, int(self.config.anchor_tokens))
 
     def _plan(self, layers, geometry, target_bytes):
         cfg = self.config
@@ -193,7 +205,7 @@ class SpindlePolicy(Policy):
         if cfg.anchor_span > 0 and cfg.anchor_share > 0:
             first = geometry.n_layer // 2 if cfg.anchor_from is None else cfg.anchor_from
             kept = copy_spans(layers, scores, first_layer=first, span=cfg.anchor_span,
-                              cap=int(cfg.anchor_share * slots.mean()), sinks=cfg.sinks,
+                              cap=self._anchor_cap(slots), sinks=cfg.sinks,
                               min_share=cfg.anchor_min_share)
             scores = [boost(sc, inp.positions, kept) if inp.layer >= first else sc
                       for inp, sc in zip(layers, scores)]
@@ -239,6 +251,7 @@ class SpindlePolicy(Policy):
             s_rest = allocate_slots(weights[rest], lo, hi, total)
             if mass:
                 floor = np.floor(cfg.alloc_floor * s_rest).astype(np.int64)
+                floor = np.maximum(floor, np.minimum(s_rest, cfg.alloc_min_slots))
                 gains = [layer_gains(scores[i], geometry.g, cfg.gqa_select, int(n_min[i])) for i in rest]
                 s_rest = mass_slots(gains, lo, hi, floor, total)
             for i, s in zip(rest, s_rest):
