@@ -291,8 +291,10 @@ class Engine:
                     ahead = self._probe(tokens[-w:], end - w) if probe and room >= 0 else None
                     # Lazy: keep in the regular cache whatever the rest of the prompt leaves room
                     # for; the cells are allocated anyway, and the tokens still to read (the
-                    # question among them) then see the old ones exactly, not a store.
-                    keep = self.cells - reserve - (len(tokens) - done) if self.config.lazy_plans else 0
+                    # question among them) then see the old ones exactly, not a store. Not with
+                    # eager_compress, whose point is staying within budget while reading.
+                    lazy = self.config.lazy_plans and not eager
+                    keep = self.cells - reserve - (len(tokens) - done) if lazy else 0
                     self.maybe_compress(growth=0, force=room < take, lookahead=ahead, keep=keep)
             take = max(1, min(take, self.cells - self.regular_count() - reserve))
             part = tokens[done:done + take]
@@ -408,7 +410,7 @@ class Engine:
 
     def maybe_compress(self, *, growth: int, force: bool = False,
                        lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None, keep: int = 0) -> bool:
-        """Move all but the newest ``recent`` tokens into the store if the budget can pay for it.
+        """Move all but the newest ``max(recent, keep)`` tokens into the store if the budget can pay for it.
 
         ``growth`` is how many tokens the regular part may gain before the next compression;
         the store is planned small enough that the reserve ratio stays within the budget
