@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Engine/policy options A/B on chosen pass-key prompts of the bench grid.
 
-Rebuilds the exact prompts `spindle-local bench --seed 0 --lengths 1500,3500,6000
+Rebuilds the exact prompts `spindle-local bench --seed S --lengths 1500,3500,6000
 --depths 0.1,0.5,0.9 --samples 2` draws, keeps the cells given, and answers them with
 each configuration (EngineConfig fields as JSON; `policy_options` for PolicyConfig).
 One JSON line per configuration: which prompts found their key.
@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--cells", default="3500:0.1,6000:0.1", help="length:depth,... of the grid")
     ap.add_argument("--budget", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="the bench's --seed (which keys are drawn)")
     ap.add_argument("configs", nargs="+", help="JSON EngineConfig overrides, one per configuration")
     args = ap.parse_args()
 
@@ -43,7 +44,7 @@ def main() -> None:
     load_llama_cpp()
     model = LlamaModel(path)
     builder = NeedleBuilder(lambda t: model.tokenize(t, add_special=False), model.token_to_piece, load_text(None))
-    rng = np.random.default_rng(0)  # run_needle draws the keys cell by cell (length, then depth)
+    rng = np.random.default_rng(args.seed)  # run_needle draws the keys cell by cell (length, then depth)
     keys = {(n, d): [random_key(rng) for _ in range(SAMPLES)] for n in LENGTHS for d in DEPTHS}
     cells = [(int(a), float(b)) for a, b in (c.split(":") for c in args.cells.split(","))]
     prompts = [builder.build(n, d, k) for n, d in cells for k in keys[(n, d)]]
@@ -54,7 +55,7 @@ def main() -> None:
         eng = Engine(path, cfg, model=model)
         answers = [greedy_answer(eng, p.tokens) for p in prompts]
         eng.ctx.close()
-        print(json.dumps({"budget": args.budget, "config": opts,
+        print(json.dumps({"budget": args.budget, "seed": args.seed, "config": opts,
                           "prompts": [f"{p.length}:{p.depth}:{p.key}" for p in prompts],
                           "found": [key_found(a, p.key) for a, p in zip(answers, prompts)],
                           "answers": answers, "seconds": round(time.time() - t0, 1)}), flush=True)

@@ -48,6 +48,19 @@ def test_copy_spans_follow_the_strongest_deep_anchor() -> None:
     assert len(copy_spans(layers, scores, first_layer=3, span=10, cap=5, sinks=4, min_share=0.05)) == 0
 
 
+def test_a_run_that_does_not_fit_is_skipped_not_the_end() -> None:
+    # The strongest anchor is often a token just before the recent part (local attention):
+    # its run is short. A run that no longer fits the cap must not stop the search, or the
+    # needle's run behind it is lost (a 1,500-token prompt at budget 0.15 kept 7 tokens).
+    positions = np.arange(100, dtype=np.int64)
+    order = np.array([95, 40, 93])  # strongest first: a short run at the end, a full one, a short one
+    kept = span_positions(positions, order, 10, 8)
+    assert np.array_equal(kept, np.arange(93, 100))  # 40's run (11) passes the cap; 93's still fits
+    assert np.array_equal(kept, span_positions_ref(positions, order, 10, 8))
+    kept = span_positions(positions, order, 10, 18)
+    assert np.array_equal(kept, np.concatenate([np.arange(40, 51), np.arange(93, 100)]))
+
+
 def test_boost_ranks_spans_first_but_keeps_sinks_and_absent_pairs() -> None:
     s = np.array([[np.inf, 5.0, 0.1, -np.inf, 0.2], [np.inf, 0.3, 9.0, 0.0, -np.inf]], np.float32)
     pos = np.array([0, 10, 11, 12, 13])
@@ -66,10 +79,14 @@ def test_spindle_keeps_copy_spans_in_every_deep_head() -> None:
     stores = pol.plan(layers, GEO, target)
     # the spans the policy protected, recomputed from its own scores
     logits = [layer_logits(inp, GEO, pol.config) for inp in layers]
-    scores = [pol._scores(inp, GEO, lg, value_weight=True) for inp, lg in zip(layers, logits)]
+    # anchors come from window attention before pooling (max-pooling would move a span's start)
+    raw = [pol._raw_and_scores(inp, GEO, lg, value_weight=True)[0] for inp, lg in zip(layers, logits)]
+    # the greedy choice under the policy's cap equals the one under the count it reached
+    used = pol.last_report[3]["copy_span_tokens"]
     slots = np.array([st.heads[0].n_slots for st in stores])
-    kept = copy_spans(layers, scores, first_layer=3, span=12, cap=int(0.3 * slots.mean()) + 1, sinks=4,
-                      min_share=0.0)
+    assert used <= 0.3 * slots.mean() + 1
+    kept = copy_spans(layers, raw, first_layer=3, span=12, cap=used, sinks=4, min_share=0.0)
+    assert len(kept) == used
     assert len(kept) >= 12
     for st in stores[3:]:
         for hs in st.heads:

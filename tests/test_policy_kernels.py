@@ -22,6 +22,8 @@ from spindle_local.policy.scores import (
     attention_logits,
     attention_logits_ref,
     pool_ref,
+    pool_window_scores,
+    raw_window_scores,
     softmax_colmean_ref,
     window_scores,
 )
@@ -72,6 +74,22 @@ def test_window_scores_numba_vs_numpy():
         np.testing.assert_allclose(
             window_scores(inp, geo, cfg), window_scores(inp, geo, cfg, use_numba=False), rtol=1e-5, atol=1e-8
         )
+
+
+def test_pooled_scores_are_pooled_raw_attention():
+    # copy spans read the attention before pooling; the plan's scores are that, pooled
+    geo = Geometry(4, 6, 2, 16, 16)
+    inp = make_layer(geo, 3, n=80, w=8, r=12, seed=5)
+    cfg = PolicyConfig(pooling="max", pool_kernel=7)
+    raw = raw_window_scores(inp, geo, cfg)
+    pooled = pool_window_scores(raw, inp, cfg)
+    np.testing.assert_allclose(pooled, window_scores(inp, geo, cfg), rtol=1e-6)
+    assert np.array_equal(raw, raw_window_scores(inp, geo, cfg))  # pooling works on a copy
+    body = raw[:, np.asarray(inp.positions) >= cfg.sinks]
+    assert (pooled[:, np.asarray(inp.positions) >= cfg.sinks] >= body - 1e-7).all()  # max-pool never lowers
+    assert not np.allclose(pooled, raw)
+    np.testing.assert_allclose(raw.sum(axis=1), raw_window_scores(inp, geo, cfg, use_numba=False).sum(axis=1),
+                               rtol=1e-5)
 
 
 def test_union_select_agree_and_priority_prefix():

@@ -68,7 +68,7 @@ def _span_positions_nb(positions: np.ndarray, order: np.ndarray, span: int, cap:
                 need += 1
             j += 1
         if count + need > cap:
-            break
+            continue  # a run that does not fit any more; a shorter one further down may
         j = a
         while j < n and positions[j] <= lim:
             taken[j] = True
@@ -80,12 +80,13 @@ def _span_positions_nb(positions: np.ndarray, order: np.ndarray, span: int, cap:
 def span_positions_ref(positions: np.ndarray, order: np.ndarray, span: int, cap: int) -> np.ndarray:
     """Numpy reference of ``_span_positions_nb``: anchors in ``order`` (indices into the
     ascending ``positions``), each with every position up to ``span`` after it, taken
-    whole while the union stays within ``cap``; returns the protected positions."""
+    whole while the union stays within ``cap`` (a run that would pass it is skipped);
+    returns the protected positions."""
     taken: set[int] = set()
     for a in order:
         run = {int(p) for p in positions[(positions >= positions[a]) & (positions <= positions[a] + span)]}
         if len(taken | run) > cap:
-            break
+            continue
         taken |= run
     return np.array(sorted(taken), dtype=positions.dtype)
 

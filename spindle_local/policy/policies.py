@@ -24,7 +24,7 @@ from .layer_plans import evict_layer, fit_codebook_layer, head_store, layer_gain
 from .parallel import pmap
 from .plan import LayerStore, layer_store_bytes
 from .roles import auto_roles
-from .scores import attn_scale, layer_logits, window_scores
+from .scores import attn_scale, layer_logits, pool_window_scores, raw_window_scores, window_scores
 
 POLICY_NAMES = ("full", "streaming", "snapkv", "pyramidkv", "spindle")
 
@@ -87,6 +87,14 @@ class Policy(ABC):
     def _scores(self, inp: LayerInput, geometry: Geometry, logits=None, value_weight: bool = False) -> np.ndarray:
         s = window_scores(inp, geometry, self.config, logits=logits, value_weight=value_weight)
         return protect(s, inp.positions, self.config.sinks, inp.available_mask())
+
+    def _raw_and_scores(self, inp: LayerInput, geometry: Geometry, logits=None,
+                        value_weight: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(window attention before pooling, pooled scores) of one layer, both protected."""
+        raw = raw_window_scores(inp, geometry, self.config, logits=logits, value_weight=value_weight)
+        s = pool_window_scores(raw, inp, self.config)
+        avail = inp.available_mask()
+        return protect(raw, inp.positions, self.config.sinks, avail), protect(s, inp.positions, self.config.sinks, avail)
 
 
 class FullPolicy(Policy):
@@ -199,12 +207,15 @@ class SpindlePolicy(Policy):
         budgets = slots * unit
         n_min = np.array([min(sink_slots(i.positions, cfg.sinks), i.n) for i in layers], dtype=np.int64)
         logits = pmap(lambda inp: layer_logits(inp, geometry, cfg), layers, cfg.threads)
-        scores = pmap(lambda il: self._scores(il[0], geometry, il[1], value_weight=cfg.value_weight),
-                      list(zip(layers, logits)), cfg.threads)
+        both = pmap(lambda il: self._raw_and_scores(il[0], geometry, il[1], value_weight=cfg.value_weight),
+                    list(zip(layers, logits)), cfg.threads)
+        raw, scores = [b[0] for b in both], [b[1] for b in both]
         self._extra_report = {inp.layer: {"share_bytes": int(b)} for inp, b in zip(layers, budgets)}
         if cfg.anchor_span > 0 and cfg.anchor_share > 0:
             first = geometry.n_layer // 2 if cfg.anchor_from is None else cfg.anchor_from
-            kept = copy_spans(layers, scores, first_layer=first, span=cfg.anchor_span,
+            # anchors from attention before pooling: max-pooling copies a target's score to
+            # its neighbours, so a span could start a few tokens late and lose the first digit
+            kept = copy_spans(layers, raw, first_layer=first, span=cfg.anchor_span,
                               cap=self._anchor_cap(slots), sinks=cfg.sinks,
                               min_share=cfg.anchor_min_share)
             scores = [boost(sc, inp.positions, kept) if inp.layer >= first else sc

@@ -201,15 +201,26 @@ def window_scores(
     value_weight: bool = False,
 ) -> np.ndarray:
     """Per-query-head scores float32 [H, n] of the old tokens (pooled, sinks *not* protected;
-    with pooling, the sinks' own scores are zeroed before pooling).
+    with pooling, the sinks' own scores are zeroed before pooling): :func:`pool_window_scores`
+    of :func:`raw_window_scores`."""
+    raw = raw_window_scores(inp, geometry, config, use_numba, logits, value_weight)
+    return pool_window_scores(raw, inp, config, use_numba)
+
+
+def raw_window_scores(
+    inp: LayerInput,
+    geometry: Geometry,
+    config: PolicyConfig,
+    use_numba: bool = True,
+    logits: tuple[np.ndarray, np.ndarray] | None = None,
+    value_weight: bool = False,
+) -> np.ndarray:
+    """Per-query-head window attention float32 [H, n] of the old tokens, before pooling.
 
     ``value_weight`` multiplies each token's attention by the norm of its value vector
-    (relative to the KV head's mean value norm) before pooling: what a token adds to the
-    attention output is its weight times its value, so a token with a tiny value
-    contributes little however much attention it gets (value-aware token pruning).
-
-    Tokens are scored in the order of ``inp.positions``; pooling assumes that order is the
-    position order (the engine passes old tokens sorted; otherwise they are sorted here).
+    (relative to the KV head's mean value norm): what a token adds to the attention
+    output is its weight times its value, so a token with a tiny value contributes
+    little however much attention it gets (value-aware token pruning).
     """
     n = inp.n
     if n == 0:
@@ -230,22 +241,34 @@ def window_scores(
     s = fn(lo, lr, q_pos, pos_old, rec_pos.astype(np.int64))
     if value_weight:
         s = s * value_norm_weights(inp, geometry)
-    if config.pooling is not None and config.pool_kernel > 1:
-        # sinks are kept regardless; zero them first so that pooling does not spread
-        # token 0's large score (a sink even without BOS) onto its neighbours
-        s[:, pos_old < config.sinks] = 0.0
-        order = np.argsort(pos_old, kind="stable")
-        sorted_already = bool(np.all(order == np.arange(n)))
-        ss = s if sorted_already else s[:, order]
-        ss = pool_scores(ss, config.pool_kernel, config.pooling) if use_numba else pool_ref(
-            ss, config.pool_kernel, config.pooling
-        )
-        if sorted_already:
-            s = ss
-        else:
-            s = np.empty_like(ss)
-            s[:, order] = ss
     return s
+
+
+def pool_window_scores(raw: np.ndarray, inp: LayerInput, config: PolicyConfig,
+                       use_numba: bool = True) -> np.ndarray:
+    """``raw`` [H, n] pooled along positions (``config.pooling``; a copy, ``raw`` is kept).
+
+    Tokens are scored in the order of ``inp.positions``; pooling assumes that order is the
+    position order (the engine passes old tokens sorted; otherwise they are sorted here).
+    """
+    if raw.shape[1] == 0 or inp.q_window.shape[0] == 0 or config.pooling is None or config.pool_kernel <= 1:
+        return raw.copy()
+    pos_old = np.asarray(inp.positions, dtype=np.int64)
+    # sinks are kept regardless; zero them first so that pooling does not spread
+    # token 0's large score (a sink even without BOS) onto its neighbours
+    s = raw.copy()
+    s[:, pos_old < config.sinks] = 0.0
+    order = np.argsort(pos_old, kind="stable")
+    sorted_already = bool(np.all(order == np.arange(len(pos_old))))
+    ss = s if sorted_already else s[:, order]
+    ss = pool_scores(ss, config.pool_kernel, config.pooling) if use_numba else pool_ref(
+        ss, config.pool_kernel, config.pooling
+    )
+    if sorted_already:
+        return ss
+    out = np.empty_like(ss)
+    out[:, order] = ss
+    return out
 
 
 def value_norm_weights(inp: LayerInput, geometry: Geometry) -> np.ndarray:
