@@ -11,10 +11,17 @@ token prompt, budget 0.25: keeping the needle's 24 tokens in every KV head of la
 
 So a few *anchors* are chosen across the whole stack: the tokens that take the largest
 share of some deep query head's window attention (a retrieval head's target stands out
-there however long the prompt). In every layer from ``anchor_from`` on, each anchor
-and the ``anchor_span`` tokens after it are protected in every KV head. The protected set
+there however long the prompt), read before pooling (max-pooling copies a target's
+score onto its neighbours, and a span starting at a copy starts late). In every layer
+from ``anchor_from`` on, each anchor and the ``anchor_span`` tokens after it are
+protected in every KV head, strongest anchor first; a run that no longer fits is
+skipped (the strongest anchor is often a token just before the recent part, whose run
+is short, and stopping at the first misfit lost the needle behind it). The protected set
 is capped at ``anchor_share`` of the layer's mean slot count (and at ``anchor_tokens``
 when set), so at most that share of the budget moves from score order to copy spans.
+Only sharp targets are anchors: a token must hold at least ``anchor_min_share`` (a
+tenth) of some deep head's window attention. With 1 % the cap filled up with runs after
+ordinary tokens once misfits were skipped, and a 6,000-token key was lost at 0.25.
 
 Kernels: :func:`anchor_strength` (numpy; per position, the best share over layers and
 query heads) and :func:`span_positions` / :func:`span_positions_ref` (numba / numpy:

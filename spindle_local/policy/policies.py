@@ -176,9 +176,9 @@ class SpindlePolicy(Policy):
        the floor above in every layer and gives each further slot to the layer where it
        keeps the most window attention mass (a global top-k over layers); ``'pyramid'``
        uses the pyramid weights.
-    4. Per KV head, tokens are chosen by ``gqa_select`` (default: the best score over the
-       group's query heads; ``'union'``: the paper's round-robin over per-query-head
-       top-k) with scores weighted by value norms (``value_weight``); with
+    4. Per KV head, tokens are chosen by ``gqa_select`` (default: the mean score over the
+       group's query heads; ``'max'``: the best one; ``'union'``: the paper's round-robin
+       over per-query-head top-k) with scores weighted by value norms (``value_weight``); with
        ``query_masks='own'`` each query head sees only its own top-k of the union.
     Every KV head of a layer keeps the same slot count: the store pads a layer's heads to
     its largest one, so unequal per-head budgets would cost bytes without keeping more.
