@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Decode time per token after a long prompt, for engine/policy variants (A/B, one process each).
+"""Decode time per token after a long prompt, for engine/policy variants (A/B in one process).
 
 Reads the first --context tokens of the default text with each configuration (JSON
 EngineConfig overrides; `policy_options` for PolicyConfig fields), then times --gen
-greedy steps. Unlike `spindle-local eval speed` there is no stock run and no RSS: this is
+greedy steps. Configurations share the loaded model and alternate over --reps rounds.
+Unlike `spindle-local eval speed` there is no stock run and no RSS (one process): this is
 for finding where a configuration's decode time goes (codebook layers, store size).
 
     .venv/bin/python scripts/decode_profile.py --context 6000 '{}' '{"codebook_layers": 0}' \\
-        '{"policy": "full", "n_cells": 1700}'
+        '{"policy": "full", "n_cells": 1700, "context": 1500}'
 
 A `"context"` key in a configuration overrides --context for it (e.g. a full cache of
 the store's size).
