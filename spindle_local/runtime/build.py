@@ -36,6 +36,7 @@ from typing import Callable
 
 from spindle_local.errors import BuildError
 from spindle_local.paths import build_dir, cache_root, wheels_dir
+from spindle_local.runtime.cpu_features import IsaTier, load_record, select_tier
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 STAMP_NAME = "spindle_build.json"
@@ -82,17 +83,26 @@ class BuildConfig:
     backend: str = "cpu"
     extra_cmake_args: tuple[str, ...] = ()
     version: str = LLAMA_CPP_PYTHON_VERSION
+    #: instruction sets of the CPU code (``cpu_features``); None: the best tier that has
+    #: not faulted on this CPU.
+    isa: IsaTier | None = None
+
+    def resolved_isa(self) -> IsaTier:
+        return self.isa if self.isa is not None else select_tier()
 
     def cmake_args(self) -> list[str]:
-        return _BASE_CMAKE_ARGS + _BACKEND_CMAKE_ARGS[self.backend] + list(self.extra_cmake_args)
+        # The user's SPINDLE_CMAKE_ARGS come last, so CMake lets them override the tier.
+        return (_BASE_CMAKE_ARGS + _BACKEND_CMAKE_ARGS[self.backend]
+                + list(self.resolved_isa().cmake_args) + list(self.extra_cmake_args))
 
     def key(self, patches: list[Path]) -> str:
         h = hashlib.sha256()
         h.update(f"llama-cpp-python=={self.version}\n".encode())
         for p in patches:
             h.update(p.name.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+        # The instruction-set flags are among the CMake arguments: CPUs that run different
+        # instruction sets get different keys.
         h.update(("\0".join(self.cmake_args())).encode())
-        # A native (-march=native) build is only valid on the machine type that built it.
         h.update(platform.machine().encode() + sys.platform.encode())
         return f"{self.version}-{self.backend}-{h.hexdigest()[:16]}"
 
@@ -142,7 +152,7 @@ def fetch_sdist(version: str) -> Path:
     return target
 
 
-def prepare_source(sdist: Path, patches: list[Path], dest: Path, key: str) -> Path:
+def prepare_source(sdist: Path, patches: list[Path], dest: Path, key: str, isa: dict | None = None) -> Path:
     """Extract the sdist into ``dest`` and apply the patches; return the source root.
 
     The tree is kept (with a ``.prepared`` marker) so that an interrupted build resumes
@@ -174,7 +184,8 @@ def prepare_source(sdist: Path, patches: list[Path], dest: Path, key: str) -> Pa
             detail = (proc.stdout.strip().splitlines() or ["no output"])[-1]
             raise BuildError(f"patch {patch.name} does not apply to llama.cpp of llama-cpp-python "
                              f"{LLAMA_CPP_PYTHON_VERSION}: {detail}")
-    stamp = {"key": key, "patches": [p.name for p in patches], "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    stamp = {"key": key, "patches": [p.name for p in patches], "isa": isa or {},
+             "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (root / "llama_cpp" / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")
     marker.write_text(root.name + "\n")
     return root
@@ -219,7 +230,8 @@ def build_wheel(src_root: Path, cfg: BuildConfig, key: str, out_dir: Path) -> Pa
     cmake_build = build_dir() / key / "cmake"
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(out_dir),
            "-C", f"build-dir={cmake_build}", str(src_root)]
-    _log(f"building the patched runtime (llama-cpp-python {cfg.version}, backend {cfg.backend}); "
+    _log(f"building the patched runtime (llama-cpp-python {cfg.version}, backend {cfg.backend}, "
+         f"CPU instruction sets: {cfg.resolved_isa().name}); "
          "this takes a few minutes the first time ...")
     show = _progress_printer()
     log_path = cache_root() / "build.log"
@@ -249,7 +261,8 @@ def cached_or_built_wheel(cfg: BuildConfig, patches: list[Path], key: str, *, fo
     if wheels and not force:
         return wheels[-1], "installed-cached"
     sdist = fetch_sdist(cfg.version)
-    src = prepare_source(sdist, patches, build_dir() / key / "src", key)
+    src = prepare_source(sdist, patches, build_dir() / key / "src", key,
+                         {"tier": cfg.resolved_isa().name, "faulted_tiers": load_record()["faulted_tiers"]})
     tmp_out = cache.with_name(cache.name + ".partial")
     shutil.rmtree(tmp_out, ignore_errors=True)
     built = build_wheel(src, cfg, key, tmp_out)
@@ -318,6 +331,40 @@ def ensure_runtime(cfg: BuildConfig | None = None, *, force: bool = False) -> di
     if missing:
         _run_pip(["install", "-q", *[m.replace("_", "-") for m in missing]], "installing runtime dependencies")
     return {"key": key, "action": action, "seconds": time.monotonic() - t0, "wheel": str(wheels[-1])}
+
+
+def ensure_verified(cfg: BuildConfig) -> dict:
+    """Smoke-test the installed runtime on this CPU once per build; rebuild smaller on a fatal signal.
+
+    Returns ``{"tier", "action"}``: action ``"known"`` (this build already passed on this
+    CPU), ``"passed"`` or ``"rebuilt"`` (an instruction-set tier faulted and a smaller one
+    passed; the fault is recorded for this CPU and in the new build's stamp).
+    """
+    from dataclasses import replace
+
+    from spindle_local.runtime.cpu_features import isa_tiers, save_record
+    from spindle_local.runtime.smoke import verify
+
+    record = load_record()
+    stamp = installed_stamp() or {}
+    if stamp.get("key") in record["smoke_ok"]:
+        return {"tier": cfg.resolved_isa().name, "action": "known"}
+    first = cfg.resolved_isa()
+    _log(f"testing the runtime on this CPU (instruction sets: {first.name}) ...")
+
+    def rebuild(tier: IsaTier) -> None:
+        save_record(record)  # the next build's stamp names the faulted tiers
+        ensure_runtime(replace(cfg, isa=tier))
+
+    try:
+        passed = verify(first, isa_tiers(), rebuild, record=record)
+    finally:
+        save_record(record)
+    key = (installed_stamp() or {}).get("key")
+    if key:
+        record["smoke_ok"].append(key)
+        save_record(record)
+    return {"tier": passed.name, "action": "passed" if passed == first else "rebuilt"}
 
 
 def main(argv: list[str] | None = None) -> int:

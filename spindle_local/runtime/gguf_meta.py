@@ -115,9 +115,9 @@ class _HeaderReader:
         version = self._unpack("<I")
         if version not in (2, 3):
             raise ValueError(f"unsupported GGUF version {version}")
-        self._unpack("<Q")  # tensor count
+        self.n_tensors = self._unpack("<Q")
         n_kv = self._unpack("<Q")
-        if n_kv > 1 << 20:
+        if n_kv > 1 << 20 or self.n_tensors > 1 << 24:
             raise ValueError("implausible metadata count")
         out: dict[str, Any] = {}
         for _ in range(n_kv):
@@ -125,13 +125,49 @@ class _HeaderReader:
             out[key] = self._value(self._unpack("<I"))
         return out
 
+    def data_end(self, alignment: int) -> int:
+        """Where the last tensor's data ends (bytes from the file start); call after :meth:`read`.
+
+        Reads the tensor descriptors that follow the key/values: a file cut anywhere in
+        its tensor data has an intact header, and only this tells it is incomplete.
+        """
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        end = 0
+        for _ in range(self.n_tensors):
+            self._string()
+            n_dims = self._unpack("<I")
+            if n_dims > 8:
+                raise ValueError("implausible tensor rank")
+            shape = [self._unpack("<Q") for _ in range(n_dims)]
+            ttype = self._unpack("<I")
+            offset = self._unpack("<Q")
+            try:
+                block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            except (ValueError, KeyError):
+                raise ValueError(f"unknown tensor type {ttype}") from None
+            n = 1
+            for d in shape:
+                n *= d
+            end = max(end, offset + n // block * size)
+        start = -(-self.f.tell() // alignment) * alignment
+        return start + end
+
 
 def read_header(path: str | Path) -> dict[str, Any]:
     """The metadata key/values of a GGUF file (long arrays such as the vocabulary omitted)."""
     p = check_gguf_path(path)
     try:
         with open(p, "rb") as f:
-            return _HeaderReader(f).read()
+            reader = _HeaderReader(f)
+            kv = reader.read()
+            alignment = kv.get("general.alignment") or 32
+            if not isinstance(alignment, int) or alignment <= 0:
+                raise ValueError(f"bad general.alignment {alignment!r}")
+            need, size = reader.data_end(alignment), p.stat().st_size
+            if size < need:
+                raise ModelError(f"truncated GGUF file ({size:,} bytes; its tensors need {need:,}): {p}")
+            return kv
     except _Truncated:
         raise ModelError(f"truncated GGUF file (header ends early): {p}") from None
     except (ValueError, struct.error, UnicodeDecodeError) as e:

@@ -76,6 +76,9 @@ def check_gguf_path(path: str | os.PathLike[str]) -> Path:
         raise ModelError(f"model file not found: {p}")
     if p.is_dir():
         raise ModelError(f"model path is a directory, not a GGUF file: {p}")
+    if not p.is_file():
+        # A FIFO or device would block the read below (and llama.cpp's mmap) forever.
+        raise ModelError(f"model path is not a regular file (a pipe or device?): {p}")
     try:
         with open(p, "rb") as f:
             magic = f.read(4)

@@ -10,6 +10,7 @@ a library without them, or with another API version, raises
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from spindle_local.errors import RuntimeNotPatchedError, SpindleError
 from spindle_local.policy.plan import Codebook, HeadStore, LayerStore
 
 #: The ``LLAMA_SPINDLE_API_VERSION`` this module was written against.
-API_VERSION = 3
+API_VERSION = 4
 
 ERR_ARG = -1
 ERR_UNSUPPORTED = -2
@@ -126,7 +127,11 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "llama_spindle_cache_bytes": ([_P, _I32, ctypes.POINTER(_I64), ctypes.POINTER(_I64)], _I32),
     "llama_spindle_compact": ([_P, _I32], _I32),
     "llama_spindle_set_eval_callback": ([_P, _P, _P], _I32),
+    "llama_spindle_install_crash_handler": ([ctypes.c_char_p], _I32),
 }
+
+_CRASH_HINT = (b"run `spindle-local setup` (it tests the runtime on this CPU and rebuilds it without "
+               b"instruction sets that fault) and report the command if it happens again")
 
 _HINT = "run `spindle-local setup` to build the patched runtime"
 
@@ -151,6 +156,11 @@ class Native:
                 f"llama.cpp runtime has spindle-local patch API {version}, expected {API_VERSION}; {_HINT}"
             )
         self.lib = lib
+        # A fatal signal in native code ends with one line on stderr and exit 128 + signal
+        # instead of the shell's bare "Illegal instruction". SPINDLE_CRASH_HANDLER=0 leaves the
+        # default action (core dumps, debuggers; the smoke test needs the real signal).
+        if os.environ.get("SPINDLE_CRASH_HANDLER", "1") != "0":
+            self.spindle_install_crash_handler(_CRASH_HINT)
 
     def last_error(self) -> str:
         msg = self.spindle_last_error()

@@ -45,7 +45,9 @@ _FINGERPRINT_SPAN = 1 << 20
 
 
 class SessionError(SpindleError):
-    """A session file that cannot be used (one line, for the user)."""
+    """A session file that cannot be used (one line, for the user); bad input like a missing one."""
+
+    exit_code = 2
 
 
 def model_identity(path: str | Path) -> dict[str, Any]:
@@ -113,6 +115,7 @@ def write_atomic(path: str | Path, chunks: Iterable[bytes]) -> None:
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise SessionError(f"cannot save to {target}: folder {folder} does not exist")
+    _remove_stale_temporaries(folder, target.name)
     tmp = folder / f".{target.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -135,6 +138,32 @@ def write_atomic(path: str | Path, chunks: Iterable[bytes]) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def _remove_stale_temporaries(folder: Path, name: str) -> None:
+    """Delete temporaries of ``name`` left by a save whose process died (kill -9, power loss)."""
+    for leftover in folder.glob(f".{name}.tmp-*"):
+        try:
+            pid = int(leftover.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            try:
+                leftover.unlink()
+            except OSError:
+                pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def encode(header: dict[str, Any], arrays: dict[str, np.ndarray], *, version: int = FORMAT_VERSION) -> list[bytes]:
