@@ -87,16 +87,20 @@ def setup(backend: str, force: bool, no_model: bool, stock: bool) -> None:
     The build is cached (keyed by llama-cpp-python version, patch digest and build
     flags); running setup again with nothing changed takes seconds.
     """
-    from spindle_local.runtime.build import BuildConfig, ensure_runtime, ensure_stock_library
+    from spindle_local.runtime.build import BuildConfig, ensure_runtime, ensure_stock_library, ensure_verified
     from spindle_local.runtime.model_files import default_model_path
 
     extra = tuple(os.environ.get("SPINDLE_CMAKE_ARGS", "").split())
-    report = ensure_runtime(BuildConfig(backend=backend, extra_cmake_args=extra), force=force)
+    cfg = BuildConfig(backend=backend, extra_cmake_args=extra)
+    report = ensure_runtime(cfg, force=force)
     click.echo(f"runtime: {report['key']} ({report['action']}, {report['seconds']:.1f} s)")
-    if stock:
-        click.echo(f"stock library: {ensure_stock_library(BuildConfig(backend=backend, extra_cmake_args=extra))}")
     if not no_model:
         click.echo(f"default model: {default_model_path()}")
+    # After the model is cached, so that the smoke test also runs its quantized kernels.
+    checked = ensure_verified(cfg)
+    click.echo(f"runtime check: {checked['action']} on this CPU (instruction sets: {checked['tier']})")
+    if stock:
+        click.echo(f"stock library: {ensure_stock_library(BuildConfig(backend=backend, extra_cmake_args=extra))}")
 
 
 @main.command()
