@@ -70,6 +70,7 @@ class LayerInput:
     recent_positions: np.ndarray | None = None
     v_recent: np.ndarray | None = None
     available: np.ndarray | None = None
+    salient: np.ndarray | None = None  # bool [n]: salient tokens (policy/salience.py); None: unknown
 
     @property
     def n(self) -> int:
@@ -110,6 +111,7 @@ class LayerInput:
         check("q_window", self.q_window, (None, h, dk))
         check("q_positions", self.q_positions, (self.q_window.shape[0],))
         check("available", self.available, (n, hkv))
+        check("salient", self.salient, (n,))
         check("k_recent", self.k_recent, (None, hkv, dk))
         if self.k_recent is not None:
             r = self.k_recent.shape[0]
@@ -183,6 +185,9 @@ class PolicyConfig:
     anchor_tokens: int | None = None  # ... and at most this many tokens (None: no absolute cap)
     anchor_from: int | None = None  # first layer with copy spans (None: half the stack)
     anchor_min_share: float = 0.1  # an anchor holds at least this share of some deep head's window attention
+    salient_share: float = 0.0  # salient runs (policy/salience.py) take at most this share of a layer's slots; 0 = off
+    salient_before: int = 8  # ... each with this many tokens before it (what introduces a number or name)
+    salient_after: int = 2  # ... and this many after it
     threads: int | None = None  # planning threads (None: the CPUs this process may use)
     extra: dict = field(default_factory=dict)
 
@@ -226,5 +231,7 @@ class PolicyConfig:
             raise ValueError("anchor_span must be >= 0, anchor_share in [0, 1], anchor_min_share >= 0")
         if self.anchor_tokens is not None and self.anchor_tokens < 0:
             raise ValueError("anchor_tokens must be >= 0 or None")
+        if not (0.0 <= self.salient_share <= 1.0) or self.salient_before < 0 or self.salient_after < 0:
+            raise ValueError("salient_share must be in [0, 1], salient_before and salient_after >= 0")
         if self.codebook_block < 1:
             raise ValueError("codebook_block must be >= 1")

@@ -17,13 +17,14 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from .anchors import boost, copy_spans
+from .anchors import anchor_strength, boost, copy_spans
 from .budgets import allocate_slots, mass_slots, pyramid_weights, raw_slot_bytes, sink_slots
 from .inputs import Geometry, LayerInput, PolicyConfig
 from .layer_plans import evict_layer, fit_codebook_layer, head_store, layer_gains, protect
 from .parallel import pmap
 from .plan import LayerStore, layer_store_bytes
 from .roles import auto_roles
+from .salience import salient_positions
 from .scores import attn_scale, layer_logits, pool_window_scores, raw_window_scores, window_scores
 
 POLICY_NAMES = ("full", "streaming", "snapkv", "pyramidkv", "spindle")
@@ -196,6 +197,25 @@ class SpindlePolicy(Policy):
         cap = int(self.config.anchor_share * slots.mean())
         return cap if self.config.anchor_tokens is None else min(cap, int(self.config.anchor_tokens))
 
+    def _salient(self, layers: list[LayerInput], raw: list[np.ndarray], slots: np.ndarray) -> np.ndarray:
+        """Positions of salient runs (:mod:`.salience`) to protect in every layer, capped."""
+        with_flags = [inp for inp in layers if inp.salient is not None and inp.n]
+        if not with_flags:
+            return np.zeros(0, np.int64)
+        pos = np.concatenate([np.asarray(inp.positions, np.int64) for inp in with_flags])
+        flags = np.concatenate([np.asarray(inp.salient, bool) for inp in with_flags])
+        union, first = np.unique(pos, return_index=True)
+        sal = flags[first]
+        sal[union < self.config.sinks] = False  # sinks are kept anyway
+        u_pos, strength = anchor_strength(layers, raw, 0, self.config.sinks)
+        aligned = np.zeros(len(union))
+        found = np.searchsorted(u_pos, union)
+        ok = (found < len(u_pos)) & (u_pos[np.minimum(found, len(u_pos) - 1)] == union)
+        aligned[ok] = strength[found[ok]]
+        cap = int(self.config.salient_share * slots.min())
+        return salient_positions(union, sal, aligned, before=self.config.salient_before,
+                                 after=self.config.salient_after, cap=cap)
+
     def _plan(self, layers, geometry, target_bytes):
         cfg = self.config
         unit = raw_slot_bytes(geometry)
@@ -223,6 +243,11 @@ class SpindlePolicy(Policy):
             for inp in layers:
                 if inp.layer >= first:
                     self._extra_report[inp.layer]["copy_span_tokens"] = int(len(kept))
+        if cfg.salient_share > 0:
+            kept = self._salient(layers, raw, slots)
+            scores = [boost(sc, inp.positions, kept) for inp, sc in zip(layers, scores)]
+            for inp in layers:
+                self._extra_report[inp.layer]["salient_tokens"] = int(len(kept))
 
         fits: dict[int, object] = {}
         if cfg.codebook_layers == "auto":

@@ -1,0 +1,83 @@
+"""Salient runs (policy/salience.py): numbers and names kept with what introduces them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spindle_local.policy import Geometry, PolicyConfig, make_policy
+from spindle_local.policy.salience import (
+    run_order,
+    run_positions,
+    run_positions_ref,
+    salient_positions,
+    salient_runs,
+    salient_tokens,
+)
+from spindle_local.policy.synthetic import make_layers
+
+GEO = Geometry(n_layer=6, n_head=6, n_head_kv=2, head_dim_k=16, head_dim_v=16)
+
+
+def test_salient_tokens_rule() -> None:
+    pieces = ["The", " pass", " key", " is", " ", "4", "8", "1", "5", "2", ".", " Alice", " met",
+              " Bob", " in", " Paris", ".", "\n", "Then", " nothing", " else", " happened", " in", " 1999"]
+    got = [p for p, s in zip(pieces, salient_tokens(pieces)) if s]
+    # digits and mid-sentence capitals; sentence-initial capitals ("Alice", "Then", "The") are not names
+    assert got == ["4", "8", "1", "5", "2", " Bob", " Paris", " 1999"]
+    assert not salient_tokens([]).any()
+
+
+def test_runs() -> None:
+    s = np.array([0, 1, 1, 0, 0, 1, 0, 1, 1, 1], bool)
+    starts, ends = salient_runs(s)
+    assert starts.tolist() == [1, 5, 7] and ends.tolist() == [2, 5, 9]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_run_kernel_matches_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    positions = np.sort(rng.choice(2000, size=n, replace=False)).astype(np.int64)  # gaps, as in a store
+    salient = rng.random(n) < 0.1
+    n_runs = len(salient_runs(salient)[0])
+    order = rng.permutation(n_runs)
+    for before, after in ((0, 0), (8, 2), (30, 30)):
+        for cap in (0, 5, 40, 10_000):
+            got = run_positions(positions, salient, order, before, after, cap)
+            ref = run_positions_ref(positions, salient, order, before, after, cap)
+            assert np.array_equal(got, ref), (before, after, cap)
+            assert len(got) <= cap
+            assert np.isin(got, positions).all()
+
+
+def test_order_prefers_attended_then_newest_runs() -> None:
+    pos = np.arange(20)
+    sal = np.zeros(20, bool)
+    sal[[2, 8, 15]] = True
+    strength = np.zeros(20)
+    strength[8] = 0.5
+    assert run_order(pos, sal, strength).tolist() == [1, 2, 0]  # the attended run, then newest first
+    kept = salient_positions(pos, sal, strength, before=2, after=1, cap=4)
+    assert kept.tolist() == [6, 7, 8, 9]
+
+
+def test_spindle_keeps_salient_runs_in_every_layer() -> None:
+    """A run the window never looks at survives a small budget only when salience is on."""
+    layers = make_layers(GEO, n=600, w=8, r=16, seed=3)
+    flags = np.zeros(600, bool)
+    flags[300:305] = True  # "48152" in the middle of the document
+    for inp in layers:
+        assert np.array_equal(inp.positions, np.arange(600))
+        inp.salient = flags
+    target = 60_000
+    base = make_policy("spindle", PolicyConfig(window=8, codebook_layers=0)).plan(layers, GEO, target)
+    on = make_policy("spindle", PolicyConfig(window=8, codebook_layers=0, salient_share=0.25,
+                                             salient_before=6, salient_after=2)).plan(layers, GEO, target)
+    want = set(range(294, 307))  # 6 before, the run 300-304, 2 after
+    pos0 = 0
+    for st in on:
+        for h in st.heads:
+            assert want <= {int(p) - pos0 for p in h.positions}, st.layer
+    lost = [st.layer for st in base for h in st.heads if not want <= {int(p) - pos0 for p in h.positions}]
+    assert lost, "the synthetic window should not keep the run by itself"
