@@ -11,28 +11,39 @@ with it, makes requests queue in arrival order. A client that goes away sets its
 cancel flag; the engine thread checks it between tokens (and between prefill chunks) and
 the next request starts right after.
 
+Shutdown: the first SIGINT or SIGTERM cancels every job (running or queued), answers the
+clients still waiting with a 503, and stops; a second signal stops waiting for clients at
+once. The socket is bound before the model loads, so a busy port is one error line.
+
 Errors use OpenAI's format (``{"error": {...}}``); tracebacks go to the server log only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import logging
+import os
+import signal
+import socket
 import threading
 import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from spindle_local.errors import SpindleError
+from spindle_local.errors import SpindleError, UsageError
 from spindle_local.server_schema import (ApiError, ChatRequest, CompletionRequest, clean_text, internal_error,
                                          parse_body)
 
@@ -83,7 +94,7 @@ class FifoLock:
         self._locked = False
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) by identity: ServerState.jobs is a set
 class Job:
     """One request's work on the engine thread, and the channel its output comes back on."""
 
@@ -98,7 +109,10 @@ class Job:
 
     def emit(self, kind: str, value: Any = None) -> None:
         """From the engine thread: queue an event for the request's coroutine."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed (the server has stopped): nobody listens
+            self.cancel.set()
 
     async def next(self) -> tuple[str, Any]:
         return await self.events.get()
@@ -119,6 +133,11 @@ class ServerState:
         self.lock = FifoLock()
         self.requests_done = 0
         self.last_finish: str | None = None
+        self.jobs: set[Job] = set()  # submitted and not finished (queued or running)
+        self.running = False  # the engine thread is working on a job (cleared before its final event)
+        self.stopping = asyncio.Event()  # set (on the event loop) when shutdown begins
+        self.shutting_down = False
+        self._closed = False
         self.stats: dict[str, Any] = self.executor.submit(model.stats_dict).result()
 
     @classmethod
@@ -134,32 +153,75 @@ class ServerState:
         return cls(ServingChatModel(model_path, config), model_path, display_name=meta.name,
                    default_max_tokens=default_max_tokens)
 
-    def close(self) -> None:
+    def begin_shutdown(self) -> None:
+        """Refuse new requests and cancel every queued or running job (they stop between tokens)."""
+        self.shutting_down = True
+        for job in list(self.jobs):
+            job.cancel.set()
+        with contextlib.suppress(RuntimeError):  # (called again by close(), after the loop has ended)
+            self.stopping.set()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop the engine thread and free the model; False if the thread was still busy after ``timeout``.
+
+        The engine thread ends its current job at the next token or prefill chunk once the
+        job is cancelled (:meth:`begin_shutdown`), so this is quick; on False the model is
+        left loaded (freeing it under a running decode would crash) and the caller should exit.
+        """
+        if self._closed:
+            return True
+        self.begin_shutdown()
+        try:
+            self.executor.submit(lambda: None).result(timeout)  # runs once the current job is done
+        except FutureTimeout:
+            return False
+        self._closed = True
         self.executor.shutdown(wait=True)
         self.model.close()
+        return True
 
     # -- model names --------------------------------------------------------------------
 
-    def check_model(self, name: str | None) -> None:
-        """Accept the file stem or the GGUF's own name (case-insensitive); 404 otherwise."""
-        if name is None:
-            return
-        if name.casefold() in (self.model_id.casefold(), self.display_name.casefold()):
-            return
-        raise ApiError(404, f"The model '{name}' does not exist; this server serves '{self.model_id}'.",
-                       param="model", code="model_not_found")
+    def is_model_name(self, name: str) -> bool:
+        """The file stem or the GGUF's own name, in any case."""
+        return name.casefold() in (self.model_id.casefold(), self.display_name.casefold())
+
+    def check_model(self, name: str) -> None:
+        """For ``GET /v1/models/{name}``: 404 unless ``name`` is this model's.
+
+        Completions do not check: like llama-server, they serve the one model whatever
+        name the request gives, and report the real one in the response.
+        """
+        if not self.is_model_name(name):
+            raise ApiError(404, f"The model '{name}' does not exist; this server serves '{self.model_id}'.",
+                           param="model", code="model_not_found")
 
     # -- jobs ---------------------------------------------------------------------------
 
     async def submit(self, job: Job) -> None:
         """Wait for our turn (FIFO), then run ``job`` on the engine thread; the turn ends with it."""
-        await self.lock.acquire()
+        if self.shutting_down:
+            raise shutdown_error()
+        self.jobs.add(job)
+        try:
+            await self.lock.acquire()
+        except BaseException:
+            self.jobs.discard(job)
+            raise
+        if self.shutting_down:
+            job.cancel.set()  # shutdown began while we queued: _run returns at once
         try:
             fut = asyncio.get_running_loop().run_in_executor(self.executor, self._run, job)
         except BaseException:
+            self.jobs.discard(job)
             self.lock.release()
             raise
-        fut.add_done_callback(lambda _: self.lock.release())
+
+        def done(_: object) -> None:
+            self.jobs.discard(job)
+            self.lock.release()
+
+        fut.add_done_callback(done)
 
     def _run(self, job: Job) -> None:
         """On the engine thread: tokenize, check the context, generate, report.
@@ -169,6 +231,7 @@ class ServerState:
         """
         model = self.model
         final: tuple[str, Any] = ("end", None)
+        self.running = True
         try:
             if job.cancel.is_set():  # the client left while queued
                 job.result.finish_reason = "cancelled"
@@ -200,6 +263,7 @@ class ServerState:
                 self.stats = model.stats_dict()
             except Exception:
                 log.exception("could not read the engine's stats")
+            self.running = False
             job.emit(*final)
 
     def _check_context(self, job: Job, prompt: list[int]) -> None:
@@ -228,7 +292,7 @@ class ServerState:
 
     def stats_response(self) -> dict[str, Any]:
         return {"object": "spindle.stats", "model": self.model_id, **self.stats,
-                "queue": {"busy": self.lock.locked, "waiting": self.lock.waiting},
+                "queue": {"busy": self.running, "waiting": self.lock.waiting},
                 "requests_done": self.requests_done, "last_finish_reason": self.last_finish}
 
 
@@ -265,6 +329,31 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
             return
 
 
+async def _read_body(state: ServerState, request: Request) -> bytes:
+    """The request body; 503 at once if shutdown begins first (a slow client must not hold it up).
+
+    A client gone before the whole body came raises ``ClientDisconnect`` (see create_app).
+    """
+    if state.shutting_down:
+        raise shutdown_error()
+    body = asyncio.ensure_future(request.body())
+    stop = asyncio.ensure_future(state.stopping.wait())
+    try:
+        await asyncio.wait({body, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not body.done():
+            body.cancel()
+    if body.done() and not body.cancelled():
+        return body.result()
+    raise shutdown_error()
+
+
+def shutdown_error() -> ApiError:
+    return ApiError(503, "The server is shutting down; the request was not completed.", type="server_error",
+                    code="server_shutting_down")
+
+
 def _usage(result: CompletionResult) -> dict[str, int]:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "total_tokens": result.prompt_tokens + result.completion_tokens}
@@ -278,9 +367,8 @@ def _sse(obj: dict[str, Any] | str) -> bytes:
 async def _handle(state: ServerState, request: Request, *, chat: bool) -> Any:
     from spindle_local.runtime.engine_chat import CompletionResult
 
-    raw = await request.body()
+    raw = await _read_body(state, request)
     req = parse_body(ChatRequest if chat else CompletionRequest, raw)
-    state.check_model(req.model)
     if chat and req.logprobs:
         raise ApiError(400, "logprobs are not supported by this server.", param="logprobs", code="unsupported")
     if not chat and req.logprobs:
@@ -311,6 +399,11 @@ async def _handle(state: ServerState, request: Request, *, chat: bool) -> Any:
         job.cancel.set()
         watcher.cancel()
         raise
+    if kind == "end":  # cancelled before it began (client gone, or shutdown): no text comes
+        job.events.put_nowait((kind, value))  # the loops below see the end at once
+        if state.shutting_down:
+            watcher.cancel()
+            raise shutdown_error()
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if req.stream:
@@ -331,8 +424,10 @@ async def _handle(state: ServerState, request: Request, *, chat: bool) -> Any:
     finally:
         job.cancel.set()
         watcher.cancel()
-    text = "".join(pieces)
     finish = job.result.finish_reason
+    if finish == "cancelled" and state.shutting_down:
+        raise shutdown_error()  # (a client that left is not answered at all)
+    text = "".join(pieces)
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                   "finish_reason": finish}
@@ -376,6 +471,9 @@ async def _stream(state: ServerState, job: Job, watcher: asyncio.Task, ident: st
             elif kind == "error":  # after the first event only internal errors can come
                 yield _sse(value.body())
                 break
+            elif job.result.finish_reason == "cancelled" and state.shutting_down:
+                yield _sse(shutdown_error().body())
+                break
             else:
                 yield _sse(chunk(None if chat else "", job.result.finish_reason))
                 if include_usage:
@@ -407,6 +505,14 @@ def create_app(state: ServerState) -> FastAPI:
         msg = f"Unknown request URL: {request.method} {request.url.path}." if exc.status_code in (404, 405) \
             else str(exc.detail)
         return _error_response(ApiError(exc.status_code, msg, code=kind))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # Not an error of ours: one line, no traceback. Nobody is left to read the answer.
+        peer = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        log.info("%s went away before sending the whole request (%s %s)", peer, request.method,
+                 request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -444,6 +550,90 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
+# -- listening and stopping ---------------------------------------------------------------
+
+GRACE_SECONDS = 3.0  # after a signal: how long responses (already cancelled) get to go out
+ENGINE_STOP_SECONDS = 5.0  # then: how long the engine thread gets to finish its token, chunk or plan
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen on ``host:port`` now, so that a busy port is a clean error before the model loads."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UsageError(f"cannot listen on {where}: unknown host ({e.strerror})") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restarts despite TIME_WAIT
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        why = {errno.EADDRINUSE: "the address is already in use (another server? choose another --port)",
+               errno.EACCES: "permission denied (ports below 1024 need privileges)",
+               errno.EADDRNOTAVAIL: "the address is not one of this machine's (see --host)"}.get(
+                   e.errno, e.strerror or str(e))
+        raise UsageError(f"cannot listen on {where}: {why}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _make_uvicorn_server(app: FastAPI, state: ServerState, log_level: str):
+    """A uvicorn server that stops on the first SIGINT or SIGTERM, whatever its clients do.
+
+    uvicorn alone waits for every request to finish (forever for one that never ends),
+    forces nothing on SIGTERM, and re-raises the signal after shutting down. Here the first
+    signal cancels every job (:meth:`ServerState.begin_shutdown`) before uvicorn's graceful
+    shutdown, which is bounded by ``GRACE_SECONDS``; a second signal of either kind stops
+    waiting at once; the command then exits normally.
+    """
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        signalled: int | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:  # a Python signal handler: main thread
+            if self.should_exit:
+                self.force_exit = True
+            self.should_exit = True
+            self.signalled = self.signalled or sig
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # uvicorn's, without re-raising the signal afterwards
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            saved = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in saved.items():
+                    signal.signal(sig, handler)
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            state.begin_shutdown()  # on the event loop, before uvicorn waits for the requests
+            await super().shutdown(sockets=sockets)
+
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACE_SECONDS, lifespan="off")
+    return Server(config)
+
+
+@contextlib.contextmanager
+def _signals_exit_at_once():
+    """While stopping: SIGINT or SIGTERM ends the process at once (status 130)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, lambda *_: os._exit(130)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 # -- the command ---------------------------------------------------------------------------
 # ``serve_command`` is built on first access (PEP 562) because its options come from
 # spindle_local.cli, which registers this command: importing cli at module level here
@@ -474,20 +664,35 @@ def _build_serve_command():
         """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, ...).
 
         One model, one conversation at a time: requests queue in order, and a request
-        that extends the previous conversation only prefills its new part.
+        that extends the previous conversation only prefills its new part. Any model
+        name in a request is served by this model (responses name it). Ctrl-C or SIGTERM
+        stops the server within seconds; requests still running get a 503.
         """
-        import uvicorn
-
         path, cfg = conversation_setup(model, n_ctx, engine_kw)
-        state = ServerState.load(path, cfg, default_max_tokens=default_max_tokens)
+        sock = bind_socket(host, port)  # a busy port fails here, before the model loads
+        try:
+            state = ServerState.load(path, cfg, default_max_tokens=default_max_tokens)
+        except BaseException:
+            sock.close()
+            raise
         logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
         budget = f"kv mem {cfg.kv_mem / 2**20:.1f} MiB" if cfg.kv_mem else f"kv budget {cfg.kv_budget}"
-        click.echo(f"serving {state.model_id} on http://{host}:{port}/v1 (policy {cfg.policy}, "
+        bound = sock.getsockname()[1]
+        url_host = f"[{host}]" if ":" in host else host
+        click.echo(f"serving {state.model_id} on http://{url_host}:{bound}/v1 (policy {cfg.policy}, "
                    f"{budget}, context {state.model.context_limit()} tokens)", err=True)
+        server = _make_uvicorn_server(create_app(state), state, log_level)
         try:
-            uvicorn.run(create_app(state), host=host, port=port, log_level=log_level)
+            server.run(sockets=[sock])
         finally:
-            state.close()
+            sock.close()
+            with _signals_exit_at_once():  # a further signal while the engine stops ends the process
+                if not state.close(timeout=ENGINE_STOP_SECONDS):
+                    click.echo(f"error: the engine did not stop within {ENGINE_STOP_SECONDS:.0f} s; "
+                               "exiting without cleanup", err=True)
+                    os._exit(1)
+        if server.signalled is not None:
+            click.echo(f"stopped ({signal.Signals(server.signalled).name})", err=True)
 
     return serve_command
 

@@ -1,15 +1,21 @@
 """The OpenAI-compatible server, live on loopback with the real default model.
 
 One server for the module (uvicorn in a background thread of this process, so the tests
-can also look at the engine object). Every request loop here is bounded.
+can also look at the engine object); the command's own behaviour (busy port, signals,
+its log) is tested on ``spindle-local serve`` subprocesses. Every request loop here is bounded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,9 +51,25 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def server(default_model: Path) -> Iterator[LiveServer]:
     from spindle_local.runtime.config import EngineConfig
+
+    with _live_server(default_model, EngineConfig()) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def exact_server(default_model: Path) -> Iterator[LiveServer]:
+    """A server that never compresses (``--policy full``), small chunks: answers comparable token for token."""
+    from spindle_local.runtime.config import EngineConfig
+
+    with _live_server(default_model, EngineConfig(policy="full", n_cells=1024, max_tokens=1024, chunk=32)) as live:
+        yield live
+
+
+@contextlib.contextmanager
+def _live_server(model: Path, config: Any) -> Iterator[LiveServer]:
     from spindle_local.server import ServerState, create_app
 
-    state = ServerState.load(default_model, EngineConfig(), default_max_tokens=8)
+    state = ServerState.load(model, config, default_max_tokens=8)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -161,8 +183,6 @@ def test_errors_in_openai_format(server: LiveServer) -> None:
     err = _assert_openai_error(h.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": 3}]}),
                                400)
     assert err["param"] == "messages[0].content"
-    _assert_openai_error(h.post("/v1/chat/completions", json={"messages": ok_msgs, "model": "gpt-4"}), 404,
-                         "model_not_found")
     for bad in (0, -5, 10**9):
         err = _assert_openai_error(h.post("/v1/chat/completions", json={"messages": ok_msgs, "max_tokens": bad}),
                                    400)
@@ -175,8 +195,7 @@ def test_errors_in_openai_format(server: LiveServer) -> None:
     _assert_openai_error(h.post("/v1/completions", json={"prompt": "Hello", "max_tokens": limit}), 400,
                          "context_length_exceeded")
     _assert_openai_error(h.get("/v1/nowhere"), 404)
-    with pytest.raises(openai.NotFoundError):
-        server.client.chat.completions.create(model="no-such-model", messages=ok_msgs, max_tokens=2)
+    _assert_openai_error(h.get("/v1/models/no-such-model"), 404, "model_not_found")  # a look-up stays exact
     assert h.get("/health").json()["status"] == "ok"
 
 
@@ -311,3 +330,258 @@ def test_disconnect_mid_stream_frees_the_turn(server: LiveServer) -> None:
     # (seconds on a busy CPU); the 3,000 tokens with their compressions would take minutes.
     assert waited < 30, f"the next request waited {waited:.1f} s"
     assert server.state.model.engine.n_past < 1500
+
+
+# -- model names ----------------------------------------------------------------------------------
+
+
+def test_any_model_name_is_served_under_the_real_name(server: LiveServer) -> None:
+    real = server.state.model_id
+    msgs = [{"role": "user", "content": "Hi"}]
+    r = server.http.post("/v1/chat/completions", json={"model": "default", "messages": msgs, "max_tokens": 3,
+                                                        "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == real
+    r = server.http.post("/v1/completions", json={"model": "gpt-4", "prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == real
+    stream = server.client.chat.completions.create(model="default", messages=msgs, max_tokens=3, stream=True)
+    assert {ev.model for ev in stream} == {real}
+
+
+# -- a client that leaves ----------------------------------------------------------------------
+
+
+def _raw_post(port: int, path: str, body: dict[str, Any] | bytes, *, declared: int | None = None) -> socket.socket:
+    """Send a POST by hand and return the open socket (the caller closes it without reading)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {declared if declared is not None else len(data)}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(head + data)
+    return sock
+
+
+def _port(server: LiveServer) -> int:
+    return int(server.base.rsplit(":", 1)[1])
+
+
+def test_abandoned_request_stops_between_tokens_and_the_next_reuses_the_prompt(server: LiveServer) -> None:
+    eng = server.state.model.engine
+    msgs = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+    ref = server.http.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 8, "temperature": 0})
+    assert ref.status_code == 200
+    n_prompt = ref.json()["usage"]["prompt_tokens"]
+    rereads = server.stats()["reuse"]["rereads"]
+
+    eog = {str(t): -100 for t in server.state.model.stop}  # a generation that would run for minutes
+    sock = _raw_post(_port(server), "/v1/chat/completions",
+                     {"messages": msgs, "max_tokens": 3000, "temperature": 0, "logit_bias": eog})
+    deadline = time.monotonic() + 60
+    while eng.n_past < n_prompt + 10:  # it is generating
+        assert time.monotonic() < deadline, "the abandoned request never started generating"
+        time.sleep(0.02)
+    sock.close()  # the client leaves without reading
+    t0 = time.monotonic()
+    while server.stats()["queue"]["busy"]:
+        assert time.monotonic() - t0 < 30, "the abandoned generation did not stop"
+        time.sleep(0.05)
+    held = eng.n_past
+    assert n_prompt + 10 <= held < n_prompt + 1500
+    assert server.stats()["last_finish_reason"] == "cancelled"
+
+    # The same request again: the prompt is reused (the abandoned answer cut off), and the answer
+    # is the one a clean engine state gives.
+    again = server.http.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 8, "temperature": 0})
+    assert again.status_code == 200
+    assert again.json()["choices"][0]["message"]["content"] == ref.json()["choices"][0]["message"]["content"]
+    reuse = server.stats()["reuse"]
+    assert reuse["last_reused_tokens"] == n_prompt - 1 and reuse["last_prefilled_tokens"] == 1
+    assert reuse["rereads"] == rereads
+
+
+def test_client_gone_while_the_prompt_is_read_keeps_the_chunks_read(exact_server: LiveServer) -> None:
+    server = exact_server
+    eng = server.state.model.engine
+    chunk = eng.chunk
+    words = " ".join(f"w{i % 97}" for i in range(100))  # about 300 tokens: several chunks
+    body = {"prompt": f"List: {words}. The end.", "max_tokens": 4, "temperature": 0}
+    ref = server.http.post("/v1/completions", json=body)  # on a fresh engine: the reference
+    assert ref.status_code == 200
+    n_prompt = ref.json()["usage"]["prompt_tokens"]
+    assert n_prompt > 4 * chunk
+    prompt_ids = list(eng.tokens[:n_prompt])
+    server.state.executor.submit(eng.reset).result()  # (nothing runs now) forget it
+
+    sock = _raw_post(_port(server), "/v1/completions", {**body, "max_tokens": 600})
+    deadline = time.monotonic() + 60
+    while eng.n_past < chunk:  # the first chunk is in
+        assert time.monotonic() < deadline, "the prompt was never read"
+        time.sleep(0.005)
+    sock.close()  # the client leaves while the prompt is read
+    while server.stats()["queue"]["busy"]:
+        assert time.monotonic() < deadline, "reading did not stop"
+        time.sleep(0.02)
+    held = eng.n_past
+    assert chunk <= held < n_prompt and held % chunk == 0  # stopped between chunks, none half read
+    assert eng.tokens == prompt_ids[:held]
+    assert server.stats()["last_finish_reason"] == "cancelled"
+
+    again = server.http.post("/v1/completions", json=body)
+    assert again.status_code == 200
+    reuse = server.stats()["reuse"]
+    assert reuse["last_reused_tokens"] == held and reuse["last_prefilled_tokens"] == n_prompt - held
+    assert again.json()["choices"][0]["text"] == ref.json()["choices"][0]["text"]
+
+
+# -- the command, as a subprocess ------------------------------------------------------------
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVING = re.compile(r"^serving (\S+) on http://127\.0\.0\.1:(\d+)/v1 ")
+
+
+class CliServer:
+    """``spindle-local serve --port 0`` in a subprocess; its stderr is collected as it comes."""
+
+    def __init__(self, model: Path, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "spindle_local.cli", "serve", str(model),
+                                      "--port", "0", "--max-tokens", "8", *args],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, cwd=ROOT, env=dict(os.environ))
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + 120
+        self.port = 0
+        while not self.port:
+            assert time.monotonic() < deadline and self.proc.poll() is None, "".join(self.lines)
+            for line in list(self.lines):
+                m = SERVING.match(line)
+                if m:
+                    self.port = int(m.group(2))
+            time.sleep(0.05)
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.http = httpx.Client(base_url=self.base, timeout=60)
+        deadline = time.monotonic() + 30
+        while True:  # the "serving" line comes just before uvicorn starts
+            try:
+                if self.http.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "".join(self.lines)
+            time.sleep(0.05)
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> tuple[int, float]:
+        """Send ``sig`` once; return the exit status and the seconds it took to exit."""
+        self.http.close()
+        t0 = time.monotonic()
+        self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"the server did not exit within {timeout} s of {signal.Signals(sig).name}:\n{self.log}")
+        self._reader.join(timeout=10)
+        return rc, time.monotonic() - t0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_busy_port_is_one_error_line(default_model: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "spindle_local.cli", "serve", str(default_model),
+                            "--port", str(port)], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                           stdin=subprocess.DEVNULL)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: the address is already in use "
+        "(another server? choose another --port)"], r.stderr
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_shutdown_after_abandoned_requests(default_model: Path, server: LiveServer, sig: int) -> None:
+    eog = {str(t): -100 for t in server.state.model.stop}  # (the in-process model, for its ids)
+    long = {"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 3000,
+            "temperature": 0, "logit_bias": eog}
+    srv = CliServer(default_model)
+    try:
+        for i in range(5):  # sent, and the sockets closed without reading
+            _raw_post(srv.port, "/v1/chat/completions", {**long, "seed": i}).close()
+        waiting: list[httpx.Response | Exception] = []
+
+        def wait_for_answer() -> None:
+            try:
+                waiting.append(httpx.post(f"{srv.base}/v1/chat/completions", json=long, timeout=60))
+            except Exception as e:  # noqa: BLE001  (reported by the assertion below)
+                waiting.append(e)
+
+        client = threading.Thread(target=wait_for_answer)
+        client.start()  # a client still connected, waiting for its long answer
+        slow = _raw_post(srv.port, "/v1/chat/completions", b'{"messages": [', declared=300)  # body half sent
+        idle = socket.create_connection(("127.0.0.1", srv.port), timeout=10)  # connected, sends nothing
+        deadline = time.monotonic() + 60
+        while True:  # all five abandoned ones went through, and the sixth one is generating
+            s = srv.http.get("/spindle/stats").json()
+            if s["requests_done"] >= 5 and s["queue"]["busy"]:
+                break
+            assert time.monotonic() < deadline, s
+            time.sleep(0.05)
+        rc, took = srv.stop(sig)
+        client.join(timeout=30)
+        slow_answer = slow.recv(4096)
+        idle_answer = idle.recv(4096)
+        slow.close()
+        idle.close()
+    finally:
+        srv.kill()
+    assert rc == 0, srv.log
+    assert took < 8, f"{signal.Signals(sig).name}: exit took {took:.1f} s\n{srv.log}"
+    assert "Traceback" not in srv.log and "ERROR" not in srv.log, srv.log
+    assert f"stopped ({signal.Signals(sig).name})" in srv.log
+    assert len(waiting) == 1 and isinstance(waiting[0], httpx.Response), waiting
+    assert waiting[0].status_code == 503
+    assert waiting[0].json()["error"]["code"] == "server_shutting_down"
+    assert slow_answer.startswith(b"HTTP/1.1 503 ") and b"server_shutting_down" in slow_answer
+    assert idle_answer == b""  # closed
+
+
+def test_client_gone_mid_body_is_one_quiet_log_line(default_model: Path) -> None:
+    srv = CliServer(default_model)
+    try:
+        sock = _raw_post(srv.port, "/v1/chat/completions", b'{"messages": [{"role": "us', declared=500)
+        time.sleep(0.2)
+        sock.close()
+        deadline = time.monotonic() + 30
+        while "went away" not in srv.log:
+            assert time.monotonic() < deadline, srv.log
+            time.sleep(0.05)
+        ok = srv.http.post("/v1/chat/completions", json={"model": "default", "max_tokens": 2,
+                                                         "messages": [{"role": "user", "content": "Hi"}]})
+        assert ok.status_code == 200
+        rc, _ = srv.stop()
+    finally:
+        srv.kill()
+    assert rc == 0
+    gone = [line for line in srv.lines if "went away" in line]
+    assert len(gone) == 1 and gone[0].startswith("INFO: 127.0.0.1:"), srv.log
+    assert "(POST /v1/chat/completions)" in gone[0]
+    assert "Traceback" not in srv.log and "ERROR" not in srv.log, srv.log
