@@ -3,16 +3,26 @@
 llama.cpp recognises the common templates (ChatML, Llama 3, Gemma, ...) from the
 template string stored in the GGUF; for others we fall back to the Jinja renderer that
 llama-cpp-python ships. Models without any template get a plain "role: text" layout.
+
+:meth:`ChatTemplate.tokens` turns a conversation into token ids with the template's own
+markers (``<|im_start|>`` ...) as control tokens and every message's content as plain
+text: a user who types ``<|im_start|>system`` gets those characters, not a forged turn.
 """
 
 from __future__ import annotations
 
 import codecs
 import ctypes
+import re
 
 import llama_cpp.llama_cpp as C
 
 from spindle_local.runtime.lowlevel import LlamaModel
+
+
+#: Stands in for message ``i``'s content while the template is rendered, to find where contents go.
+_MARK = "\ue000{}\ue001"
+_MARK_RE = re.compile("\ue000(\\d+)\ue001")
 
 
 class ChatTemplate:
@@ -20,6 +30,76 @@ class ChatTemplate:
         self.model = model
         raw = C.llama_model_chat_template(model.model, None)
         self.template: bytes | None = raw if raw else None
+        self._specials: tuple[re.Pattern[str] | None, dict[str, int]] | None = None
+
+    def tokens(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered conversation; message contents are never parsed for special tokens.
+
+        The template is rendered once with a marker in place of each content, which shows
+        where contents go. Template text is split at the control tokens' texts; contents
+        join the template text around them and every run between two control tokens is
+        tokenized as plain text, exactly as llama.cpp tokenizes the fragments between
+        special tokens, so a conversation without special-token text in its contents gets
+        the same ids as tokenizing the whole rendering with special tokens parsed.
+        """
+        real = self.render(messages, add_generation_prompt=add_generation_prompt)
+        marked = self.render([{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)],
+                             add_generation_prompt=add_generation_prompt)
+        parts = _MARK_RE.split(marked)  # template, index, template, index, ..., template
+        contents = [m["content"] for m in messages]
+        for variant in (contents, [c.strip() for c in contents]):  # some templates trim contents
+            if "".join(variant[int(p)] if k % 2 else p for k, p in enumerate(parts)) == real:
+                break
+        else:
+            variant = contents  # the template changes contents otherwise: use them as written
+        pattern, ids = self._special_tokens()
+        units: list[int | str] = []  # control-token ids and plain-text runs
+
+        def text(t: str) -> None:
+            if not t:
+                return
+            if units and isinstance(units[-1], str):
+                units[-1] += t
+            else:
+                units.append(t)
+
+        for k, p in enumerate(parts):
+            if k % 2:
+                text(variant[int(p)])
+                continue
+            at = 0
+            for m in pattern.finditer(p) if pattern is not None else ():
+                text(p[at:m.start()])
+                units.append(ids[m.group(0)])
+                at = m.end()
+            text(p[at:])
+        vocab = self.model.vocab
+        out: list[int] = [int(C.llama_vocab_bos(vocab))] if C.llama_vocab_get_add_bos(vocab) else []
+        for u in units:
+            if isinstance(u, int):
+                out.append(u)
+            else:
+                out += self.model.tokenize(u, add_special=False, parse_special=False)
+        if C.llama_vocab_get_add_eos(vocab):
+            out.append(int(C.llama_vocab_eos(vocab)))
+        return out
+
+    def _special_tokens(self) -> tuple[re.Pattern[str] | None, dict[str, int]]:
+        """The texts of the tokens llama.cpp parses only when asked (control, unknown), longest first."""
+        if self._specials is None:
+            vocab = self.model.vocab
+            want = C.LLAMA_TOKEN_ATTR_CONTROL | C.LLAMA_TOKEN_ATTR_UNKNOWN
+            ids: dict[str, int] = {}
+            for t in range(self.model.n_vocab):
+                if int(C.llama_vocab_get_attr(vocab, t)) & want:
+                    raw = C.llama_vocab_get_text(vocab, t)
+                    name = raw.decode("utf-8", "replace") if raw else ""
+                    if name:
+                        ids.setdefault(name, t)
+            names = sorted(ids, key=len, reverse=True)
+            pattern = re.compile("|".join(re.escape(n) for n in names)) if names else None
+            self._specials = (pattern, ids)
+        return self._specials
 
     def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         if self.template is None:

@@ -30,9 +30,10 @@ the prompt's evicted tokens) until ``feed`` returns.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -41,7 +42,8 @@ from spindle_local.policy import inputs as pin
 from spindle_local.policy.plan import LayerStore, full_cache_bytes
 from spindle_local.policy.policies import make_policy
 from spindle_local.runtime import rope as roper
-from spindle_local.runtime.config import POLICIES, EngineConfig  # noqa: F401  (re-exported)
+from spindle_local.runtime.config import MIN_SLACK, POLICIES, EngineConfig, budget_geometry  # noqa: F401
+from spindle_local.runtime.interrupt import CancelFlag, Interrupted, sigint_sets  # noqa: F401  (re-exported)
 from spindle_local.runtime.lowlevel import LlamaContext, LlamaModel
 from spindle_local.runtime.memory import CELL_BLOCK, MemoryLayout, format_size, plan_memory
 from spindle_local.runtime.spill import PromptSpill
@@ -77,6 +79,19 @@ class EngineStats:
         d["kv_bytes"] = self.kv_bytes
         d["reserve_ratio"] = self.reserve_ratio
         return d
+
+
+@dataclass
+class _Checkpoint:
+    """What :meth:`Engine.transaction` returns to; ``snapshot`` only once something irreversible happened."""
+
+    tokens: list[int]
+    next_pos: int
+    allowance: int | None
+    stats: EngineStats
+    queries: tuple[np.ndarray, list[np.ndarray | None]]
+    logits: np.ndarray | None
+    snapshot: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
 
 
 class Engine:
@@ -122,16 +137,26 @@ class Engine:
         self._allowance: int | None = None  # regular tokens the last plan left room for (None: no plan)
         self._prompt_end: int | None = None  # while feed() reads a prompt: the position after it
         self._spill: PromptSpill | None = None  # while feed() reads a prompt: the rows it evicted
+        # Interrupts (runtime/interrupt.py): SIGINT or another thread sets ``cancel``; feed,
+        # step and generate look at it only between native calls and raise Interrupted.
+        self.cancel = CancelFlag()
+        self._checkpoint: _Checkpoint | None = None  # inside transaction(): the state to return to
+        self.finish_reason: str | None = None  # why the last generate() ended: stop, length, context
 
     def _allocation(self, model_path: str | Path) -> tuple[int, int]:
         """(regular-cache cells, prompt chunk) for this configuration; sets ``self.layout`` under kv_mem."""
         cfg = self.config
-        if cfg.kv_mem is None:
-            cells = cfg.cells() if cfg.policy != "full" else (cfg.n_cells or cfg.max_tokens or 4096)
-            return cells, cfg.chunk
+        if cfg.kv_mem is None and cfg.policy == "full":
+            return cfg.n_cells or cfg.max_tokens or 4096, cfg.chunk
         from spindle_local.runtime.gguf_meta import read_meta
 
         meta = read_meta(model_path)
+        if cfg.kv_mem is None:
+            # The same cells whatever the budget (config.cells); a budget that no plan can
+            # meet within the longest context is refused before the context is created.
+            longest = cfg.max_tokens or meta.n_ctx_train or 1 << 30
+            cfg.check_budget(longest=longest, model_name=meta.name or Path(model_path).name, **budget_geometry(meta))
+            return cfg.cells(longest), cfg.chunk
         t = meta.kv_bytes_per_token_f16
         longest = cfg.max_tokens or meta.n_ctx_train or 4096
         if cfg.policy == "full":
@@ -179,6 +204,7 @@ class Engine:
 
     def reset(self) -> None:
         """Forget everything: regular cache, store, tokens and counters."""
+        self._before_irreversible()
         self.ctx.clear()
         if self._store_layers:
             self.ctx.store_clear()
@@ -199,6 +225,7 @@ class Engine:
         p_min, _ = self.ctx.pos_range()
         if n < p_min or (p_min < 0 and self._store_layers):
             return False
+        self._before_irreversible()
         self.ctx.seq_rm(n, -1)
         del self.tokens[n:]
         self.ctx.next_pos = n
@@ -217,13 +244,25 @@ class Engine:
 
     # -- feeding ---------------------------------------------------------------------------
 
+    def context_limit(self) -> tuple[int, str]:
+        """The most tokens this conversation may hold, and what sets that limit (named in messages).
+
+        ``max_tokens`` is ``--ctx`` when given, else the model's trained context; a full
+        cache (``--policy full``) also cannot hold more than its cells.
+        """
+        if self.config.max_tokens:
+            limit, name = self.max_tokens, f"--ctx {self.max_tokens}"
+        else:
+            limit, name = self.max_tokens, f"the model's trained context of {self.max_tokens:,} tokens"
+        if self.config.policy == "full" and self.cells < limit:
+            via = f"--kv-mem {format_size(self.layout.kv_mem)}" if self.layout else "--ctx"
+            limit, name = self.cells, f"the full cache's {self.cells} cells ({via})"
+        return limit, name
+
     def _check_room(self, n_new: int) -> None:
-        if self.n_past + n_new > self.max_tokens:
-            raise UsageError(f"the context would reach {self.n_past + n_new} tokens, beyond the limit of "
-                             f"{self.max_tokens} (the model's trained context)")
-        if self.config.policy == "full" and self.n_past + n_new > self.cells:
-            raise UsageError(f"the context would reach {self.n_past + n_new} tokens but the full cache holds "
-                             f"{self.cells}; raise --ctx or use a compressing policy")
+        limit, name = self.context_limit()
+        if self.n_past + n_new > limit:
+            raise UsageError(f"the context would reach {self.n_past + n_new} tokens, beyond {name}")
 
     def _decode(self, tokens: Sequence[int], *, capture: bool, all_logits: bool = False) -> None:
         start = self.n_past
@@ -248,6 +287,10 @@ class Engine:
         With ``all_logits`` the result is ``[len(tokens), vocab]``: the logits after every
         token (for scoring a continuation). ``progress(done, total, stats)`` is called after
         every chunk when given.
+
+        A cancel (:attr:`cancel`, set by Ctrl-C) is answered before the next chunk: the
+        engine then holds what it held plus the chunks fully read, and :class:`Interrupted`
+        is raised (:meth:`transaction` takes it back to the state before the call).
         """
         tokens = list(tokens)
         if not tokens:
@@ -257,7 +300,8 @@ class Engine:
         if self.config.spill and self.config.policy != "full":
             self._spill = PromptSpill()
         try:
-            return self._feed_chunks(tokens, progress, all_logits)
+            with self._guarded():
+                return self._feed_chunks(tokens, progress, all_logits)
         finally:
             self._prompt_end = None
             if self._spill is not None:
@@ -272,6 +316,7 @@ class Engine:
         done = 0
         w = self.config.window
         while done < len(tokens):
+            self.cancel.check()  # between chunks only: never a half-read batch
             take = min(chunk, len(tokens) - done)
             reserve = 0  # cells kept free for the look-ahead probe at the next plan
             if compressing:
@@ -288,6 +333,7 @@ class Engine:
                 room = self.cells - self.regular_count() - reserve
                 eager = self.config.eager_compress and self._needs_compress(take)
                 if room < take or eager:
+                    self._before_irreversible()  # a transaction must be able to undo what follows
                     ahead = self._probe(tokens[-w:], end - w) if probe and room >= 0 else None
                     # Lazy: keep in the regular cache whatever the rest of the prompt leaves room
                     # for; the cells are allocated anyway, and the tokens still to read (the
@@ -318,8 +364,17 @@ class Engine:
         return np.concatenate(rows) if all_logits else self.ctx.logits()
 
     def step(self, token: int) -> np.ndarray:
-        """Decode one generated token and return the logits that follow it."""
+        """Decode one generated token and return the logits that follow it.
+
+        Raises :class:`Interrupted` before decoding when a cancel is pending (the token
+        is then not part of the conversation).
+        """
+        self.cancel.check()
         self._check_room(1)
+        with self._guarded():
+            return self._step(token)
+
+    def _step(self, token: int) -> np.ndarray:
         cfg = self.config
         capture = False
         if cfg.policy != "full":
@@ -332,6 +387,93 @@ class Engine:
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.tokens_generated += 1
         return self.ctx.logits()
+
+    # -- interrupts ----------------------------------------------------------------------------
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A region (a chat turn) in which Ctrl-C only sets :attr:`cancel`.
+
+        The engine answers the request at its next clean point with :class:`Interrupted`;
+        nothing is ever raised inside llama.cpp's callbacks. A request still pending when
+        the region ends came after the work was done and is dropped.
+        """
+        self.cancel.clear()
+        try:
+            with sigint_sets(self.cancel):
+                yield
+        finally:
+            self.cancel.clear()
+
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """Route SIGINT to :attr:`cancel` for one call when no :meth:`interruptible` region does.
+
+        A Ctrl-C during the call's native work is answered when the call returns, after
+        the work it finished, as a ``KeyboardInterrupt`` would have been.
+        """
+        with sigint_sets(self.cancel) as mine:
+            yield
+        if mine:
+            self.cancel.check()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All or nothing: if the body raises (Ctrl-C, an error), the engine returns to the state before it.
+
+        Cheap when the body only appends regular tokens (they are truncated again). The
+        first change a truncation cannot undo (a compression moving tokens into the store,
+        a truncate or reset) snapshots the whole KV state in memory first, with the
+        machinery of saved sessions (:mod:`.session`), and a rollback restores it.
+        """
+        if self._checkpoint is not None:  # nested: the outer transaction undoes everything
+            yield
+            return
+        self._checkpoint = cp = _Checkpoint(
+            tokens=list(self.tokens), next_pos=self.ctx.next_pos, allowance=self._allowance,
+            stats=replace(self.stats, extra=dict(self.stats.extra)), queries=self.queries.snapshot(),
+            logits=None if self.ctx._logits is None else self.ctx._logits.copy())
+        try:
+            yield
+        except BaseException:
+            self._checkpoint = None
+            self._rollback(cp)
+            raise
+        finally:
+            self._checkpoint = None
+
+    def _before_irreversible(self) -> None:
+        """Inside a transaction, snapshot the full state once before a change truncate() cannot undo."""
+        cp = self._checkpoint
+        if cp is None or cp.snapshot is not None:
+            return
+        from spindle_local.runtime import session
+
+        self._checkpoint = None  # capture() must not recurse into this hook
+        try:
+            cp.snapshot = session.capture(self, messages=[], system_prompt=None, model_path=None)
+        finally:
+            self._checkpoint = cp
+
+    def _rollback(self, cp: _Checkpoint) -> None:
+        """Return to ``cp``: restore the snapshot if one was taken, drop the tokens added since."""
+        from spindle_local.runtime import session
+
+        try:
+            if cp.snapshot is not None:
+                header, arrays = cp.snapshot
+                session.restore(self, session.Session(header=header, arrays=arrays))
+            n = len(cp.tokens)
+            if self.tokens[:n] != cp.tokens or not self.truncate(n):
+                raise SpindleError("internal: the engine cannot return to the state before the interrupted work")
+            self.ctx.next_pos = cp.next_pos
+            self._allowance = cp.allowance
+            self.stats = cp.stats
+            self.queries.restore(*cp.queries)
+            self.ctx._logits = cp.logits
+        except Exception:
+            self.reset()  # a consistent empty state; the chat re-reads its conversation
+            raise
 
     # -- look-ahead ----------------------------------------------------------------------------
 
@@ -387,7 +529,7 @@ class Engine:
     def _slack(self) -> int:
         """Tokens generation may add before the next compression (headroom the plan leaves)."""
         cfg = self.config
-        return max(16, min(cfg.decode_slack, int(0.25 * cfg.kv_budget * self.n_past)))
+        return max(MIN_SLACK, min(cfg.decode_slack, int(0.25 * cfg.kv_budget * self.n_past)))
 
     def _compress_due(self, incoming: int) -> bool:
         """Must a compression come before ``incoming`` more tokens (cache full, or the plan's allowance)?"""
@@ -398,15 +540,14 @@ class Engine:
 
         A plan made for ``growth`` tokens keeps the reserve ratio within budget while the
         regular part holds at most ``recent + growth`` tokens (see :meth:`_target_bytes`).
-        Under a byte cap (kv_mem) the regular allocation is already paid for: compress
-        only when it is full, as late as possible.
+        Before the conversation's first plan, and under a byte cap (kv_mem), nothing is
+        due until the regular cache is full (:meth:`_compress_due`): its cells are
+        allocated anyway, so compressing what fits in them would save no memory and only
+        lose information. A conversation that fits is held exactly (reserve ratio 1.0).
         """
-        if self.layout is not None:
+        if self.layout is not None or self._allowance is None:
             return False
-        reg = self.regular_count() + incoming
-        if self._allowance is None:
-            return reg > self._recent()
-        return reg > self._allowance
+        return self.regular_count() + incoming > self._allowance
 
     def maybe_compress(self, *, growth: int, force: bool = False,
                        lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None, keep: int = 0) -> bool:
@@ -526,10 +667,26 @@ class Engine:
         if lookahead is not None:
             q = np.concatenate([q, lookahead[1][il]])
             q_pos = np.concatenate([q_pos, lookahead[0]])
+        salient = self._salient_flags()[p_old] if self.policy.config.salient_share > 0 else None
         return pin.LayerInput(layer=il, k=k_old, k_pre=k_pre, v=v_old, positions=p_old.astype(np.int32),
                               q_window=q, q_positions=q_pos,
                               k_recent=k_rec, recent_positions=p_rec.astype(np.int32), v_recent=v_rec,
-                              available=avail_old)
+                              available=avail_old, salient=salient)
+
+    def _salient_flags(self) -> np.ndarray:
+        """bool [n_past]: which tokens of the conversation are salient (policy/salience.py)."""
+        from spindle_local.policy.salience import salient_tokens
+
+        cache = getattr(self, "_pieces", None)
+        if cache is None:
+            cache = self._pieces = {}
+        pieces = []
+        for t in self.tokens:
+            piece = cache.get(t)
+            if piece is None:
+                piece = cache[t] = self.model.token_to_piece(t)
+            pieces.append(piece)
+        return salient_tokens(pieces)
 
     def _rope_args(self, il: int) -> dict:
         lg = self.geometry.layers[il]
@@ -566,12 +723,28 @@ class Engine:
 
     def generate(self, logits: np.ndarray, *, max_tokens: int, sampler: "Sampler",
                  stop: set[int]) -> Iterator[int]:
-        """Yield sampled tokens, feeding each back, until a stop token or ``max_tokens``."""
+        """Yield sampled tokens, feeding each back, until a stop token, ``max_tokens`` or a full context.
+
+        :attr:`finish_reason` says why it ended: ``"stop"`` (an end-of-generation token),
+        ``"length"`` (``max_tokens``) or ``"context"`` (no room for another token: the
+        token is not yielded). Every yielded token is fed before the next one is sampled;
+        a cancel raises :class:`Interrupted` before the next token is sampled, or after a
+        yield, before that token is fed: the engine holds the prompt plus the tokens
+        accepted so far.
+        """
+        limit = self.context_limit()[0]
+        self.finish_reason = "length"
         for _ in range(max_tokens):
+            self.cancel.check()  # Ctrl-C during the last step: nothing more is shown
             tok = sampler.sample(logits)
             if tok in stop:
+                self.finish_reason = "stop"
+                return
+            if self.n_past + 1 > limit:
+                self.finish_reason = "context"
                 return
             yield tok
+            self.cancel.check()
             logits = self.step(tok)
 
 

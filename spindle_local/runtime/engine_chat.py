@@ -9,12 +9,15 @@ inside the compressed store, the exact state is gone and the conversation is re-
 
 from __future__ import annotations
 
+import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from spindle_local.runtime.chat_template import ChatTemplate, Detokenizer, eog_tokens
 from spindle_local.runtime.engine import Engine, EngineConfig, Sampler
+from spindle_local.runtime.memory import format_size
 
 
 @dataclass
@@ -27,6 +30,24 @@ class ReuseCounters:
     rereads: int = 0
 
 
+@dataclass
+class TurnStats:
+    """The last answer, for the chat's marks and ``--verbose`` line.
+
+    ``finish``: ``stop`` (end-of-generation token), ``length`` (``--max-tokens``),
+    ``context`` (the context is full) or ``interrupted``; ``answer_started`` is False
+    while the prompt is still being read (an interrupt then leaves the turn out).
+    """
+
+    prompt_tokens: int = 0
+    prefilled: int = 0
+    prefill_seconds: float = 0.0
+    generated: int = 0
+    decode_seconds: float = 0.0
+    answer_started: bool = False
+    finish: str | None = None
+
+
 class EngineChatModel:
     """The chat REPL's model interface on top of :class:`Engine`."""
 
@@ -37,13 +58,46 @@ class EngineChatModel:
         self.stop = eog_tokens(self.engine.model)
         self.n_ctx = self.engine.max_tokens
         self.reuse = ReuseCounters()
+        self.last = TurnStats()
 
-    def count_tokens(self, messages: list[dict[str, str]]) -> int:
-        return len(self._tokens(messages, add_generation_prompt=False))
+    def count_tokens(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> int:
+        return len(self._tokens(messages, add_generation_prompt=add_generation_prompt))
 
     def _tokens(self, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
-        text = self.template.render(messages, add_generation_prompt=add_generation_prompt)
-        return self.engine.model.tokenize(text, add_special=True, parse_special=True)
+        # Contents are plain text: "<|im_start|>" typed by a user is not a control token.
+        return self.template.tokens(messages, add_generation_prompt=add_generation_prompt)
+
+    def context_cap(self) -> tuple[int, str]:
+        """(most tokens the conversation may hold, what sets it: "--ctx 128", "the model's trained context ...")."""
+        return self.engine.context_limit()
+
+    def interruptible(self) -> AbstractContextManager[None]:
+        """A region (one chat turn) where Ctrl-C stops the engine at its next clean point (Interrupted)."""
+        return self.engine.interruptible()
+
+    def kv_now(self) -> int:
+        """KV bytes the conversation occupies now: what /stats calls "KV now" (store + regular tokens)."""
+        return self.engine.refresh_stats().kv_bytes
+
+    def banner(self) -> str:
+        """One line for the start of a chat: model, context, policy, KV memory."""
+        eng, cfg = self.engine, self.engine.config
+        limit, name = eng.context_limit()
+        held, _ = eng.kv_memory()
+        if cfg.policy == "full":
+            policy = "policy full (no compression)"
+        elif cfg.kv_mem is not None:
+            policy = f"policy {cfg.policy}, kv-mem {format_size(cfg.kv_mem)}"
+        else:
+            policy = f"policy {cfg.policy}, kv-budget {cfg.kv_budget:g}"
+        ctx = f"context {limit:,} tokens" + (" (trained)" if name.startswith("the model's") else "")
+        return f"{self.model_path.stem} · {ctx} · {policy} · KV {held / 2**20:.1f} MiB allocated"
+
+    def _prefill(self, prompt: list[int], progress: Callable[[int, int], None] | None) -> object:
+        """Feed what the engine lacks of ``prompt``; on Ctrl-C or an error, return to the state before."""
+        with self.engine.transaction():
+            todo = self._sync(prompt)
+            return self.engine.feed(todo, progress=(lambda d, t, s: progress(d, t)) if progress else None)
 
     def _sync(self, prompt: list[int]) -> list[int]:
         """Bring the engine to a prefix of ``prompt``; return the tokens still to feed."""
@@ -65,16 +119,42 @@ class EngineChatModel:
         self.reuse.last_prefilled_tokens = len(prompt) - lcp
         return prompt[lcp:]
 
-    def stream_reply(self, messages: list[dict[str, str]], settings) -> Iterator[str]:
+    def stream_reply(self, messages: list[dict[str, str]], settings,
+                     progress: Callable[[int, int], None] | None = None) -> Iterator[str]:
+        """Answer the conversation, streaming text; :attr:`last` tells how the answer ended.
+
+        Ctrl-C (inside :meth:`interruptible`) while the prompt is read leaves the engine as
+        it was before the turn; during the answer, it keeps the prompt and the tokens fed
+        so far (every shown token but possibly the last). Either way Interrupted is raised.
+        """
+        self.last = TurnStats()  # now, not at the first next(): the caller reads it whatever happens
+        return self._stream_reply(messages, settings, progress)
+
+    def _stream_reply(self, messages: list[dict[str, str]], settings,
+                      progress: Callable[[int, int], None] | None) -> Iterator[str]:
         prompt = self._tokens(messages, add_generation_prompt=True)
-        todo = self._sync(prompt)
-        logits = self.engine.feed(todo)
+        last = self.last
+        last.prompt_tokens = len(prompt)
+        t0 = time.perf_counter()
+        logits = self._prefill(prompt, progress)
+        last.prefilled, last.prefill_seconds = self.reuse.last_prefilled_tokens, time.perf_counter() - t0
+        last.answer_started = True
         sampler = Sampler(temperature=settings.temperature, seed=settings.seed)
         detok = Detokenizer(self.engine.model)
-        for tok in self.engine.generate(logits, max_tokens=settings.max_tokens, sampler=sampler, stop=self.stop):
-            piece = detok.push(tok)
-            if piece:
-                yield piece
+        t1 = time.perf_counter()
+        try:
+            for tok in self.engine.generate(logits, max_tokens=settings.max_tokens, sampler=sampler,
+                                            stop=self.stop):
+                last.generated += 1
+                piece = detok.push(tok)
+                if piece:
+                    yield piece
+            last.finish = self.engine.finish_reason
+        except KeyboardInterrupt:
+            last.finish = "interrupted"
+            raise
+        finally:
+            last.decode_seconds = time.perf_counter() - t1
         tail = detok.flush()
         if tail:
             yield tail
@@ -83,13 +163,12 @@ class EngineChatModel:
         """Read the conversation so far (e.g. a document just added) without answering.
 
         The next turn then reuses all of it. Returns the number of tokens prefilled.
-        ``progress(done, total)`` is called after every chunk.
+        ``progress(done, total)`` is called after every chunk. Ctrl-C (inside
+        :meth:`interruptible`) or an error leaves the engine exactly as it was before.
         """
         prompt = self._tokens(messages, add_generation_prompt=False)
-        todo = self._sync(prompt)
-        if todo:
-            self.engine.feed(todo, progress=(lambda d, t, s: progress(d, t)) if progress else None)
-        return len(todo)
+        self._prefill(prompt, progress)
+        return self.reuse.last_prefilled_tokens
 
     def kv_memory(self) -> tuple[int, int]:
         """(KV bytes llama.cpp holds: regular allocation + store, the --kv-mem cap or 0)."""
@@ -263,7 +342,8 @@ class ServingChatModel(EngineChatModel):
                     result.finish_reason = "cancelled"
                     return
             else:
-                if result.completion_tokens < settings.max_tokens:
+                full = getattr(self.engine, "finish_reason", None) == "context"  # no room left: "length"
+                if result.completion_tokens < settings.max_tokens and not full:
                     result.finish_reason = "stop"  # an end-of-generation token
             pending += detok.flush()
             if pending:

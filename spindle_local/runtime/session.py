@@ -260,14 +260,19 @@ def _get_side(arrays: dict, key: str) -> tuple[np.ndarray | None, Codebook | Non
 
 
 def capture(engine, *, messages: list[dict[str, str]], system_prompt: str | None,
-            model_path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Header and arrays describing ``engine``'s state and the conversation."""
+            model_path: str | Path | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Header and arrays describing ``engine``'s state and the conversation.
+
+    ``model_path`` None leaves the model's identity out: an in-memory snapshot that the
+    same engine restores after an interrupted read (``Engine.transaction``).
+    """
     from spindle_local import __version__
 
     arrays: dict[str, np.ndarray] = {"tokens": np.asarray(engine.tokens, dtype=np.int32)}
     if engine.tokens:
         engine.ctx.compact()  # cells in position order: the restored cache is laid out the same
-        arrays["logits"] = np.asarray(engine.ctx.logits(), dtype=np.float32)
+        if engine.ctx._logits is not None:
+            arrays["logits"] = np.asarray(engine.ctx.logits(), dtype=np.float32)
     arrays["regular"] = _regular_state(engine)
     q_pos, q_rows = engine.queries.snapshot()
     arrays["q_pos"] = q_pos
@@ -286,7 +291,7 @@ def capture(engine, *, messages: list[dict[str, str]], system_prompt: str | None
         "format": FORMAT_VERSION,
         "spindle_local": __version__,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": model_identity(model_path),
+        "model": model_identity(model_path) if model_path is not None else None,
         "config": asdict(engine.config),
         "messages": messages,
         "system_prompt": system_prompt,
