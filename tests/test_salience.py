@@ -8,6 +8,7 @@ import pytest
 from spindle_local.policy import Geometry, PolicyConfig, make_policy
 from spindle_local.policy.salience import (
     run_order,
+    run_priority,
     run_positions,
     run_positions_ref,
     salient_positions,
@@ -81,3 +82,15 @@ def test_spindle_keeps_salient_runs_in_every_layer() -> None:
             assert want <= {int(p) - pos0 for p in h.positions}, st.layer
     lost = [st.layer for st in base for h in st.heads if not want <= {int(p) - pos0 for p in h.positions}]
     assert lost, "the synthetic window should not keep the run by itself"
+
+
+def test_priority_prefers_rare_long_runs_over_repeated_ones() -> None:
+    # ids: 7 = a name repeated three times, 1..5 = a five-digit code stated once, 9 = filler
+    ids = np.array([9, 7, 9, 9, 7, 9, 1, 2, 3, 4, 5, 9, 7, 9])
+    sal = np.isin(ids, [1, 2, 3, 4, 5, 7])
+    prio = run_priority(ids, sal)
+    assert (prio[~sal] == 0).all() and (prio[sal] > 0).all()
+    assert prio[6] > prio[1] and prio[6] == prio[10]
+    order = run_order(np.arange(len(ids)), prio, np.zeros(len(ids)))
+    starts, _ = salient_runs(sal)
+    assert starts[order[0]] == 6  # the code first

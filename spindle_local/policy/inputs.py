@@ -70,7 +70,7 @@ class LayerInput:
     recent_positions: np.ndarray | None = None
     v_recent: np.ndarray | None = None
     available: np.ndarray | None = None
-    salient: np.ndarray | None = None  # bool [n]: salient tokens (policy/salience.py); None: unknown
+    salient: np.ndarray | None = None  # [n] salient tokens, bool or run priority (policy/salience.py); None: unknown
 
     @property
     def n(self) -> int:

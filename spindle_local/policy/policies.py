@@ -203,10 +203,10 @@ class SpindlePolicy(Policy):
         if not with_flags:
             return np.zeros(0, np.int64)
         pos = np.concatenate([np.asarray(inp.positions, np.int64) for inp in with_flags])
-        flags = np.concatenate([np.asarray(inp.salient, bool) for inp in with_flags])
+        flags = np.concatenate([np.asarray(inp.salient, np.float64) for inp in with_flags])
         union, first = np.unique(pos, return_index=True)
         sal = flags[first]
-        sal[union < self.config.sinks] = False  # sinks are kept anyway
+        sal[union < self.config.sinks] = 0.0  # sinks are kept anyway
         u_pos, strength = anchor_strength(layers, raw, 0, self.config.sinks)
         aligned = np.zeros(len(union))
         found = np.searchsorted(u_pos, union)

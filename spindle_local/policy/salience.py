@@ -8,8 +8,12 @@ them. So, independently of any window, every run of salient tokens (a token with
 digit, or a capitalised word that does not start a sentence) is protected together
 with the ``before`` tokens that introduce it ("The pass key is", "Alice's number:") and
 the ``after`` tokens that close it, in every eviction layer. The protected set is capped
-at ``share`` of the layer's slots; when a text has more salient runs than that, the
-runs its window attends to most are kept first, then the newest.
+at ``share`` of the layer's slots. When a text has more salient runs than that, the runs
+that carry the most information go first: a run's priority is the self-information of
+its tokens within the text, ``sum(-log(count(token) / n))``, divided by how often the
+same run recurs (:func:`run_priority`). A five-digit code stated once outranks a name
+the text repeats on every page, which a later question could find in any of its copies.
+Ties go to the runs the window attends to most, then the newest.
 
 Classification needs token text, which the policy does not have: the engine passes
 :func:`salient_tokens` of the token pieces (a plain-Python function, kept here with the
@@ -72,8 +76,8 @@ def _run_positions_nb(positions: np.ndarray, salient: np.ndarray, order: np.ndar
 
 
 def salient_runs(salient: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(start, end) indices, inclusive, of the maximal runs of True in ``salient``."""
-    s = np.asarray(salient, dtype=bool)
+    """(start, end) indices, inclusive, of the maximal runs of True (non-zero) in ``salient``."""
+    s = np.asarray(salient) > 0
     if not s.any():
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     d = np.diff(np.concatenate([[0], s.astype(np.int8), [0]]))
@@ -100,26 +104,48 @@ def run_positions(positions: np.ndarray, salient: np.ndarray, order: np.ndarray,
                   after: int, cap: int) -> np.ndarray:
     """Protected positions (ascending) for the salient runs in ``order``; see the reference."""
     starts, ends = salient_runs(salient)
-    return _run_positions_nb(np.ascontiguousarray(positions, np.int64), np.asarray(salient, np.bool_),
+    return _run_positions_nb(np.ascontiguousarray(positions, np.int64), np.asarray(salient) > 0,
                              np.ascontiguousarray(order, np.int64), starts, ends, int(before), int(after),
                              int(cap))
 
 
-def run_order(positions: np.ndarray, salient: np.ndarray, strength: np.ndarray) -> np.ndarray:
-    """Runs by the largest window attention any of their tokens gets, then newest first."""
+def run_priority(ids: np.ndarray, salient: np.ndarray) -> np.ndarray:
+    """float [n]: each salient token's run priority (module docstring); 0 where not salient."""
+    ids = np.asarray(ids, np.int64)
+    out = np.zeros(len(ids))
     starts, ends = salient_runs(salient)
     if len(starts) == 0:
+        return out
+    uniq, inv, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    info = -np.log(counts[inv] / len(ids))
+    keys = [tuple(ids[s:e + 1].tolist()) for s, e in zip(starts, ends)]
+    recur: dict[tuple, int] = {}
+    for k in keys:
+        recur[k] = recur.get(k, 0) + 1
+    for s, e, k in zip(starts, ends, keys):
+        out[s:e + 1] = info[s:e + 1].sum() / recur[k]
+    return out
+
+
+def run_order(positions: np.ndarray, salient: np.ndarray, strength: np.ndarray) -> np.ndarray:
+    """Runs by priority (the largest value of ``salient`` in the run; all equal for a bool
+    mask), then the largest window attention any of their tokens gets, then newest first."""
+    starts, ends = salient_runs(np.asarray(salient) > 0)
+    if len(starts) == 0:
         return np.zeros(0, np.int64)
+    prio = np.asarray(salient, np.float64)
+    rank = np.array([prio[s:e + 1].max() for s, e in zip(starts, ends)])
     best = np.array([strength[s:e + 1].max() for s, e in zip(starts, ends)])
-    return np.lexsort((-np.asarray(positions)[starts], -best)).astype(np.int64)
+    return np.lexsort((-np.asarray(positions)[starts], -best, -rank)).astype(np.int64)
 
 
 def salient_positions(positions: np.ndarray, salient: np.ndarray, strength: np.ndarray, *,
                       before: int, after: int, cap: int) -> np.ndarray:
     """Positions to protect: salient runs with their context, at most ``cap`` of them.
 
-    ``positions`` ascending with ``salient`` and ``strength`` (per position, e.g. the best
-    window attention share any head gives it) aligned to it.
+    ``positions`` ascending with ``salient`` (bool, or :func:`run_priority`) and
+    ``strength`` (per position, e.g. the best window attention share any head gives it)
+    aligned to it.
     """
     if cap <= 0 or len(positions) == 0:
         return np.zeros(0, np.int64)

@@ -526,6 +526,22 @@ class Engine:
             return self.layout.recent
         return max(cfg.window, min(cfg.recent, int(0.25 * cfg.kv_budget * self.n_past)))
 
+    def _protected_start(self) -> int:
+        """Leading tokens every plan keeps in every layer and KV head: the sinks and ``keep_start``.
+
+        The start of a conversation is what a user said first (the system prompt, the
+        instruction, a name or a number to remember); an observation window at the end of
+        a long text rarely attends to it, so a plan would evict it although a later
+        question asks for it. The first ``keep_start`` tokens are protected like sinks, as
+        far as a quarter of the budget at this length allows (``--sinks`` always).
+        """
+        cfg = self.config
+        if self.layout is not None:
+            share = self.layout.store_cap // (4 * self.bytes_per_token)
+        else:
+            share = int(0.25 * cfg.kv_budget * self.n_past)
+        return max(cfg.sinks, min(cfg.keep_start, share))
+
     def _slack(self) -> int:
         """Tokens generation may add before the next compression (headroom the plan leaves)."""
         cfg = self.config
@@ -561,6 +577,7 @@ class Engine:
         """
         if self.config.policy == "full" or self.regular_count() <= self._recent():
             return False
+        self.policy.config.sinks = self._protected_start()  # the plan keeps the conversation's start
         if self._target_bytes(growth) < self._min_store_bytes() and not force:
             return False
         self._compress(growth=growth, force=force, lookahead=lookahead, keep=keep)
@@ -583,10 +600,11 @@ class Engine:
         return int(b * n * t - self._recent() * t - (1.0 - b) * growth * t)
 
     def _min_store_bytes(self) -> int:
-        # Sinks kept raw in every layer and KV head, plus per-slot bookkeeping.
+        # The protected start (sinks and keep_start, as the policy was last told) kept raw in
+        # every layer and KV head, plus per-slot bookkeeping.
         lg = self.geometry.layers[0]
         per_slot = lg.n_head_kv * (4 + lg.n_head // lg.n_head_kv + 2 * (lg.head_dim_k + lg.head_dim_v))
-        return self.geometry.n_layer * max(self.config.sinks, 1) * per_slot
+        return self.geometry.n_layer * max(self.policy.config.sinks, self.config.sinks, 1) * per_slot
 
     def _compress(self, *, growth: int, force: bool,
                   lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None, keep: int = 0) -> None:
@@ -674,8 +692,8 @@ class Engine:
                               available=avail_old, salient=salient)
 
     def _salient_flags(self) -> np.ndarray:
-        """bool [n_past]: which tokens of the conversation are salient (policy/salience.py)."""
-        from spindle_local.policy.salience import salient_tokens
+        """float [n_past]: run priority of the conversation's salient tokens, 0 elsewhere (policy/salience.py)."""
+        from spindle_local.policy.salience import run_priority, salient_tokens
 
         cache = getattr(self, "_pieces", None)
         if cache is None:
@@ -686,7 +704,7 @@ class Engine:
             if piece is None:
                 piece = cache[t] = self.model.token_to_piece(t)
             pieces.append(piece)
-        return salient_tokens(pieces)
+        return run_priority(np.asarray(self.tokens), salient_tokens(pieces))
 
     def _rope_args(self, il: int) -> dict:
         lg = self.geometry.layers[il]
