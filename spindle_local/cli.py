@@ -237,8 +237,14 @@ def conversation_setup(model: Path | None, n_ctx: int | None, engine_kw: dict[st
 
 
 def check_memory(cfg: Any, meta: Any) -> None:
-    """Refuse an impossible --kv-mem before anything loads (the message names the minimum)."""
-    if cfg.kv_mem is None or cfg.policy == "full":
+    """Refuse an impossible --kv-mem or --kv-budget before anything loads (the message names the minimum)."""
+    if cfg.policy == "full":
+        return
+    if cfg.kv_mem is None:
+        from spindle_local.runtime.config import budget_geometry
+
+        cfg.check_budget(longest=cfg.max_tokens or meta.n_ctx_train or 1 << 30,
+                         model_name=meta.name or Path(meta.path).name, **budget_geometry(meta))
         return
     from spindle_local.runtime.memory import plan_memory
 
@@ -265,10 +271,13 @@ def check_memory(cfg: Any, meta: Any) -> None:
 @click.option("--resume", "resume_path", type=click.Path(path_type=Path), default=None, metavar="SESSION",
               help="Continue a conversation saved with /save (its engine settings are used; MODEL must be "
                    "the model it was saved with).")
+@click.option("--verbose", "-v", is_flag=True,
+              help="After each answer, a line with tokens/s and the prompt's reading speed (/set verbose on).")
 @engine_options
-def chat(model: Path | None, n_ctx: int | None, temperature: float, max_tokens: int, seed: int | None,
-         system_prompt: str | None, prompt: str | None, files: tuple[Path, ...], resume_path: Path | None,
-         **engine_kw: Any) -> None:
+@click.pass_context
+def chat(click_ctx: click.Context, model: Path | None, n_ctx: int | None, temperature: float, max_tokens: int,
+         seed: int | None, system_prompt: str | None, prompt: str | None, files: tuple[Path, ...],
+         resume_path: Path | None, verbose: bool, **engine_kw: Any) -> None:
     """Chat with MODEL in the terminal (default model if none is given).
 
     The KV cache is compressed with --policy (default: spindle) to at most --kv-budget
@@ -284,7 +293,9 @@ def chat(model: Path | None, n_ctx: int | None, temperature: float, max_tokens: 
       /stats           tokens seen, KV bytes now, full-cache bytes, reserve ratio
       /read FILE       read a text document into the conversation
       /save FILE       save the conversation with its compressed KV cache
-      /exit            leave (Ctrl-D works too); Ctrl-C stops the current answer
+      /set verbose on  tokens/s after each answer
+      /exit, /bye      leave (Ctrl-D works too); Ctrl-C stops the current answer
+    A line ending in \\ continues on the next one; text between two \"\"\" lines is one message.
     """
     from spindle_local.chat_repl import ChatRepl, GenerationSettings, load_document
     from spindle_local.runtime.loader import load_llama_cpp
@@ -299,16 +310,19 @@ def chat(model: Path | None, n_ctx: int | None, temperature: float, max_tokens: 
         saved.check_model(path)
         cfg = saved.config()
         system_prompt = saved.system_prompt
+        _warn_resume_overrides(click_ctx, cfg, n_ctx=n_ctx, threads=engine_kw.get("threads"))
     else:
         path, cfg = conversation_setup(model, n_ctx, engine_kw)
     for f in files:
         load_document(f)  # a missing or unreadable document fails before the model loads
     load_llama_cpp()
     from spindle_local.runtime.engine_chat import EngineChatModel
-    settings = GenerationSettings(temperature=temperature, max_tokens=max_tokens, seed=seed)
+    settings = GenerationSettings(temperature=temperature, max_tokens=max_tokens, seed=seed, verbose=verbose)
     chat_model = EngineChatModel(path, cfg)
     try:
         repl = ChatRepl(chat_model, settings, system_prompt=system_prompt)
+        if prompt is None or verbose:
+            repl.show_banner()
         if saved is not None:
             chat_model.resume(saved)
             repl.messages = saved.messages
@@ -321,6 +335,35 @@ def chat(model: Path | None, n_ctx: int | None, temperature: float, max_tokens: 
         sys.exit(repl.run())
     finally:
         chat_model.close()
+
+
+def _warn_resume_overrides(click_ctx: click.Context, cfg: Any, *, n_ctx: int | None, threads: int | None) -> None:
+    """With --resume, say in one line which explicitly given options the session's settings replace.
+
+    The saved KV cache was built with the session's policy, budget, window, chunk and
+    context; only --threads (how fast, not what is computed) is honoured.
+    """
+    from click.core import ParameterSource
+
+    if threads is not None:
+        cfg.n_threads = threads
+    given = [p for p in click_ctx.command.params
+             if isinstance(p, click.Option) and p.name in _SESSION_SETTINGS
+             and click_ctx.get_parameter_source(p.name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
+    if not given:
+        return
+    names = ", ".join(p.opts[0] for p in given)
+    from spindle_local.runtime.memory import format_size
+
+    budget = f"--kv-mem {format_size(cfg.kv_mem)}" if cfg.kv_mem is not None else f"--kv-budget {cfg.kv_budget:g}"
+    ctx = f"--ctx {cfg.max_tokens}" if cfg.max_tokens else "the trained context"
+    click.echo(f"warning: {names} ignored: a resumed session keeps the settings its KV cache was built with "
+               f"(--policy {cfg.policy}, {budget}, {ctx})", err=True)
+
+
+#: chat options a resumed session's own settings replace (see _warn_resume_overrides).
+_SESSION_SETTINGS = {"n_ctx", "policy", "kv_budget", "kv_mem", "window", "sinks", "recent", "codebook_layers",
+                     "theta_k", "theta_v", "chunk", "lookahead", "spill", "flash_attn"}
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -404,24 +447,34 @@ def eval_kld(model: Path | None, text: Path | None, context: int, continuation: 
               help="Filler text (default: Python's pydoc topics).")
 @click.option("--needle", "needle_tmpl", default=None, help="Needle template; {key} is the random key.")
 @click.option("--question", default=None, help="Question at the end of the prompt.")
+@click.option("--protocol", type=click.Choice(["in-prompt", "later", "multi"]), default="in-prompt",
+              show_default=True,
+              help="in-prompt: haystack and question are one prompt. later: the same tokens, the haystack read "
+                   "(and compressed) as one prompt, then the question as a second one, as chat --file does. "
+                   "multi: one named needle per depth in one document, asked in turn in one conversation "
+                   "without re-reading (--needle/--question must then contain {name}).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the keys.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @engine_options
 def eval_needle(model: Path | None, lengths: list[int], depths: list[float], samples: int, haystack: Path | None,
-                needle_tmpl: str | None, question: str | None, seed: int, as_json: bool, **engine_kw: Any) -> None:
+                needle_tmpl: str | None, question: str | None, protocol: str, seed: int, as_json: bool,
+                **engine_kw: Any) -> None:
     """Pass-key retrieval in completion form, compressed vs full cache on the same prompts."""
-    from spindle_local.eval.needle import DEFAULT_NEEDLE, DEFAULT_QUESTION, run_needle
+    from spindle_local.eval.needle import run_needle
     from spindle_local.eval.texts import load_text
 
     if any(not 0.0 <= d <= 1.0 for d in depths):
         raise UsageError("--depths must lie in [0, 1]")
     if needle_tmpl is not None and "{key}" not in needle_tmpl:
         raise UsageError("--needle must contain {key}")
+    if protocol == "multi" and any(t is not None and "{name}" not in t for t in (needle_tmpl, question)):
+        raise UsageError("--protocol multi needs {name} in --needle and --question (to tell the needles apart)")
     cfg = engine_config(**engine_kw)
     path, meta = _eval_model(model)
     if meta.n_ctx_train and max(lengths) > meta.n_ctx_train:
         raise UsageError(f"--lengths {max(lengths)} exceeds the model's trained context ({meta.n_ctx_train})")
-    with click.progressbar(length=len(lengths) * len(depths) * samples, label="needle", file=sys.stderr) as bar:
+    steps = len(lengths) * samples * (1 if protocol == "multi" else len(depths))
+    with click.progressbar(length=steps, label="needle", file=sys.stderr) as bar:
         last = {"n": 0}
 
         def progress(done: int, total: int) -> None:
@@ -430,12 +483,72 @@ def eval_needle(model: Path | None, lengths: list[int], depths: list[float], sam
 
         try:
             result = run_needle(str(path), lengths=lengths, depths=depths, samples=samples, seed=seed,
-                                engine_config=cfg, haystack=load_text(haystack),
-                                needle=needle_tmpl or DEFAULT_NEEDLE, question=question or DEFAULT_QUESTION,
-                                progress=progress)
+                                engine_config=cfg, haystack=load_text(haystack), needle=needle_tmpl,
+                                question=question, protocol=protocol, progress=progress)
         except ValueError as e:
             raise UsageError(str(e)) from None
     _emit({"model": str(path), **result}, as_json)
+
+
+@eval_group.command("ruler")
+@click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--tasks", default="niah_single,niah_multikey,niah_multivalue,vt,cwe", show_default=True,
+              help="Tasks, comma-separated: niah_single, niah_multikey, niah_multivalue, vt (variable "
+                   "tracking), cwe (common-words extraction).")
+@click.option("--lengths", default="1000,4000", show_default=True, callback=_csv_numbers(int, "lengths"),
+              help="Prompt lengths in tokens, comma-separated.")
+@click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Prompts per task and length.")
+@click.option("--protocol", type=click.Choice(["in-prompt", "later", "both"]), default="both", show_default=True,
+              help="in-prompt: document and question are one prompt; later: the document is read (and "
+                   "compressed) first, the question is a second prompt; both: each, on the same prompts.")
+@click.option("--haystack", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 filler text (default: Python's pydoc topics).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the prompts.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@engine_options
+def eval_ruler(model: Path | None, tasks: str, lengths: list[int], samples: int, protocol: str,
+               haystack: Path | None, seed: int, as_json: bool, **engine_kw: Any) -> None:
+    """RULER-style tasks generated locally, compressed vs full cache on the same prompts."""
+    from spindle_local.eval.ruler import PROTOCOLS, TASKS, run_ruler
+    from spindle_local.eval.texts import load_text
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    bad = [t for t in names if t not in TASKS]
+    if bad or not names:
+        raise UsageError(f"unknown task {bad[0] if bad else ''!r} for --tasks; choose from {', '.join(TASKS)}")
+    protocols = list(PROTOCOLS) if protocol == "both" else [protocol]
+    cfg = engine_config(**engine_kw)
+    text = load_text(haystack)
+    path, meta = _eval_model(model)
+    if meta.n_ctx_train and max(lengths) + 256 > meta.n_ctx_train:
+        raise UsageError(f"--lengths {max(lengths)} (plus the answer) exceeds the model's trained context "
+                         f"({meta.n_ctx_train})")
+    with click.progressbar(length=len(names) * len(lengths) * samples * len(protocols), label="ruler",
+                           file=sys.stderr) as bar:
+        last = {"n": 0}
+
+        def progress(done: int, total: int) -> None:
+            bar.update(done - last["n"])
+            last["n"] = done
+
+        try:
+            result = run_ruler(str(path), tasks=names, lengths=lengths, samples=samples, seed=seed,
+                               engine_config=cfg, haystack=text, protocols=protocols, progress=progress)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    result = {"model": str(path), "haystack": str(haystack) if haystack else "pydoc_data", **result}
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"policy {result['policy']} @ {result['kv_budget']}, {samples} samples per cell, "
+               f"haystack {result['haystack']}")
+    click.echo(f"{'task':<16} {'protocol':<10} {'score':>6} {'full':>6} {'delta':>7} {'relative':>8} {'d logp':>7}")
+    for task, by in result["summary"].items():
+        for proto, s in by.items():
+            d = s["logprob_delta"]
+            click.echo(f"{task:<16} {proto:<10} {s['score']:6.3f} {s['score_full']:6.3f} {s['delta']:+7.1f} "
+                       f"{s['relative']:8.3f} {'-' if d is None else f'{d:+.2f}':>7}")
 
 
 @eval_group.command("speed")
@@ -481,13 +594,15 @@ def eval_speed(model: Path | None, context: int, gen: int, reps: int, text: Path
 @click.option("--depths", default="0.1,0.5,0.9", show_default=True, callback=_csv_numbers(float, "depths"),
               help="Needle depths.")
 @click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True, help="Needle prompts per cell.")
+@click.option("--protocols", default="in-prompt,later", show_default=True,
+              help="Pass-key protocols, reported side by side: in-prompt, later, multi (comma-separated).")
 @click.option("--kld-context", type=click.IntRange(min=16), default=4000, show_default=True)
 @click.option("--kld-continuation", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
 def bench(model: Path | None, out_dir: Path, text: Path | None, policies: str, budgets: list[float],
-          lengths: list[int], depths: list[float], samples: int, kld_context: int, kld_continuation: int,
-          seed: int, threads: int | None) -> None:
+          lengths: list[int], depths: list[float], samples: int, protocols: str, kld_context: int,
+          kld_continuation: int, seed: int, threads: int | None) -> None:
     """Run the policy × budget grid (plus full f16/q8_0/q4_0) and write a report with plots."""
     from spindle_local.eval.bench import BenchGrid, run_bench
     from spindle_local.eval.texts import load_text
@@ -499,15 +614,19 @@ def bench(model: Path | None, out_dir: Path, text: Path | None, policies: str, b
         raise UsageError(f"unknown policy {bad[0]!r} for --policies (full always runs as the baseline)")
     if any(not 0 < b <= 1 for b in budgets):
         raise UsageError("--budgets must lie in (0, 1]")
+    protos = tuple(p.strip() for p in protocols.split(",") if p.strip())
+    bad = [p for p in protos if p not in ("in-prompt", "later", "multi")]
+    if bad or not protos:
+        raise UsageError(f"unknown protocol {bad[0] if bad else ''!r} for --protocols (in-prompt, later, multi)")
     grid = BenchGrid(policies=names, budgets=tuple(budgets), kld_context=kld_context,
                      kld_continuation=kld_continuation, lengths=tuple(lengths), depths=tuple(depths),
-                     samples=samples, seed=seed)
+                     samples=samples, seed=seed, protocols=protos)
     path, meta = _eval_model(model)
     if meta.n_ctx_train and max(max(lengths), kld_context + kld_continuation) > meta.n_ctx_train:
         raise UsageError(f"the grid exceeds the model's trained context ({meta.n_ctx_train})")
     from spindle_local.runtime.config import EngineConfig
     steps = grid.configs()
-    n_steps = sum(2 if ct == "f16" else 1 for _, _, ct in steps)
+    n_steps = sum(1 + len(protos) if ct == "f16" else 1 for _, _, ct in steps)
     with click.progressbar(length=n_steps, label="bench", file=sys.stderr,
                            item_show_func=lambda s: s or "") as bar:
         def progress(what: str) -> None:

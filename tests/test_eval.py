@@ -46,14 +46,52 @@ def test_kld_quantized_cache(default_model: Path) -> None:
 
 def test_needle_small_grid(default_model: Path) -> None:
     r = _json(run_cli("eval", "needle", str(default_model), "--lengths", "700", "--depths", "0.5",
-                      "--samples", "2", "--kv-budget", "0.4", "--recent", "64", "--chunk", "256", "--seed", "3",
+                      "--samples", "2", "--kv-budget", "0.4", "--recent", "64", "--chunk", "128", "--seed", "3",
                       "--json"))
-    assert NEEDLE_FIELDS <= r.keys()
+    assert NEEDLE_FIELDS <= r.keys() and r["protocol"] == "in-prompt"
+    assert r["reserve_ratio"] <= 0.4 + 1e-9  # compressed (the prompt outgrows the regular cache's 512 cells)
     assert len(r["cells"]) == 1
     cell = r["cells"][0]
     assert {"length", "depth", "n", "correct", "correct_full"} <= cell.keys() and cell["n"] == 2
     assert r["accuracy_full"] == 1.0  # 700 tokens: the full cache always finds the key
     assert 0.0 <= r["relative_accuracy"] <= 1.0
+
+
+def test_needle_question_later(default_model: Path) -> None:
+    """The same prompts with the question fed after the compressed document; nothing re-read."""
+    r = _json(run_cli("eval", "needle", str(default_model), "--protocol", "later", "--lengths", "700",
+                      "--depths", "0.5", "--samples", "1", "--kv-budget", "0.25", "--recent", "64", "--chunk", "128",
+                      "--seed", "3", "--threads", "1", "--json"))
+    assert NEEDLE_FIELDS <= r.keys() and r["protocol"] == "later"
+    assert r["accuracy_full"] == 1.0  # the full cache finds the key whichever the protocol
+    assert r["reserve_ratio_after_document"] <= 0.25 + 1e-9  # compressed before the question was read
+    assert r["question_reread_tokens"] == 0
+    assert r["logprob_full"] is not None and r["logprob_full"] > -2.0
+    assert r["cells"][0]["n"] == 1 and r["logprob_delta"] is not None
+
+
+def test_bench_report_shows_both_protocols(tmp_path: Path) -> None:
+    from spindle_local.eval.bench import write_report
+
+    def grid(rel: float) -> dict:
+        cells = [{"length": n, "depth": d, "n": 2, "correct": int(2 * rel), "correct_full": 2, "correct_both": int(2 * rel)}
+                 for n in (1000, 3000) for d in (0.1, 0.9)]
+        return {"reserve_ratio": 0.24, "accuracy": rel, "accuracy_full": 1.0, "relative_accuracy": rel,
+                "logprob_delta": -1.5, "cells": cells}
+
+    kld = {"reserve_ratio": 0.24, "mean_kld": 0.1, "p99_kld": 1.0, "top1_agreement": 0.9, "ppl": 9.0, "ppl_full": 8.0}
+    rows = [{"label": "full f16", "policy": "full", "kv_budget": 1.0, "cache_type": "f16", "kld": kld,
+             "needle": grid(1.0), "needle_later": grid(1.0)},
+            {"label": "spindle @0.25", "policy": "spindle", "kv_budget": 0.25, "cache_type": "f16", "kld": kld,
+             "needle": grid(1.0), "needle_later": grid(0.5)}]
+    report = write_report({"model": "m.gguf", "grid": {}, "started": "now", "results": rows}, tmp_path).read_text()
+    assert "question in prompt: relative" in report and "question later: relative" in report
+    retrieval = report[report.index("## Pass-key retrieval"):]
+    line = next(l for l in retrieval.splitlines() if l.startswith("| spindle @0.25"))
+    assert "| 1.000 | 1.000 | 1.000 | -1.50 | 0.500 | 1.000 | 0.500 | -1.50 |" in line
+    for name in ("needle_heatmaps.png", "needle_heatmaps_later.png"):
+        assert (tmp_path / name).stat().st_size > 1000 and f"]({name})" in report
+    assert not (tmp_path / "needle_heatmaps_multi.png").exists()
 
 
 def test_speed_small(default_model: Path) -> None:

@@ -1,9 +1,11 @@
 """The benchmark grid: every policy at every budget, plus llama.cpp's own KV types.
 
 For each configuration we measure fidelity (KLD on a long text) and retrieval (a
-pass-key grid on the same prompts as the full cache), then write ``report.md`` with
-tables, a needle heatmap per configuration and a memory-vs-KLD chart. Results are also
-written as ``results.json`` so a report can be re-rendered without re-running.
+pass-key grid on the same prompts as the full cache, under each retrieval protocol:
+question in prompt, question later, and optionally the multi-question conversation;
+see :mod:`.needle`), then write ``report.md`` with tables, needle heatmaps per
+configuration and protocol, and a memory-vs-KLD chart. Results are also written as
+``results.json`` so a report can be re-rendered without re-running.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ import numpy as np
 POLICIES = ("streaming", "snapkv", "pyramidkv", "spindle")
 BUDGETS = (0.4, 0.25, 0.15)
 CACHE_TYPES = ("f16", "q8_0", "q4_0")
+PROTOCOLS = ("in-prompt", "later")
+# Where a row of results.json keeps each protocol's pass-key grid ("needle": older reports had only this one).
+NEEDLE_KEYS = {"in-prompt": "needle", "later": "needle_later", "multi": "needle_multi"}
+PROTOCOL_TITLES = {"in-prompt": "question in prompt", "later": "question later", "multi": "multi-question"}
 
 
 @dataclass
@@ -33,6 +39,7 @@ class BenchGrid:
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     samples: int = 2
     seed: int = 0
+    protocols: tuple[str, ...] = PROTOCOLS
     extra: dict = field(default_factory=dict)
 
     def configs(self) -> list[tuple[str, float, str]]:
@@ -61,10 +68,12 @@ def run_bench(model: str, out_dir: Path, grid: BenchGrid, engine_config, text: s
                       engine_config=cfg, cache_type=ctype)
         row = {"label": label, "policy": policy, "kv_budget": budget, "cache_type": ctype, "kld": kld}
         if ctype == "f16":
-            if progress:
-                progress(f"{label}: needle")
-            row["needle"] = run_needle(model, lengths=grid.lengths, depths=grid.depths, samples=grid.samples,
-                                       seed=grid.seed, engine_config=cfg, haystack=text, full_results=full_memo)
+            for protocol in grid.protocols:
+                if progress:
+                    progress(f"{label}: needle {protocol}")
+                row[NEEDLE_KEYS[protocol]] = run_needle(
+                    model, lengths=grid.lengths, depths=grid.depths, samples=grid.samples, seed=grid.seed,
+                    engine_config=cfg, haystack=text, full_results=full_memo, protocol=protocol)
         results.append(row)
         (out_dir / "results.json").write_text(json.dumps(
             {"model": model, "grid": grid.__dict__, "started": started, "results": results}, indent=1, default=str))
@@ -99,14 +108,34 @@ def write_report(doc: dict, out_dir: Path) -> Path:
         k = r["kld"]
         lines.append(f"| {r['label']} | {k['reserve_ratio']:.3f} | {k['mean_kld']:.4f} | {k['p99_kld']:.3f} | "
                      f"{k['top1_agreement']:.3f} | {k['ppl']:.3f} | {k['ppl_full']:.3f} |")
+    protocols = [p for p, key in NEEDLE_KEYS.items() if any(key in r for r in results)]
     lines += ["", "## Pass-key retrieval (same prompts as the full cache)", "",
-              "| configuration | reserve ratio | accuracy | full-cache accuracy | relative accuracy |",
-              "| --- | ---: | ---: | ---: | ---: |"]
+              "Relative accuracy = keys found by both / keys the full cache finds. *Question in prompt*: "
+              "haystack and question are one prompt. *Question later*: the same tokens, the haystack read "
+              "(and compressed) as one prompt, the question fed afterwards. *Multi-question*: one named "
+              "needle per depth in one document, asked in turn in one conversation without re-reading. "
+              "Δ log p: mean teacher-forced log-probability of the key, minus the full cache's.", ""]
+    head = "| configuration | reserve ratio |"
+    rule = "| --- | ---: |"
+    for p in protocols:
+        t = PROTOCOL_TITLES[p]
+        head += f" {t}: accuracy | {t}: full | {t}: relative | {t}: Δ log p |"
+        rule += " ---: | ---: | ---: | ---: |"
+    lines += [head, rule]
     for r in results:
-        if "needle" in r:
-            n = r["needle"]
-            lines.append(f"| {r['label']} | {n['reserve_ratio']:.3f} | {n['accuracy']:.3f} | "
-                         f"{n['accuracy_full']:.3f} | {n['relative_accuracy']:.3f} |")
+        grids = [r.get(NEEDLE_KEYS[p]) for p in protocols]
+        if not any(grids):
+            continue
+        ratio = next(g["reserve_ratio"] for g in grids if g)
+        line = f"| {r['label']} | {ratio:.3f} |"
+        for g in grids:
+            if g is None:
+                line += " – | – | – | – |"
+                continue
+            d = g.get("logprob_delta")
+            line += (f" {g['accuracy']:.3f} | {g['accuracy_full']:.3f} | {g['relative_accuracy']:.3f} | "
+                     f"{'–' if d is None else f'{d:+.2f}'} |")
+        lines.append(line)
     lines += [""]
     for title, path in plots:
         lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
@@ -142,11 +171,18 @@ def _plots(results: list[dict], out_dir: Path) -> list[tuple[str, Path]]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     made.append(("Memory vs KLD", path))
-    # Needle heatmaps: rows = lengths, columns = depths, value = accuracy relative to full.
-    needle_rows = [r for r in results if "needle" in r]
+    # Needle heatmaps, one figure per protocol: rows = lengths, columns = depths.
+    for protocol, key in NEEDLE_KEYS.items():
+        made += _heatmaps(plt, results, key, PROTOCOL_TITLES[protocol], out_dir)
+    return made
+
+
+def _heatmaps(plt, results: list[dict], key: str, title: str, out_dir: Path) -> list[tuple[str, Path]]:
+    made: list[tuple[str, Path]] = []
+    needle_rows = [r for r in results if key in r]
     if needle_rows:
-        lengths = sorted({c["length"] for c in needle_rows[0]["needle"]["cells"]})
-        depths = sorted({c["depth"] for c in needle_rows[0]["needle"]["cells"]})
+        lengths = sorted({c["length"] for c in needle_rows[0][key]["cells"]})
+        depths = sorted({c["depth"] for c in needle_rows[0][key]["cells"]})
         ncols = min(4, len(needle_rows))
         nrows = (len(needle_rows) + ncols - 1) // ncols
         fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
@@ -154,7 +190,7 @@ def _plots(results: list[dict], out_dir: Path) -> list[tuple[str, Path]]:
             ax.axis("off")
         for ax, r in zip(axes.flat, needle_rows):
             grid = np.full((len(lengths), len(depths)), np.nan)
-            for c in r["needle"]["cells"]:
+            for c in r[key]["cells"]:
                 grid[lengths.index(c["length"]), depths.index(c["depth"])] = c["correct"] / max(c["n"], 1)
             ax.axis("on")
             ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
@@ -164,13 +200,13 @@ def _plots(results: list[dict], out_dir: Path) -> list[tuple[str, Path]]:
                 for j in range(len(depths)):
                     if not np.isnan(grid[i, j]):
                         ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
-            ax.set_title(f"{r['label']} (rel {r['needle']['relative_accuracy']:.2f})", fontsize=8)
+            ax.set_title(f"{r['label']} (rel {r[key]['relative_accuracy']:.2f})", fontsize=8)
             ax.set_xlabel("depth", fontsize=7)
             ax.set_ylabel("tokens", fontsize=7)
-        fig.suptitle("Pass-key accuracy per cell (length × depth)", fontsize=9)
+        fig.suptitle(f"Pass-key accuracy per cell (length × depth), {title}", fontsize=9)
         fig.tight_layout()
-        path = out_dir / "needle_heatmaps.png"
+        path = out_dir / f"{key.replace('needle', 'needle_heatmaps')}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
-        made.append(("Needle heatmaps", path))
+        made.append((f"Needle heatmaps, {title}", path))
     return made

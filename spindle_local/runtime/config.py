@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from spindle_local.errors import UsageError
+from spindle_local.runtime.memory import CELL_BLOCK
 
 POLICIES = ("full", "streaming", "snapkv", "pyramidkv", "spindle")
+MIN_SLACK = 16  # fewest generated tokens a plan leaves room for (Engine._slack)
 
 
 @dataclass
@@ -17,6 +20,7 @@ class EngineConfig:
     kv_budget: float = 0.25
     window: int = 32
     sinks: int = 4
+    keep_start: int = 64  # the conversation's first tokens kept like sinks, within a quarter of the budget
     recent: int = 256
     chunk: int = 512
     decode_slack: int = 128
@@ -31,7 +35,7 @@ class EngineConfig:
     spill: bool = True  # keep rows evicted mid-prompt on the host until the prompt is read (runtime/spill.py)
     lazy_plans: bool = True  # a mid-prompt plan moves only the oldest tokens the rest of the prompt needs room for
     policy_options: dict = field(default_factory=dict)  # further PolicyConfig fields (experiments)
-    n_cells: int | None = None  # regular-cache allocation; default recent + 2 * chunk
+    n_cells: int | None = None  # regular-cache allocation; default recent + 2 * chunk (see cells())
     max_tokens: int | None = None  # longest context; default the model's trained context
     kv_mem: int | None = None  # KV memory cap in bytes (regular cache + store); replaces kv_budget
 
@@ -42,6 +46,8 @@ class EngineConfig:
             raise UsageError(f"--kv-budget must be in (0, 1], got {self.kv_budget}")
         if self.window < 1 or self.sinks < 0 or self.chunk < 1:
             raise UsageError("--window and --chunk must be >= 1 and --sinks >= 0")
+        if self.keep_start < 0:
+            raise UsageError(f"keep_start must be >= 0, got {self.keep_start}")
         if self.recent < self.window:
             raise UsageError(f"--recent ({self.recent}) must be at least --window ({self.window})")
         for name in ("theta_k", "theta_v"):
@@ -57,18 +63,57 @@ class EngineConfig:
         if isinstance(self.codebook_layers, str) and self.codebook_layers != "auto":
             raise UsageError(f"--codebook-layers must be a number or 'auto', got {self.codebook_layers!r}")
 
-    def cells(self) -> int:
-        """Regular-cache cells: enough to reach the first compression the budget can pay for.
+    def cells(self, longest: int | None = None) -> int:
+        """Regular-cache cells: ``recent + 2·chunk`` in whole blocks, whatever the budget.
 
-        Below n = (recent + (1 - b)·chunk) / b tokens no store fits the budget (the recent
-        part alone exceeds it), so the regular cache must hold that many plus one chunk;
-        compressing earlier would only lose information and still be over budget.
+        ``longest`` is the longest context when ``max_tokens`` is not set (the model's
+        trained context); the allocation never exceeds it. A conversation that fits in
+        these cells is not compressed at all (they are allocated anyway: compressing
+        would lose information and save no memory); the budget holds from the first
+        compression on. A compression leaves ``recent`` tokens and must make room for a
+        prompt chunk (and the look-ahead probe's ``window``); the second chunk lets short
+        conversations stay exact and spaces plans out.
         """
         if self.n_cells:
             return self.n_cells
-        b = self.kv_budget
-        first = int((self.recent + (1.0 - b) * self.chunk) / b) + 1
-        cells = first + self.chunk + 64
-        if self.max_tokens:
-            cells = min(cells, self.max_tokens)
-        return max(cells, self.recent + self.chunk + 64)
+        cells = _blocks(self.recent + 2 * self.chunk)
+        longest = self.max_tokens or longest
+        return min(cells, _blocks(longest)) if longest else cells
+
+    def smallest_budget(self, *, longest: int, n_layer: int, n_head: int, n_head_kv: int, head_dim_k: int,
+                        head_dim_v: int) -> float:
+        """The smallest ``kv_budget`` a conversation of ``longest`` tokens can ever be held to.
+
+        A plan keeps at least the observation window uncompressed, leaves room for
+        ``MIN_SLACK`` generated tokens and keeps the sinks of every layer and KV head
+        (:meth:`Engine._min_store_bytes`): with ``t`` bytes per token the budget must
+        reach ``window·t + (1 - b)·MIN_SLACK·t + sinks`` at the longest context. Below
+        that the budget is never met, however long the conversation grows.
+        """
+        t = n_layer * n_head_kv * (head_dim_k + head_dim_v) * 2
+        per_slot = n_head_kv * (4 + n_head // n_head_kv + 2 * (head_dim_k + head_dim_v))
+        store = n_layer * max(self.sinks, 1) * per_slot
+        return (self.window + MIN_SLACK + store / t) / (longest + MIN_SLACK)
+
+    def check_budget(self, *, longest: int, model_name: str = "this model", **geometry: int) -> None:
+        """Refuse a ``kv_budget`` that can never be met within ``longest`` tokens (one line, the minimum)."""
+        if self.policy == "full" or self.kv_mem is not None:
+            return
+        if longest <= self.cells(longest):
+            return  # the whole conversation fits in the regular cache: nothing is ever compressed
+        low = self.smallest_budget(longest=longest, **geometry)
+        if self.kv_budget < low:
+            shown = math.ceil(low * 10_000) / 10_000
+            raise UsageError(f"--kv-budget {self.kv_budget:g} is too small for {model_name} with a context of "
+                             f"{longest} tokens: the smallest workable value is {shown:g} (a plan keeps the "
+                             f"--window of {self.window} tokens, {MIN_SLACK} of headroom and the sinks)")
+
+
+def budget_geometry(meta) -> dict:
+    """The attention shape :meth:`EngineConfig.check_budget` needs, from a GGUF's metadata (gguf_meta.ModelMeta)."""
+    return dict(n_layer=meta.n_layer, n_head=meta.n_head, n_head_kv=meta.n_head_kv, head_dim_k=meta.head_dim_k,
+                head_dim_v=meta.head_dim_v)
+
+
+def _blocks(n: int) -> int:
+    return -(-int(n) // CELL_BLOCK) * CELL_BLOCK
