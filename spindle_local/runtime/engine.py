@@ -328,7 +328,10 @@ class Engine:
                 # (:meth:`_target_bytes`). While a prompt is read, memory is bounded by the
                 # regular-cache allocation plus that store; the reserve ratio is within
                 # budget whenever feed() returns and during generation.
-                probe = self._lookahead_ok(len(tokens) - done)
+                # The rest of the prompt fits in the cells left: no plan, so no probe room either
+                # (a conversation that fits in the allocation is never compressed).
+                fits = self.cells - self.regular_count() >= len(tokens) - done
+                probe = self._lookahead_ok(len(tokens) - done) and not fits
                 reserve = w if probe else 0
                 room = self.cells - self.regular_count() - reserve
                 eager = self.config.eager_compress and self._needs_compress(take)
