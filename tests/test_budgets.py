@@ -126,7 +126,9 @@ def test_a_tiny_workable_budget_stays_bounded(default_model: Path, model) -> Non
         held = eng.kv_memory()[0]
         s = eng.refresh_stats()
         assert s.compressions >= 1 and eng.regular_count() <= eng.cells
+        assert s.over_budget_compressions == s.compressions  # 30 tokens' worth: less than the window
         assert held < alloc + 0.05 * s.full_bytes, (held, alloc, s.full_bytes)
+        assert 0 < s.store_bytes < 0.02 * s.full_bytes, s.as_dict()  # the forced plans keep the sinks only
         # the regular part is what is allocated anyway: KV held never exceeds the allocation plus that store
         assert s.kv_bytes <= eng.cells * eng.bytes_per_token + 0.05 * s.full_bytes, s.as_dict()
     finally:
@@ -225,8 +227,12 @@ def test_a_code_at_the_start_is_found_as_by_the_full_cache(engines, model, sourc
                 assert s.reserve_ratio <= 0.25 + 1e-9
             else:
                 assert len(doc) + len(question) + 8 <= engines["default"].cells
-    assert found["default"] == found["full"], found
-    assert sum(found["full"]) >= 3, found  # the full cache finds most of them
+    # the defaults find every code the full cache finds (they may find more: at 1,000 words of
+    # pydoc the full cache loses the code to the distraction the compressed run no longer holds)
+    assert all(d or not f for d, f in zip(found["default"], found["full"])), found
+    assert sum(found["default"]) >= 3, found
+    if words <= 500:
+        assert sum(found["full"]) >= 3, found  # the model itself retrieves it at these lengths
     if words <= 500:
         assert not any(compressed)  # README: shorter than the regular cache, not compressed at all
 
