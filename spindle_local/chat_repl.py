@@ -100,10 +100,11 @@ class ProgressLine:
     """
 
     def __init__(self, label: str, stream: TextIO, kv_now: Callable[[], int] | None = None,
-                 width: int = 24, delay: float = 0.0) -> None:
+                 width: int = 24, delay: float = 0.0, kv_cap: int = 0) -> None:
         self.label = label
         self.stream = stream
         self.kv_now = kv_now
+        self.kv_cap = kv_cap  # the --kv-mem cap in bytes (0: none), shown as "now/cap"
         self.width = width
         self.delay = delay
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
@@ -117,7 +118,8 @@ class ProgressLine:
             return ""
         now = self.kv_now()
         self.peak = max(self.peak, now)
-        return f"KV now: {now / 2**20:.2f} MiB"
+        cap = f"/{self.kv_cap / 2**20:.1f}" if self.kv_cap else ""
+        return f"KV now: {now / 2**20:.2f}{cap} MiB"
 
     def __call__(self, done: int, total: int) -> None:
         self.done, self.total = done, total
@@ -173,6 +175,11 @@ class ChatRepl:
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+
+    def _kv_cap(self) -> int:
+        """The model's --kv-mem cap in bytes, or 0 (no cap, or a model that reports none)."""
+        kv_memory = getattr(self.model, "kv_memory", None)
+        return kv_memory()[1] if kv_memory is not None else 0
 
     def _notice(self, text: str) -> None:
         width = max(20, min(shutil.get_terminal_size((80, 24)).columns, 100))
@@ -233,7 +240,8 @@ class ChatRepl:
         self.interrupted = False
         failure: SpindleError | None = None
         pieces: list[str] = []
-        progress = ProgressLine("reading your message", self.err, getattr(self.model, "kv_now", None), delay=0.5)
+        progress = ProgressLine("reading your message", self.err, getattr(self.model, "kv_now", None), delay=0.5,
+                                kv_cap=self._kv_cap())
         with self.model.interruptible():
             candidate = self._fit(self.messages + [{"role": "user", "content": user_text}], what="message",
                                   add_generation_prompt=True)
@@ -308,7 +316,8 @@ class ChatRepl:
             self._notice(stopped)
             return
         message = {"role": "user", "content": f"Here is the document {p.name}:\n\n{text}"}
-        progress = ProgressLine(f"reading {p.name}", self.err, getattr(self.model, "kv_now", None))
+        progress = ProgressLine(f"reading {p.name}", self.err, getattr(self.model, "kv_now", None),
+                                kv_cap=self._kv_cap())
         with self.model.interruptible():
             candidate = self._fit(self.messages + [message], what=f"document {p.name}", add_generation_prompt=False)
             try:

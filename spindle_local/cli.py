@@ -185,6 +185,8 @@ def engine_options(f):
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)."),
         click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
                      help="Use llama.cpp's flash-attention kernels."),
+        click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+                     help="Any engine or policy setting by name (repeatable), e.g. --set salient_share=0.2."),
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -194,8 +196,9 @@ def engine_options(f):
 def engine_config(*, policy: str, kv_budget: float | None, window: int, sinks: int, recent: int,
                   codebook_layers: str, theta_k: float, theta_v: float, chunk: int, threads: int | None,
                   flash_attn: bool, kv_mem: str | None = None, max_tokens: int | None = None,
-                  n_cells: int | None = None, lookahead: bool = True, spill: bool = True):
-    from spindle_local.runtime.config import EngineConfig
+                  n_cells: int | None = None, lookahead: bool = True, spill: bool = True,
+                  settings: tuple[str, ...] = ()):
+    from spindle_local.runtime.config import EngineConfig, apply_settings
     from spindle_local.runtime.memory import parse_size
 
     if kv_mem is not None and kv_budget is not None:
@@ -211,6 +214,7 @@ def engine_config(*, policy: str, kv_budget: float | None, window: int, sinks: i
                        codebook_layers=cb, theta_k=theta_k, theta_v=theta_v, chunk=chunk, n_threads=threads,
                        flash_attn=flash_attn, max_tokens=max_tokens, n_cells=n_cells, kv_mem=mem,
                        lookahead=lookahead, spill=spill)
+    apply_settings(cfg, settings)
     cfg.validate()
     return cfg
 

@@ -87,3 +87,24 @@ def test_bad_option_exits_2(default_model: Path) -> None:
     proc = run_cli("chat", str(default_model), "--ctx", "-5", "--prompt", "hi")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
+
+
+def test_set_reaches_engine_and_policy_fields() -> None:
+    import pytest
+
+    from spindle_local.errors import UsageError
+    from spindle_local.runtime.config import EngineConfig, apply_settings
+
+    cfg = apply_settings(EngineConfig(), ["salient_share=0.2", "anchor-tokens=none", "keep_start=32",
+                                          "lazy_plans=off", "codebook_layers=2"])
+    assert cfg.policy_options == {"salient_share": 0.2, "anchor_tokens": None}
+    assert cfg.keep_start == 32 and cfg.lazy_plans is False and cfg.codebook_layers == 2
+    for bad, words in (("no_such_knob=1", "unknown setting 'no_such_knob'"), ("sinks", "KEY=VALUE"),
+                       ("sinks=four", "expected int"), ("spill=maybe", "expected bool")):
+        with pytest.raises(UsageError, match=words):
+            apply_settings(EngineConfig(), [bad])
+
+
+def test_set_errors_are_one_line() -> None:
+    line = _one_line_error(run_cli("eval", "needle", "--set", "salient_sahre=0.2"))
+    assert "unknown setting 'salient_sahre'" in line

@@ -117,3 +117,57 @@ def budget_geometry(meta) -> dict:
 
 def _blocks(n: int) -> int:
     return -(-int(n) // CELL_BLOCK) * CELL_BLOCK
+
+
+def _coerce(key: str, text: str, default: object) -> object:
+    """``text`` as the type of ``default`` (a dataclass field's default), or a one-line error."""
+    low = text.strip().lower()
+    if low in ("none", "null") and default is None:
+        return None
+    try:
+        if isinstance(default, bool):
+            if low in ("1", "true", "on", "yes"):
+                return True
+            if low in ("0", "false", "off", "no"):
+                return False
+            raise ValueError
+        if isinstance(default, int) or default is None:
+            try:
+                return int(text)
+            except ValueError:
+                if default is None:
+                    return float(text)
+                raise
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, str) and text.strip().lstrip("-").isdigit():
+            return int(text)  # fields such as codebook_layers take a number or a word
+    except ValueError:
+        kind = "a number or none" if default is None else type(default).__name__
+        raise UsageError(f"--set {key}={text}: expected {kind}") from None
+    return text
+
+
+def apply_settings(cfg: EngineConfig, pairs: list[str] | tuple[str, ...]) -> EngineConfig:
+    """Apply ``KEY=VALUE`` pairs (``--set``) to ``cfg``: an :class:`EngineConfig` field, or a
+    field of the policy's :class:`~spindle_local.policy.inputs.PolicyConfig` (kept in
+    ``policy_options``). Values take the field's type; unknown keys are a one-line error."""
+    from dataclasses import fields
+
+    from spindle_local.policy.inputs import PolicyConfig
+
+    engine = {f.name: f for f in fields(EngineConfig) if f.name != "policy_options"}
+    policy = {f.name: f for f in fields(PolicyConfig) if f.name not in ("extra", "threads")}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UsageError(f"--set expects KEY=VALUE, got {pair!r}")
+        if key in engine:
+            setattr(cfg, key, _coerce(key, value, getattr(EngineConfig(), key)))
+        elif key in policy:
+            cfg.policy_options[key] = _coerce(key, value, getattr(PolicyConfig(), key))
+        else:
+            known = ", ".join(sorted(set(engine) | set(policy)))
+            raise UsageError(f"--set: unknown setting {key!r}; known: {known}")
+    return cfg
