@@ -640,9 +640,31 @@ def bench(model: Path | None, out_dir: Path, text: Path | None, policies: str, b
     click.echo(f"report: {out_dir / 'report.md'}")
 
 
-from spindle_local.server import serve_command  # noqa: E402  (built lazily: no import cycle)
+@main.command("serve")
+@click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="TCP port.")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=64), default=None,
+              help="Longest sequence in tokens (default: the model's trained context; "
+                   "with --policy full, 4096 — the full cache is allocated up front).")
+@click.option("--max-tokens", "default_max_tokens", type=click.IntRange(min=1), default=512,
+              show_default=True, help="Completion length when a request does not set max_tokens.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+              default="info", show_default=True, help="Server log level.")
+@engine_options
+def serve(model: Path | None, host: str, port: int, n_ctx: int | None, default_max_tokens: int,
+          log_level: str, **engine_kw: Any) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, ...).
 
-main.add_command(serve_command, "serve")
+    One model, one conversation at a time: requests queue in order, and a request
+    that extends the previous conversation only prefills its new part. Any model
+    name in a request is served by this model (responses name it). Ctrl-C or SIGTERM
+    stops the server within seconds; requests still running get a 503.
+    """
+    path, cfg = conversation_setup(model, n_ctx, engine_kw)
+    from spindle_local.server import run_server  # the web framework loads only here
+
+    run_server(path, cfg, host=host, port=port, default_max_tokens=default_max_tokens, log_level=log_level)
 
 
 if __name__ == "__main__":

@@ -634,73 +634,40 @@ def _signals_exit_at_once():
             signal.signal(sig, handler)
 
 
-# -- the command ---------------------------------------------------------------------------
-# ``serve_command`` is built on first access (PEP 562) because its options come from
-# spindle_local.cli, which registers this command: importing cli at module level here
-# would be circular.
-
-_serve_command = None
+# -- running it -----------------------------------------------------------------------------
 
 
-def _build_serve_command():
-    import click
+def run_server(path: Path, cfg: EngineConfig, *, host: str, port: int, default_max_tokens: int,
+               log_level: str) -> None:
+    """Bind ``host:port``, load the model, serve until SIGINT/SIGTERM (the ``serve`` command's body).
 
-    from spindle_local.cli import conversation_setup, engine_options
+    A busy port fails before the model loads. Status lines go to stderr.
+    """
+    import sys
 
-    @click.command("serve")
-    @click.argument("model", required=False, type=click.Path(dir_okay=True, path_type=Path))
-    @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-    @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="TCP port.")
-    @click.option("--ctx", "n_ctx", type=click.IntRange(min=64), default=None,
-                  help="Longest sequence in tokens (default: the model's trained context; "
-                       "with --policy full, 4096 — the full cache is allocated up front).")
-    @click.option("--max-tokens", "default_max_tokens", type=click.IntRange(min=1), default=512,
-                  show_default=True, help="Completion length when a request does not set max_tokens.")
-    @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
-                  default="info", show_default=True, help="Server log level.")
-    @engine_options
-    def serve_command(model: Path | None, host: str, port: int, n_ctx: int | None, default_max_tokens: int,
-                      log_level: str, **engine_kw: Any) -> None:
-        """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, ...).
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
 
-        One model, one conversation at a time: requests queue in order, and a request
-        that extends the previous conversation only prefills its new part. Any model
-        name in a request is served by this model (responses name it). Ctrl-C or SIGTERM
-        stops the server within seconds; requests still running get a 503.
-        """
-        path, cfg = conversation_setup(model, n_ctx, engine_kw)
-        sock = bind_socket(host, port)  # a busy port fails here, before the model loads
-        try:
-            state = ServerState.load(path, cfg, default_max_tokens=default_max_tokens)
-        except BaseException:
-            sock.close()
-            raise
-        logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
-        budget = f"kv mem {cfg.kv_mem / 2**20:.1f} MiB" if cfg.kv_mem else f"kv budget {cfg.kv_budget}"
-        bound = sock.getsockname()[1]
-        url_host = f"[{host}]" if ":" in host else host
-        click.echo(f"serving {state.model_id} on http://{url_host}:{bound}/v1 (policy {cfg.policy}, "
-                   f"{budget}, context {state.model.context_limit()} tokens)", err=True)
-        server = _make_uvicorn_server(create_app(state), state, log_level)
-        try:
-            server.run(sockets=[sock])
-        finally:
-            sock.close()
-            with _signals_exit_at_once():  # a further signal while the engine stops ends the process
-                if not state.close(timeout=ENGINE_STOP_SECONDS):
-                    click.echo(f"error: the engine did not stop within {ENGINE_STOP_SECONDS:.0f} s; "
-                               "exiting without cleanup", err=True)
-                    os._exit(1)
-        if server.signalled is not None:
-            click.echo(f"stopped ({signal.Signals(server.signalled).name})", err=True)
-
-    return serve_command
-
-
-def __getattr__(name: str) -> Any:
-    global _serve_command
-    if name == "serve_command":
-        if _serve_command is None:
-            _serve_command = _build_serve_command()
-        return _serve_command
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    sock = bind_socket(host, port)  # a busy port fails here, before the model loads
+    try:
+        state = ServerState.load(path, cfg, default_max_tokens=default_max_tokens)
+    except BaseException:
+        sock.close()
+        raise
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
+    budget = f"kv mem {cfg.kv_mem / 2**20:.1f} MiB" if cfg.kv_mem else f"kv budget {cfg.kv_budget}"
+    bound = sock.getsockname()[1]
+    url_host = f"[{host}]" if ":" in host else host
+    say(f"serving {state.model_id} on http://{url_host}:{bound}/v1 (policy {cfg.policy}, "
+        f"{budget}, context {state.model.context_limit()} tokens)")
+    server = _make_uvicorn_server(create_app(state), state, log_level)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        with _signals_exit_at_once():  # a further signal while the engine stops ends the process
+            if not state.close(timeout=ENGINE_STOP_SECONDS):
+                say(f"error: the engine did not stop within {ENGINE_STOP_SECONDS:.0f} s; exiting without cleanup")
+                os._exit(1)
+    if server.signalled is not None:
+        say(f"stopped ({signal.Signals(server.signalled).name})")

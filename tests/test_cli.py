@@ -108,3 +108,16 @@ def test_set_reaches_engine_and_policy_fields() -> None:
 def test_set_errors_are_one_line() -> None:
     line = _one_line_error(run_cli("eval", "needle", "--set", "salient_sahre=0.2"))
     assert "unknown setting 'salient_sahre'" in line
+
+
+def test_the_command_line_loads_no_web_framework() -> None:
+    """`spindle-local --help` (and every command but serve) imports neither fastapi nor uvicorn."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from spindle_local.cli import main; "
+            "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0 and 'serve' in r.output; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'starlette', 'uvicorn')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -14,6 +14,8 @@ from spindle_local.policy.salience import (
     salient_positions,
     salient_runs,
     salient_tokens,
+    token_information,
+    token_information_ref,
 )
 from spindle_local.policy.synthetic import make_layers
 
@@ -72,7 +74,7 @@ def test_spindle_keeps_salient_runs_in_every_layer() -> None:
         assert np.array_equal(inp.positions, np.arange(600))
         inp.salient = flags
     target = 60_000
-    base = make_policy("spindle", PolicyConfig(window=8, codebook_layers=0)).plan(layers, GEO, target)
+    base = make_policy("spindle", PolicyConfig(window=8, codebook_layers=0, salient_share=0.0)).plan(layers, GEO, target)
     on = make_policy("spindle", PolicyConfig(window=8, codebook_layers=0, salient_share=0.25,
                                              salient_before=6, salient_after=2)).plan(layers, GEO, target)
     want = set(range(294, 307))  # 6 before, the run 300-304, 2 after
@@ -94,3 +96,26 @@ def test_priority_prefers_rare_long_runs_over_repeated_ones() -> None:
     order = run_order(np.arange(len(ids)), prio, np.zeros(len(ids)))
     starts, _ = salient_runs(sal)
     assert starts[order[0]] == 6  # the code first
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_token_information_matches_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, int(rng.integers(1, 60)), int(rng.integers(0, 400)))
+    assert np.allclose(token_information(ids), token_information_ref(ids))
+
+
+def test_a_code_stated_once_is_news_and_its_second_copy_is_not() -> None:
+    # 20..24 = a five-digit code stated twice; 7 = a name the text repeats; 1..6 = prose
+    prose = [1, 2, 3, 4, 5, 6] * 8
+    ids = np.array(prose[:20] + [7, 1] + [20, 21, 22, 23, 24] + [2, 3] + [20, 21, 22, 23, 24] + prose[:12]
+                   + [7, 2] + prose[12:30] + [7, 3])
+    info = token_information(ids)
+    first, second = slice(22, 27), slice(29, 34)
+    assert info[first].sum() > 2 * info[second].sum()
+    assert info[first].min() > info[:20].max()  # unlike anything before it
+    sal = np.isin(ids, [7, 20, 21, 22, 23, 24])
+    prio = run_priority(ids, sal)
+    assert prio[22] > prio[29] > 0 and prio[22] > prio[20]  # the first copy of the code ranks first
+    names = [i for i in range(len(ids)) if ids[i] == 7]
+    assert prio[names[-1]] < prio[names[0]]  # a name said again is worth less each time

@@ -120,7 +120,8 @@ class LayerInput:
 
 
 # The SpindleKV paper's choices for the spindle-only knobs (the defaults are the measured best).
-PAPER_SPINDLE = dict(query_masks="own", gqa_select="union", layer_alloc="pyramid", value_weight=False)
+PAPER_SPINDLE = dict(query_masks="own", gqa_select="union", layer_alloc="pyramid", value_weight=False,
+                     salient_share=0.0)
 
 
 @dataclass
@@ -185,7 +186,7 @@ class PolicyConfig:
     anchor_tokens: int | None = None  # ... and at most this many tokens (None: no absolute cap)
     anchor_from: int | None = None  # first layer with copy spans (None: half the stack)
     anchor_min_share: float = 0.1  # an anchor holds at least this share of some deep head's window attention
-    salient_share: float = 0.0  # salient runs (policy/salience.py) take at most this share of a layer's slots; 0 = off
+    salient_share: float = 0.25  # salient runs (policy/salience.py) take at most this share of the smallest layer's slots; 0 = off
     salient_before: int = 8  # ... each with this many tokens before it (what introduces a number or name)
     salient_after: int = 2  # ... and this many after it
     threads: int | None = None  # planning threads (None: the CPUs this process may use)

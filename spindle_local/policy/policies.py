@@ -40,6 +40,10 @@ class Policy(ABC):
         self.last_report: list[dict] = []
         self._extra_report: dict[int, dict] = {}
 
+    def wants_salience(self) -> bool:
+        """Whether plans read ``LayerInput.salient`` (the engine computes it only then)."""
+        return False
+
     def plan(self, layers: list[LayerInput], geometry: Geometry, target_bytes: int) -> list[LayerStore]:
         """One LayerStore per entry of ``layers`` (same order), within ``target_bytes``."""
         for inp in layers:
@@ -196,6 +200,9 @@ class SpindlePolicy(Policy):
         """
         cap = int(self.config.anchor_share * slots.mean())
         return cap if self.config.anchor_tokens is None else min(cap, int(self.config.anchor_tokens))
+
+    def wants_salience(self) -> bool:
+        return self.config.salient_share > 0
 
     def _salient(self, layers: list[LayerInput], raw: list[np.ndarray], slots: np.ndarray) -> np.ndarray:
         """Positions of salient runs (:mod:`.salience`) to protect in every layer, capped."""

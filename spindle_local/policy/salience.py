@@ -9,15 +9,20 @@ digit, or a capitalised word that does not start a sentence) is protected togeth
 with the ``before`` tokens that introduce it ("The pass key is", "Alice's number:") and
 the ``after`` tokens that close it, in every eviction layer. The protected set is capped
 at ``share`` of the layer's slots. When a text has more salient runs than that, the runs
-that carry the most information go first: a run's priority is the self-information of
-its tokens within the text, ``sum(-log(count(token) / n))``, divided by how often the
-same run recurs (:func:`run_priority`). A five-digit code stated once outranks a name
-the text repeats on every page, which a later question could find in any of its copies.
-Ties go to the runs the window attends to most, then the newest.
+that carry the most information go first. A run's priority is the information its tokens
+carry *given the text before them*: ``sum(-log p(token | previous token))`` under a bigram
+model of the text read so far, backed off to the token's frequency in the whole text
+(:func:`token_information`). It is a cheap stand-in for the model's own surprisal, with
+the property that matters: what the text has already said, or keeps saying, is cheap (a
+name the text repeats, a copyright line, the second copy of a code stated twice), while a
+number or name stated once, unlike anything before it, is expensive to lose — no later
+copy or pattern can restore it. Ties go to the runs the window attends to most, then the
+newest.
 
 Classification needs token text, which the policy does not have: the engine passes
 :func:`salient_tokens` of the token pieces (a plain-Python function, kept here with the
-rule it implements). Kernels: :func:`run_positions` (numba) / :func:`run_positions_ref`.
+rule it implements). Kernels: :func:`run_positions` (numba) / :func:`run_positions_ref`,
+:func:`token_information` (vectorised) / :func:`token_information_ref` (a loop).
 """
 
 from __future__ import annotations
@@ -109,21 +114,74 @@ def run_positions(positions: np.ndarray, salient: np.ndarray, order: np.ndarray,
                              int(cap))
 
 
+def _earlier(keys: np.ndarray) -> np.ndarray:
+    """int [n]: how many times ``keys[i]`` occurred at indices before ``i``."""
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    first = np.ones(len(sk), dtype=bool)
+    first[1:] = sk[1:] != sk[:-1]
+    group_start = np.maximum.accumulate(np.where(first, np.arange(len(sk)), 0))
+    out = np.empty(len(keys), dtype=np.int64)
+    out[order] = np.arange(len(sk)) - group_start
+    return out
+
+
+def token_information(ids: np.ndarray, prior: float = 1.0) -> np.ndarray:
+    """float [n]: ``-log p(ids[i] | ids[i-1])`` under the bigram counts of ``ids[:i]``.
+
+    ``p = (c(prev, tok) + prior·u(tok)) / (c(prev) + prior)``, where ``c`` counts earlier
+    bigrams only (causal: the first copy of a run is news, the second is not) and
+    ``u(tok) = (count(tok) - 1 + 0.5) / n`` is the token's frequency in the rest of the
+    text (the back-off before the bigram has been seen; 0.5 keeps a token seen once finite).
+    """
+    ids = np.asarray(ids, np.int64)
+    n = len(ids)
+    if n == 0:
+        return np.zeros(0)
+    _, inv, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    u = (counts[inv] - 1 + 0.5) / n
+    out = -np.log(u)
+    if n > 1:
+        vocab = int(inv.max()) + 1
+        pair = _earlier(inv[:-1] * vocab + inv[1:])  # earlier copies of the bigram ending at i
+        prev = _earlier(inv)[:-1]  # earlier bigrams that start with the previous token
+        out[1:] = -np.log((pair + prior * u[1:]) / (prev + prior))
+    return out
+
+
+def token_information_ref(ids: np.ndarray, prior: float = 1.0) -> np.ndarray:
+    """Loop reference of :func:`token_information` (dictionaries of counts, token by token)."""
+    ids = [int(t) for t in ids]
+    n = len(ids)
+    total: dict[int, int] = {}
+    for t in ids:
+        total[t] = total.get(t, 0) + 1
+    pairs: dict[tuple[int, int], int] = {}
+    starts: dict[int, int] = {}
+    out = np.zeros(n)
+    for i, t in enumerate(ids):
+        u = (total[t] - 1 + 0.5) / n
+        if i == 0:
+            out[i] = -np.log(u)
+            continue
+        p = ids[i - 1]
+        out[i] = -np.log((pairs.get((p, t), 0) + prior * u) / (starts.get(p, 0) + prior))
+        pairs[(p, t)] = pairs.get((p, t), 0) + 1
+        starts[p] = starts.get(p, 0) + 1
+    return out
+
+
 def run_priority(ids: np.ndarray, salient: np.ndarray) -> np.ndarray:
-    """float [n]: each salient token's run priority (module docstring); 0 where not salient."""
+    """float [n]: each salient token's run priority (the summed :func:`token_information`
+    of its run, module docstring); 0 where not salient."""
     ids = np.asarray(ids, np.int64)
     out = np.zeros(len(ids))
     starts, ends = salient_runs(salient)
     if len(starts) == 0:
         return out
-    uniq, inv, counts = np.unique(ids, return_inverse=True, return_counts=True)
-    info = -np.log(counts[inv] / len(ids))
-    keys = [tuple(ids[s:e + 1].tolist()) for s, e in zip(starts, ends)]
-    recur: dict[tuple, int] = {}
-    for k in keys:
-        recur[k] = recur.get(k, 0) + 1
-    for s, e, k in zip(starts, ends, keys):
-        out[s:e + 1] = info[s:e + 1].sum() / recur[k]
+    info = np.concatenate([[0.0], np.cumsum(token_information(ids))])
+    for s, e in zip(starts, ends):
+        out[s:e + 1] = info[e + 1] - info[s]
     return out
 
 

@@ -688,16 +688,22 @@ class Engine:
         if lookahead is not None:
             q = np.concatenate([q, lookahead[1][il]])
             q_pos = np.concatenate([q_pos, lookahead[0]])
-        salient = self._salient_flags()[p_old] if self.policy.config.salient_share > 0 else None
+        salient = self._salient_flags()[p_old] if self.policy.wants_salience() else None
         return pin.LayerInput(layer=il, k=k_old, k_pre=k_pre, v=v_old, positions=p_old.astype(np.int32),
                               q_window=q, q_positions=q_pos,
                               k_recent=k_rec, recent_positions=p_rec.astype(np.int32), v_recent=v_rec,
                               available=avail_old, salient=salient)
 
     def _salient_flags(self) -> np.ndarray:
-        """float [n_past]: run priority of the conversation's salient tokens, 0 elsewhere (policy/salience.py)."""
+        """float [n_past]: run priority of the conversation's salient tokens, 0 elsewhere (policy/salience.py).
+
+        Computed once per set of tokens (every layer of a plan reads it) from token pieces
+        cached by id."""
         from spindle_local.policy.salience import run_priority, salient_tokens
 
+        memo = getattr(self, "_salient_memo", None)
+        if memo is not None and memo[0] == self.tokens:
+            return memo[1]
         cache = getattr(self, "_pieces", None)
         if cache is None:
             cache = self._pieces = {}
@@ -707,7 +713,9 @@ class Engine:
             if piece is None:
                 piece = cache[t] = self.model.token_to_piece(t)
             pieces.append(piece)
-        return run_priority(np.asarray(self.tokens), salient_tokens(pieces))
+        flags = run_priority(np.asarray(self.tokens), salient_tokens(pieces))
+        self._salient_memo = (list(self.tokens), flags)
+        return flags
 
     def _rope_args(self, il: int) -> dict:
         lg = self.geometry.layers[il]
