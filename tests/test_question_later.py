@@ -1,0 +1,66 @@
+"""Documents read before their questions: the default policy keeps what later questions ask for.
+
+Real model (the default SmolLM2-135M), the engines of ``eval needle`` on fixed prompts. A
+small ``recent`` / ``chunk`` makes a document of about a thousand tokens compress when it
+has been read, as a long one does with the defaults; the rest of the settings are the
+defaults. Keys the full cache misses are not held against the policy (the scores are
+relative), but the full cache must find most of them or the test has lost its meaning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SMALL = dict(recent=64, chunk=128)
+VAULT = ("The combination of the vault is {key}. Nobody else knows it.",
+         "What is the combination of the vault? The combination of the vault is ")
+
+
+def _config(**kw):
+    from spindle_local.runtime.config import EngineConfig
+
+    return EngineConfig(policy="spindle", kv_budget=0.25, n_threads=2, **SMALL, **kw)
+
+
+def _found(result: dict) -> tuple[int, int, int]:
+    cells = result["cells"]
+    return (sum(c["correct_both"] for c in cells), sum(c["correct_full"] for c in cells),
+            sum(c["n"] for c in cells))
+
+
+@pytest.mark.parametrize("phrasing", ["pass key", "vault"])
+def test_a_key_asked_after_the_document_is_found_as_by_the_full_cache(default_model: Path, phrasing: str) -> None:
+    from spindle_local.eval.needle import run_needle
+    from spindle_local.eval.texts import pydoc_text
+
+    needle, question = VAULT if phrasing == "vault" else (None, None)
+    r = run_needle(str(default_model), lengths=[1000], depths=[0.1, 0.5, 0.9], samples=2, seed=11,
+                   engine_config=_config(), haystack=pydoc_text()[:80_000], needle=needle, question=question,
+                   protocol="later")
+    both, full, n = _found(r)
+    assert r["reserve_ratio_after_document"] <= 0.25 + 1e-9 and r["question_reread_tokens"] == 0
+    assert full >= n - 1, r["cells"]  # the model itself retrieves these keys
+    assert both == full, r["cells"]  # every key the full cache finds
+
+
+def test_three_keys_asked_in_turn_are_found_as_by_the_full_cache(default_model: Path) -> None:
+    """Default settings throughout: a 2,000-token document is past the regular cache (1,280
+    cells) and compressed when read; three named keys of one template compete for the
+    protected share, the case a share too small for several facts would fail."""
+    from spindle_local.eval.needle import run_needle
+    from spindle_local.eval.texts import pydoc_text
+    from spindle_local.runtime.config import EngineConfig
+
+    r = run_needle(str(default_model), lengths=[2000], depths=[0.1, 0.5, 0.9], samples=2, seed=5,
+                   engine_config=EngineConfig(policy="spindle", kv_budget=0.25, n_threads=2),
+                   haystack=pydoc_text()[:80_000], protocol="multi")
+    assert r["reserve_ratio_after_document"] <= 0.25 + 1e-9
+    both, full, n = _found(r)
+    assert r["question_reread_tokens"] == 0
+    # SmolLM2-135M itself confuses keys stated in one template (about half are found):
+    # the test needs enough of them to mean something
+    assert full >= n // 2, r["cells"]
+    assert both == full, r["turns"]
+    assert all(t["correct_both"] == t["correct_full"] for t in r["turns"])
