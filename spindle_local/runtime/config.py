@@ -156,17 +156,18 @@ def apply_settings(cfg: EngineConfig, pairs: list[str] | tuple[str, ...]) -> Eng
 
     from spindle_local.policy.inputs import PolicyConfig
 
-    engine = {f.name: f for f in fields(EngineConfig) if f.name != "policy_options"}
-    policy = {f.name: f for f in fields(PolicyConfig) if f.name not in ("extra", "threads")}
+    base, pol = EngineConfig(), PolicyConfig()
+    engine = {f.name: getattr(base, f.name) for f in fields(EngineConfig) if f.name != "policy_options"}
+    policy = {f.name: getattr(pol, f.name) for f in fields(PolicyConfig) if f.name not in ("extra", "threads")}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise UsageError(f"--set expects KEY=VALUE, got {pair!r}")
         if key in engine:
-            setattr(cfg, key, _coerce(key, value, getattr(EngineConfig(), key)))
+            setattr(cfg, key, _coerce(key, value, engine[key]))
         elif key in policy:
-            cfg.policy_options[key] = _coerce(key, value, getattr(PolicyConfig(), key))
+            cfg.policy_options[key] = _coerce(key, value, policy[key])
         else:
             known = ", ".join(sorted(set(engine) | set(policy)))
             raise UsageError(f"--set: unknown setting {key!r}; known: {known}")
