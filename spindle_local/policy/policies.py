@@ -1,19 +1,27 @@
 """The policies the engine can run side by side: full, streaming, snapkv, pyramidkv, spindle.
 
-Every policy returns one :class:`LayerStore` per input layer and guarantees
+Every policy plans one :class:`LayerStore` per layer and guarantees
 ``sum(layer_store_bytes(...)) <= target_bytes`` (the only exception is ``full``, which
 keeps everything and ignores the budget: it is the reference run). Sinks (position <
 ``config.sinks``) are kept in every layer; when ``target_bytes`` cannot even hold them a
 ValueError says how many bytes are needed.
 
-After ``plan`` the policy's ``last_report`` lists, per layer, the role, token count,
-slots and bytes (``spindle`` adds the layer's pyramid byte share ``share_bytes`` and,
-with ``auto``, the measured errors ``err_evict``/``err_codebook``), for logs and benchmarks.
+Plans stream over layers (:mod:`.sources`): a first pass scores each layer and keeps only
+its scores and token positions; the cross-layer decisions (byte shares, copy spans,
+salient runs, slot allocation) read those; a second pass reloads each layer, builds its
+store and hands it to ``install`` at once. At no time does a plan hold more than one
+layer's vectors per planning thread.
+
+After a plan the policy's ``last_report`` lists, per layer, the role, token count,
+slots and bytes (``spindle`` adds the layer's byte share ``share_bytes`` and, with
+``auto``, the measured errors ``err_evict``/``err_codebook``), for logs and benchmarks.
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -23,11 +31,31 @@ from .inputs import Geometry, LayerInput, PolicyConfig
 from .layer_plans import evict_layer, fit_codebook_layer, head_store, layer_gains, protect
 from .parallel import pmap
 from .plan import LayerStore, layer_store_bytes
-from .roles import auto_roles
+from .roles import decide_role
 from .salience import salient_positions
 from .scores import attn_scale, layer_logits, pool_window_scores, raw_window_scores, window_scores
+from .sources import LayerMeta, LayerSource, ListSource
 
 POLICY_NAMES = ("full", "streaming", "snapkv", "pyramidkv", "spindle")
+
+Install = Callable[[int, LayerStore], None]
+Put = Callable[[int, LayerMeta, LayerStore], None]
+Layers = Sequence[LayerInput] | Sequence[LayerMeta]
+
+
+class _Validated:
+    """A source whose every loaded input is checked against the geometry."""
+
+    def __init__(self, source: LayerSource, geometry: Geometry) -> None:
+        self.source, self.geometry = source, geometry
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def load(self, i: int) -> LayerInput:
+        inp = self.source.load(i)
+        inp.validate(self.geometry)
+        return inp
 
 
 class Policy(ABC):
@@ -46,32 +74,54 @@ class Policy(ABC):
 
     def plan(self, layers: list[LayerInput], geometry: Geometry, target_bytes: int) -> list[LayerStore]:
         """One LayerStore per entry of ``layers`` (same order), within ``target_bytes``."""
-        for inp in layers:
-            inp.validate(geometry)
+        out: list[LayerStore | None] = [None] * len(layers)
+
+        def keep(i: int, st: LayerStore) -> None:
+            out[i] = st
+
+        self.plan_into(ListSource(layers), geometry, target_bytes, keep)
+        return out  # type: ignore[return-value]
+
+    def plan_into(self, source: LayerSource, geometry: Geometry, target_bytes: int, install: Install) -> int:
+        """Plan the layers of ``source`` and ``install(i, store)`` each one as soon as it is final.
+
+        Every layer is installed exactly once (not necessarily in order; calls never
+        overlap). Returns the plan's total bytes.
+        """
         self._extra_report = {}
-        stores = self._plan(layers, geometry, int(target_bytes))
-        total = 0
-        self.last_report = []
-        for inp, st in zip(layers, stores):
+        rows: list[dict | None] = [None] * len(source)
+        total = [0]
+        lock = threading.Lock()
+
+        def put(i: int, meta: LayerMeta, st: LayerStore) -> None:
             b = layer_store_bytes(st, geometry.head_dim_k, geometry.head_dim_v)
-            total += b
-            self.last_report.append(
-                {"layer": inp.layer, "role": st.role, "n": inp.n,
-                 "slots": max((h.n_slots for h in st.heads), default=0), "bytes": b}
-                | self._extra_report.get(inp.layer, {})
-            )
-        if self.name != "full" and total > target_bytes:  # a bug, never a user error
-            raise AssertionError(f"{self.name}: plan uses {total} bytes > target {target_bytes}")
-        return stores
+            with lock:
+                if rows[i] is not None:
+                    raise AssertionError(f"{self.name}: layer {meta.layer} planned twice")
+                total[0] += b
+                rows[i] = {"layer": meta.layer, "role": st.role, "n": meta.n,
+                           "slots": max((h.n_slots for h in st.heads), default=0), "bytes": b}
+                install(i, st)
+
+        self._plan_into(_Validated(source, geometry), geometry, int(target_bytes), put)
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            raise AssertionError(f"{self.name}: no plan for layers {missing}")
+        self.last_report = [r | self._extra_report.get(r["layer"], {}) for r in rows]  # type: ignore[operator]
+        if self.name != "full" and total[0] > target_bytes:  # a bug, never a user error
+            raise AssertionError(f"{self.name}: plan uses {total[0]} bytes > target {target_bytes}")
+        return total[0]
 
     @abstractmethod
-    def _plan(self, layers: list[LayerInput], geometry: Geometry, target_bytes: int) -> list[LayerStore]:
+    def _plan_into(self, source: LayerSource, geometry: Geometry, target_bytes: int, put: Put) -> None:
         ...
 
     # shared helpers -----------------------------------------------------------------
-    def _slot_budget(
-        self, layers: list[LayerInput], geometry: Geometry, target_bytes: int, weights: np.ndarray
-    ) -> np.ndarray:
+    def _each(self, fn: Callable[[int], object], n: int) -> list:
+        """``[fn(i) for i in range(n)]`` on the planning threads (each holds one layer at a time)."""
+        return pmap(fn, range(n), self.config.threads)
+
+    def _slot_budget(self, layers: Layers, geometry: Geometry, target_bytes: int, weights: np.ndarray) -> np.ndarray:
         """Raw slots per layer following ``weights``; ValueError when sinks do not fit."""
         unit = raw_slot_bytes(geometry)
         lo = np.array([min(sink_slots(i.positions, self.config.sinks), i.n) for i in layers], dtype=np.int64)
@@ -84,7 +134,7 @@ class Policy(ABC):
             )
         return allocate_slots(weights, lo, hi, target_bytes // unit)
 
-    def _layer_weights(self, layers: list[LayerInput], geometry: Geometry) -> np.ndarray:
+    def _layer_weights(self, layers: Layers, geometry: Geometry) -> np.ndarray:
         """Pyramid weights indexed by each input's layer number (inputs may be a subset)."""
         w = pyramid_weights(geometry.n_layer, self.config.pyramid_beta)
         return np.array([w[min(max(i.layer, 0), geometry.n_layer - 1)] for i in layers])
@@ -107,17 +157,18 @@ class FullPolicy(Policy):
 
     name = "full"
 
-    def _plan(self, layers, geometry, target_bytes):
-        out = []
-        for inp in layers:
+    def _plan_into(self, source, geometry, target_bytes, put):
+        def one(i: int) -> None:
+            inp = source.load(i)
             st = LayerStore(layer=inp.layer, role="full")
             avail = inp.available_mask()
             for h in range(geometry.n_head_kv):
                 sel = np.arange(inp.n) if avail is None else np.nonzero(avail[:, h])[0]
                 mask = np.ones((geometry.g, len(sel)), dtype=bool)
                 st.heads.append(head_store(inp, h, sel, mask))
-            out.append(st)
-        return out
+            put(i, LayerMeta.of(inp), st)
+
+        self._each(one, len(source))
 
 
 class StreamingPolicy(Policy):
@@ -125,16 +176,17 @@ class StreamingPolicy(Policy):
 
     name = "streaming"
 
-    def _plan(self, layers, geometry, target_bytes):
-        slots = self._slot_budget(layers, geometry, target_bytes, np.ones(len(layers)))
-        out = []
-        for inp, s in zip(layers, slots):
+    def _plan_into(self, source, geometry, target_bytes, put):
+        metas = self._each(lambda i: LayerMeta.of(source.load(i)), len(source))
+        slots = self._slot_budget(metas, geometry, target_bytes, np.ones(len(metas)))
+
+        def one(i: int) -> None:
+            inp = source.load(i)
             pos = np.asarray(inp.positions, dtype=np.float32)
-            sc = protect(
-                np.tile(pos, (geometry.n_head, 1)), inp.positions, self.config.sinks, inp.available_mask()
-            )
-            out.append(evict_layer(inp, geometry, sc, int(s), per_query_head=False))
-        return out
+            sc = protect(np.tile(pos, (geometry.n_head, 1)), inp.positions, self.config.sinks, inp.available_mask())
+            put(i, metas[i], evict_layer(inp, geometry, sc, int(slots[i]), per_query_head=False))
+
+        self._each(one, len(source))
 
 
 class SnapKVPolicy(Policy):
@@ -145,13 +197,19 @@ class SnapKVPolicy(Policy):
     def _weights(self, layers, geometry):
         return np.ones(len(layers))
 
-    def _plan(self, layers, geometry, target_bytes):
-        slots = self._slot_budget(layers, geometry, target_bytes, self._weights(layers, geometry))
-        scores = pmap(lambda inp: self._scores(inp, geometry), layers, self.config.threads)
-        return [
-            evict_layer(inp, geometry, sc, int(s), per_query_head=False)
-            for inp, sc, s in zip(layers, scores, slots)
-        ]
+    def _plan_into(self, source, geometry, target_bytes, put):
+        def score(i: int):
+            inp = source.load(i)
+            return LayerMeta.of(inp), self._scores(inp, geometry)
+
+        metas, scores = zip(*self._each(score, len(source))) if len(source) else ((), ())
+        slots = self._slot_budget(metas, geometry, target_bytes, self._weights(metas, geometry))
+
+        def one(i: int) -> None:
+            inp = source.load(i)
+            put(i, metas[i], evict_layer(inp, geometry, scores[i], int(slots[i]), per_query_head=False))
+
+        self._each(one, len(source))
 
 
 class PyramidKVPolicy(SnapKVPolicy):
@@ -204,7 +262,7 @@ class SpindlePolicy(Policy):
     def wants_salience(self) -> bool:
         return self.config.salient_share > 0
 
-    def _salient(self, layers: list[LayerInput], raw: list[np.ndarray], slots: np.ndarray) -> np.ndarray:
+    def _salient(self, layers: Layers, raw: list[np.ndarray], slots: np.ndarray) -> np.ndarray:
         """Positions of salient runs (:mod:`.salience`) to protect in every layer, capped."""
         with_flags = [inp for inp in layers if inp.salient is not None and inp.n]
         if not with_flags:
@@ -223,87 +281,104 @@ class SpindlePolicy(Policy):
         return salient_positions(union, sal, aligned, before=self.config.salient_before,
                                  after=self.config.salient_after, cap=cap)
 
-    def _plan(self, layers, geometry, target_bytes):
+    def _plan_into(self, source, geometry, target_bytes, put):
         cfg = self.config
         unit = raw_slot_bytes(geometry)
         mass = cfg.layer_alloc == "mass"
+
+        # pass 1: scores and token positions of every layer (the vectors are dropped)
+        def score(i: int):
+            inp = source.load(i)
+            lg = layer_logits(inp, geometry, cfg)
+            raw, sc = self._raw_and_scores(inp, geometry, lg, value_weight=cfg.value_weight)
+            return LayerMeta.of(inp), raw, sc
+
+        out = self._each(score, len(source))
+        metas = [o[0] for o in out]
+        raw = [o[1] for o in out]
+        scores = [o[2] for o in out]
+        del out
+
+        # cross-layer decisions, from scores and positions only
         # "mass": byte shares start flat; the eviction layers' slots then follow the score mass
         flat = mass or cfg.layer_alloc == "flat"
-        weights = np.ones(len(layers)) if flat else self._layer_weights(layers, geometry)
-        slots = self._slot_budget(layers, geometry, target_bytes, weights)
+        weights = np.ones(len(metas)) if flat else self._layer_weights(metas, geometry)
+        slots = self._slot_budget(metas, geometry, target_bytes, weights)
         budgets = slots * unit
-        n_min = np.array([min(sink_slots(i.positions, cfg.sinks), i.n) for i in layers], dtype=np.int64)
-        logits = pmap(lambda inp: layer_logits(inp, geometry, cfg), layers, cfg.threads)
-        both = pmap(lambda il: self._raw_and_scores(il[0], geometry, il[1], value_weight=cfg.value_weight),
-                    list(zip(layers, logits)), cfg.threads)
-        raw, scores = [b[0] for b in both], [b[1] for b in both]
-        self._extra_report = {inp.layer: {"share_bytes": int(b)} for inp, b in zip(layers, budgets)}
+        n_min = np.array([min(sink_slots(m.positions, cfg.sinks), m.n) for m in metas], dtype=np.int64)
+        self._extra_report = {m.layer: {"share_bytes": int(b)} for m, b in zip(metas, budgets)}
         if cfg.anchor_span > 0 and cfg.anchor_share > 0:
             first = geometry.n_layer // 2 if cfg.anchor_from is None else cfg.anchor_from
             # anchors from attention before pooling: max-pooling copies a target's score to
             # its neighbours, so a span could start a few tokens late and lose the first digit
-            kept = copy_spans(layers, raw, first_layer=first, span=cfg.anchor_span,
+            kept = copy_spans(metas, raw, first_layer=first, span=cfg.anchor_span,
                               cap=self._anchor_cap(slots), sinks=cfg.sinks,
                               min_share=cfg.anchor_min_share)
-            scores = [boost(sc, inp.positions, kept) if inp.layer >= first else sc
-                      for inp, sc in zip(layers, scores)]
-            for inp in layers:
-                if inp.layer >= first:
-                    self._extra_report[inp.layer]["copy_span_tokens"] = int(len(kept))
+            scores = [boost(sc, m.positions, kept) if m.layer >= first else sc
+                      for m, sc in zip(metas, scores)]
+            for m in metas:
+                if m.layer >= first:
+                    self._extra_report[m.layer]["copy_span_tokens"] = int(len(kept))
         if cfg.salient_share > 0:
-            kept = self._salient(layers, raw, slots)
-            scores = [boost(sc, inp.positions, kept) for inp, sc in zip(layers, scores)]
-            for inp in layers:
-                self._extra_report[inp.layer]["salient_tokens"] = int(len(kept))
+            kept = self._salient(metas, raw, slots)
+            scores = [boost(sc, m.positions, kept) for m, sc in zip(metas, scores)]
+            for m in metas:
+                self._extra_report[m.layer]["salient_tokens"] = int(len(kept))
+        del raw
 
-        fits: dict[int, object] = {}
-        if cfg.codebook_layers == "auto":
-            decisions = auto_roles(
-                layers, geometry, cfg, logits, budgets, slots, n_min, attn_scale(geometry, cfg)
-            )
-            chosen = []
-            for i, dec in enumerate(decisions):
-                self._extra_report[layers[i].layer].update(
-                    err_evict=dec.err_evict, err_codebook=dec.err_codebook
-                )
-                if dec.codebook:
-                    chosen.append((i, dec.cache, dec.layout))
-        else:
-            chosen = [
-                (i, None, None) for i, inp in enumerate(layers)
-                if inp.layer < int(cfg.codebook_layers) and inp.n > slots[i]
-            ]
-        for i, cache, layout in chosen:
-            fit = fit_codebook_layer(
-                layers[i], geometry, cfg, scores[i], int(budgets[i]), int(n_min[i]),
-                cache=cache, layout=layout,
-            )
-            if fit.store is not None:
-                fits[i] = fit
-
-        out: list[LayerStore | None] = [None] * len(layers)
+        # pass 2a: codebook layers, shallowest first, one layer's vectors at a time
+        planned: set[int] = set()
         used = 0
-        for i, fit in fits.items():
-            out[i] = fit.store
-            used += layer_store_bytes(fit.store, geometry.head_dim_k, geometry.head_dim_v)
-        rest = [i for i in range(len(layers)) if out[i] is None]
-        if rest:
-            lo = n_min[rest]
-            hi = np.array([layers[i].n for i in rest], dtype=np.int64)
-            total = (target_bytes - used) // unit
-            s_rest = allocate_slots(weights[rest], lo, hi, total)
-            if mass:
-                floor = np.floor(cfg.alloc_floor * s_rest).astype(np.int64)
-                floor = np.maximum(floor, np.minimum(s_rest, cfg.alloc_min_slots))
-                gains = [layer_gains(scores[i], geometry.g, cfg.gqa_select, int(n_min[i])) for i in rest]
-                s_rest = mass_slots(gains, lo, hi, floor, total)
-            for i, s in zip(rest, s_rest):
-                self._extra_report[layers[i].layer]["slots_planned"] = int(s)
-                out[i] = evict_layer(
-                    layers[i], geometry, scores[i], int(s), per_query_head=True,
-                    union_visible=cfg.query_masks == "union", select=cfg.gqa_select,
-                )
-        return out  # type: ignore[return-value]
+
+        def fit(i: int, inp: LayerInput, cache=None, layout=None) -> None:
+            nonlocal used
+            f = fit_codebook_layer(inp, geometry, cfg, scores[i], int(budgets[i]), int(n_min[i]),
+                                   cache=cache, layout=layout)
+            if f.store is not None:
+                used += layer_store_bytes(f.store, geometry.head_dim_k, geometry.head_dim_v)
+                planned.add(i)
+                put(i, metas[i], f.store)
+
+        if cfg.codebook_layers == "auto":
+            scale = attn_scale(geometry, cfg)
+            for i in range(min(cfg.codebook_candidates(geometry.n_layer), len(metas))):
+                inp = source.load(i)
+                lg = layer_logits(inp, geometry, cfg)
+                dec = decide_role(inp, geometry, cfg, lg, int(budgets[i]), int(slots[i]), int(n_min[i]), scale)
+                del lg
+                self._extra_report[metas[i].layer].update(err_evict=dec.err_evict, err_codebook=dec.err_codebook)
+                if dec.codebook:
+                    fit(i, inp, dec.cache, dec.layout)
+                elif dec.err_evict is not None:
+                    break  # eviction wins here: deeper layers are even sparser
+        else:
+            for i, m in enumerate(metas):
+                if m.layer < int(cfg.codebook_layers) and m.n > slots[i]:
+                    fit(i, source.load(i))
+
+        # pass 2b: the bytes left go to the eviction layers
+        rest = [i for i in range(len(metas)) if i not in planned]
+        if not rest:
+            return
+        lo = n_min[rest]
+        hi = np.array([metas[i].n for i in rest], dtype=np.int64)
+        total = (target_bytes - used) // unit
+        s_rest = allocate_slots(weights[rest], lo, hi, total)
+        if mass:
+            floor = np.floor(cfg.alloc_floor * s_rest).astype(np.int64)
+            floor = np.maximum(floor, np.minimum(s_rest, cfg.alloc_min_slots))
+            gains = [layer_gains(scores[i], geometry.g, cfg.gqa_select, int(n_min[i])) for i in rest]
+            s_rest = mass_slots(gains, lo, hi, floor, total)
+        planned_slots = dict(zip(rest, (int(s) for s in s_rest)))
+        for i, s in planned_slots.items():
+            self._extra_report[metas[i].layer]["slots_planned"] = s
+
+        def evict(i: int) -> None:
+            st = evict_layer(source.load(i), geometry, scores[i], planned_slots[i], per_query_head=True,
+                             union_visible=cfg.query_masks == "union", select=cfg.gqa_select)
+            put(i, metas[i], st)
+
+        pmap(evict, rest, cfg.threads)
 
 
 _POLICIES = {

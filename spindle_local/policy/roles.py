@@ -182,6 +182,57 @@ def _split_window(inp: LayerInput, logits: tuple[np.ndarray, np.ndarray]):
     return parts[0], parts[1]
 
 
+def decide_role(
+    inp: LayerInput,
+    geometry: Geometry,
+    config: PolicyConfig,
+    logits: tuple[np.ndarray, np.ndarray],
+    budget: int,
+    raw_slots: int,
+    n_min: int,
+    scale: float,
+) -> RoleDecision:
+    """Does eviction + codebook beat eviction alone in this layer, at ``budget`` bytes?
+
+    ``dec.err_evict`` is None when everything fits raw (nothing to gain, nothing lost);
+    otherwise ``dec.codebook`` says whether the codebook won (with ``dec.layout``).
+    """
+    dec = RoleDecision(inp.layer)
+    if raw_slots >= inp.n or inp.n == 0:
+        return dec
+    union_visible = config.query_masks == "union"
+    (sel_inp, sel_lg), (ev_inp, ev_lg) = _split_window(inp, logits)
+    sc = protect(
+        window_scores(sel_inp, geometry, config, logits=sel_lg, value_weight=config.value_weight),
+        inp.positions, config.sinks, inp.available_mask(),
+    )
+    probe = AttentionProbe(ev_inp, geometry, scale, ev_lg)
+    ev = evict_layer(
+        inp, geometry, sc, int(raw_slots), per_query_head=True, union_visible=union_visible,
+        select=config.gqa_select,
+    )
+    dec.err_evict = probe.error(ev)
+    args = (inp, geometry, config, sc, int(budget), int(n_min))
+    fit = fit_codebook_layer(*args, cache=dec.cache)
+    best: tuple[float, tuple[bool, bool]] | None = None
+    for layout, slots in fit.options.items():  # every K/V layout that beats raw eviction
+        if slots <= raw_slots:
+            continue
+        f = fit if layout == (fit.k_codebook, fit.v_codebook) else fit_codebook_layer(
+            *args, cache=dec.cache, layout=layout
+        )
+        if f.store is None:
+            continue
+        err = probe.error(f.store)
+        if best is None or err < best[0]:
+            best = (err, layout)
+    if best is not None:
+        dec.err_codebook = best[0]
+        if best[0] < dec.err_evict * (1.0 - config.auto_margin):
+            dec.codebook, dec.layout = True, best[1]
+    return dec
+
+
 def auto_roles(
     layers: list[LayerInput],
     geometry: Geometry,
@@ -192,44 +243,13 @@ def auto_roles(
     n_min: np.ndarray,
     scale: float,
 ) -> list[RoleDecision]:
-    """Decide, layer by layer from the top, whether eviction + codebook beats eviction alone."""
-    n_cand = config.codebook_candidates(geometry.n_layer)
-    union_visible = config.query_masks == "union"
+    """:func:`decide_role` layer by layer from the top, stopping where eviction wins
+    (deeper layers are even sparser)."""
     out: list[RoleDecision] = []
-    for i, inp in enumerate(layers[:n_cand]):
-        dec = RoleDecision(inp.layer)
+    for i, inp in enumerate(layers[: config.codebook_candidates(geometry.n_layer)]):
+        dec = decide_role(inp, geometry, config, logits[i], int(budgets[i]), int(raw_slots[i]),
+                          int(n_min[i]), scale)
         out.append(dec)
-        if raw_slots[i] >= inp.n or inp.n == 0:
-            continue  # everything fits raw: nothing to gain, nothing lost; look deeper
-        (sel_inp, sel_lg), (ev_inp, ev_lg) = _split_window(inp, logits[i])
-        sc = protect(
-            window_scores(sel_inp, geometry, config, logits=sel_lg, value_weight=config.value_weight),
-            inp.positions, config.sinks, inp.available_mask(),
-        )
-        probe = AttentionProbe(ev_inp, geometry, scale, ev_lg)
-        ev = evict_layer(
-            inp, geometry, sc, int(raw_slots[i]), per_query_head=True, union_visible=union_visible,
-            select=config.gqa_select,
-        )
-        dec.err_evict = probe.error(ev)
-        args = (inp, geometry, config, sc, int(budgets[i]), int(n_min[i]))
-        fit = fit_codebook_layer(*args, cache=dec.cache)
-        best: tuple[float, tuple[bool, bool]] | None = None
-        for layout, slots in fit.options.items():  # every K/V layout that beats raw eviction
-            if slots <= raw_slots[i]:
-                continue
-            f = fit if layout == (fit.k_codebook, fit.v_codebook) else fit_codebook_layer(
-                *args, cache=dec.cache, layout=layout
-            )
-            if f.store is None:
-                continue
-            err = probe.error(f.store)
-            if best is None or err < best[0]:
-                best = (err, layout)
-        if best is not None:
-            dec.err_codebook = best[0]
-            if best[0] < dec.err_evict * (1.0 - config.auto_margin):
-                dec.codebook, dec.layout = True, best[1]
-                continue
-        break  # eviction wins here: deeper layers are even sparser
+        if dec.err_evict is not None and not dec.codebook:
+            break
     return out

@@ -29,6 +29,7 @@ the prompt's evicted tokens) until ``feed`` returns.
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -626,11 +627,16 @@ class Engine:
                 return
             self.stats.over_budget_compressions += 1
             target = self._min_store_bytes()
-        layers = [self._layer_input(il, cut, lookahead) for il in range(self.geometry.n_layer)]
-        stores = self.policy.plan(layers, self.pgeo, target)
-        for st in stores:
-            self.ctx.store_set(st.layer, st)
-            self._store_layers.add(st.layer)
+        if self._spill is not None and not self._spill.closed:
+            # mid-prompt plans record what leaves the regular cache; the prompt's last plan
+            # gets every earlier eviction back (see _layer_input)
+            for il in range(self.geometry.n_layer):
+                k, v, pos = self.ctx.read_layer_kv(il)
+                old = pos < cut
+                self._spill.add(il, k[old], v[old], pos[old])
+                del k, v
+        source = _EngineLayers(self, cut, lookahead)
+        self.policy.plan_into(source, self.pgeo, target, source.install)
         p_min, _ = self.ctx.pos_range()
         if 0 <= p_min < cut:
             self.ctx.seq_rm(p_min, cut)
@@ -654,17 +660,13 @@ class Engine:
         old = pos < cut
         k_old, v_old, p_old = k[old], v[old], pos[old]
         k_rec, v_rec, p_rec = k[~old], v[~old], pos[~old]
+        del k, v
         avail_old = np.ones((len(p_old), self.pgeo.n_head_kv), dtype=bool)
         parts = []  # (k, v, positions, available) before the regular rows, oldest first
-        spilled = None
-        if self._spill is not None:
-            # Mid-prompt plans only record what leaves the regular cache (their cost stays
-            # bounded by it; a long document may be planned dozens of times); the prompt's
-            # last plan, which decides what is kept, gets every earlier eviction back.
-            if self._spill.closed:
-                spilled = self._spill.rows(il)
-            else:
-                self._spill.add(il, k_old, v_old, p_old)
+        # Mid-prompt plans only record what leaves the regular cache (their cost stays
+        # bounded by it; a long document may be planned dozens of times); the prompt's
+        # last plan, which decides what is kept, gets every earlier eviction back.
+        spilled = self._spill.rows(il) if self._spill is not None and self._spill.closed else None
         if il in self._store_layers:
             ks, vs, ps, avail = self._store_vectors(il)
             if spilled is not None and len(spilled[2]):
@@ -775,6 +777,30 @@ class Engine:
             yield tok
             self.cancel.check()
             logits = self.step(tok)
+
+
+class _EngineLayers:
+    """The policy's :class:`~spindle_local.policy.sources.LayerSource` for one compression:
+    each load reads one layer from llama.cpp (store, regular cache, spill) afresh.
+
+    Loads are serialised (llama.cpp's buffers are read from one thread at a time); the
+    policy's threads overlap one layer's reading with another's scoring."""
+
+    def __init__(self, engine: Engine, cut: int, lookahead) -> None:
+        self.engine, self.cut, self.lookahead = engine, cut, lookahead
+        self.lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.engine.geometry.n_layer
+
+    def load(self, i: int) -> pin.LayerInput:
+        with self.lock:
+            return self.engine._layer_input(i, self.cut, self.lookahead)
+
+    def install(self, i: int, st: LayerStore) -> None:
+        with self.lock:
+            self.engine.ctx.store_set(st.layer, st)
+            self.engine._store_layers.add(st.layer)
 
 
 def _libc_trim():
