@@ -21,6 +21,7 @@ from spindle_local.policy.scores import (
     _softmax_colmean_nb,
     attention_logits,
     attention_logits_ref,
+    layer_logits,
     pool_ref,
     pool_window_scores,
     raw_window_scores,
@@ -74,6 +75,20 @@ def test_window_scores_numba_vs_numpy():
         np.testing.assert_allclose(
             window_scores(inp, geo, cfg), window_scores(inp, geo, cfg, use_numba=False), rtol=1e-5, atol=1e-8
         )
+
+
+def test_scores_one_group_at_a_time_equal_the_whole_layer():
+    # plans score a layer one GQA group at a time (its logits are a g-th of the layer's)
+    geo = Geometry(4, 6, 2, 16, 16)
+    inp = make_layer(geo, 3, n=80, w=8, r=12, seed=4)
+    avail = np.ones((inp.n, 2), bool)
+    avail[::3, 1] = False
+    inp.available = avail
+    cfg = PolicyConfig(pooling=None)
+    by_group = raw_window_scores(inp, geo, cfg)
+    whole = raw_window_scores(inp, geo, cfg, logits=layer_logits(inp, geo, cfg))
+    assert np.array_equal(by_group, whole)
+    assert (by_group[3:, ::3] == 0).all() and (by_group[:3, ::3] > 0).any()
 
 
 def test_pooled_scores_are_pooled_raw_attention():

@@ -289,8 +289,7 @@ class SpindlePolicy(Policy):
         # pass 1: scores and token positions of every layer (the vectors are dropped)
         def score(i: int):
             inp = source.load(i)
-            lg = layer_logits(inp, geometry, cfg)
-            raw, sc = self._raw_and_scores(inp, geometry, lg, value_weight=cfg.value_weight)
+            raw, sc = self._raw_and_scores(inp, geometry, value_weight=cfg.value_weight)
             return LayerMeta.of(inp), raw, sc
 
         out = self._each(score, len(source))

@@ -231,14 +231,19 @@ def raw_window_scores(
         pos = np.asarray(inp.positions, dtype=np.float64)
         rec = (pos - pos.min() + 1.0) / (pos.max() - pos.min() + 1.0)
         return np.tile(rec.astype(np.float32) * 1e-3, (geometry.n_head, 1))
-    lo, lr = logits if logits is not None else layer_logits(inp, geometry, config)
     pos_old = np.asarray(inp.positions, dtype=np.int64)
     rec_pos = inp.resolved_recent_positions()
     if rec_pos is None or not config.include_recent_in_softmax:
         rec_pos = np.zeros(0, dtype=np.int64)
     q_pos = np.asarray(inp.q_positions, dtype=np.int64)
     fn = _softmax_colmean_nb if use_numba else softmax_colmean_ref
-    s = fn(lo, lr, q_pos, pos_old, rec_pos.astype(np.int64))
+    if logits is not None:
+        s = fn(logits[0], logits[1], q_pos, pos_old, rec_pos.astype(np.int64))
+    else:
+        # one GQA group at a time: the logits of a group are g·w·n floats, where the whole
+        # layer's would be H·w·n (the largest transient of a plan at long contexts)
+        s = np.concatenate([fn(*group_logits(inp, geometry, config, h), q_pos, pos_old, rec_pos.astype(np.int64))
+                            for h in range(geometry.n_head_kv)])
     if value_weight:
         s = s * value_norm_weights(inp, geometry)
     return s
@@ -282,19 +287,34 @@ def value_norm_weights(inp: LayerInput, geometry: Geometry) -> np.ndarray:
     return np.repeat(w.T, geometry.g, axis=0).astype(np.float32)
 
 
+def _logits_for(inp: LayerInput, geometry: Geometry, config: PolicyConfig,
+                heads: slice, kv_heads: slice) -> tuple[np.ndarray, np.ndarray]:
+    scale = attn_scale(geometry, config)
+    g = geometry.g
+    q = inp.q_window[:, heads]
+    lo = attention_logits(q, inp.k[:, kv_heads], g, scale)
+    avail = inp.available_mask()
+    if avail is not None:  # absent (token, KV head) pairs get no attention
+        av = avail[:, kv_heads]
+        for j in range(lo.shape[0]):
+            lo[j][:, ~av[:, j // g]] = UNAVAILABLE_LOGIT
+    if inp.k_recent is not None and config.include_recent_in_softmax and inp.k_recent.shape[0] > 0:
+        lr = attention_logits(q, inp.k_recent[:, kv_heads], g, scale)
+    else:
+        lr = np.zeros((lo.shape[0], inp.q_window.shape[0], 0), dtype=np.float32)
+    return lo, lr
+
+
 def layer_logits(
     inp: LayerInput, geometry: Geometry, config: PolicyConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     """(old-token logits [H, w, n], recent-key logits [H, w, r]) of the window queries."""
-    scale = attn_scale(geometry, config)
+    return _logits_for(inp, geometry, config, slice(None), slice(None))
+
+
+def group_logits(
+    inp: LayerInput, geometry: Geometry, config: PolicyConfig, h: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`layer_logits` of the ``g`` query heads of KV head ``h`` only ([g, w, n], [g, w, r])."""
     g = geometry.g
-    lo = attention_logits(inp.q_window, inp.k, g, scale)
-    avail = inp.available_mask()
-    if avail is not None:  # absent (token, KV head) pairs get no attention
-        for hq in range(geometry.n_head):
-            lo[hq][:, ~avail[:, hq // g]] = UNAVAILABLE_LOGIT
-    if inp.k_recent is not None and config.include_recent_in_softmax and inp.k_recent.shape[0] > 0:
-        lr = attention_logits(inp.q_window, inp.k_recent, g, scale)
-    else:
-        lr = np.zeros((geometry.n_head, inp.q_window.shape[0], 0), dtype=np.float32)
-    return lo, lr
+    return _logits_for(inp, geometry, config, slice(h * g, (h + 1) * g), slice(h, h + 1))

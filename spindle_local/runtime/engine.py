@@ -627,14 +627,6 @@ class Engine:
                 return
             self.stats.over_budget_compressions += 1
             target = self._min_store_bytes()
-        if self._spill is not None and not self._spill.closed:
-            # mid-prompt plans record what leaves the regular cache; the prompt's last plan
-            # gets every earlier eviction back (see _layer_input)
-            for il in range(self.geometry.n_layer):
-                k, v, pos = self.ctx.read_layer_kv(il)
-                old = pos < cut
-                self._spill.add(il, k[old], v[old], pos[old])
-                del k, v
         source = _EngineLayers(self, cut, lookahead)
         self.policy.plan_into(source, self.pgeo, target, source.install)
         p_min, _ = self.ctx.pos_range()
@@ -646,8 +638,8 @@ class Engine:
         self.stats.compressions += 1
         self.stats.compress_seconds += time.perf_counter() - t0
 
-    def _layer_input(self, il: int, cut: int,
-                     lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None) -> pin.LayerInput:
+    def _layer_input(self, il: int, cut: int, lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None,
+                     spill: bool = False) -> pin.LayerInput:
         """The policy's view of layer ``il``: store ∪ regular tokens before ``cut``, window queries
         (the last tokens read, then the look-ahead probe's when there is one).
 
@@ -666,7 +658,12 @@ class Engine:
         # Mid-prompt plans only record what leaves the regular cache (their cost stays
         # bounded by it; a long document may be planned dozens of times); the prompt's
         # last plan, which decides what is kept, gets every earlier eviction back.
-        spilled = self._spill.rows(il) if self._spill is not None and self._spill.closed else None
+        spilled = None
+        if self._spill is not None:
+            if self._spill.closed:
+                spilled = self._spill.rows(il)
+            elif spill:  # the first load of this layer in this plan
+                self._spill.add(il, k_old, v_old, p_old)
         if il in self._store_layers:
             ks, vs, ps, avail = self._store_vectors(il)
             if spilled is not None and len(spilled[2]):
@@ -789,13 +786,16 @@ class _EngineLayers:
     def __init__(self, engine: Engine, cut: int, lookahead) -> None:
         self.engine, self.cut, self.lookahead = engine, cut, lookahead
         self.lock = threading.Lock()
+        self.seen: set[int] = set()
 
     def __len__(self) -> int:
         return self.engine.geometry.n_layer
 
     def load(self, i: int) -> pin.LayerInput:
         with self.lock:
-            return self.engine._layer_input(i, self.cut, self.lookahead)
+            first = i not in self.seen
+            self.seen.add(i)
+            return self.engine._layer_input(i, self.cut, self.lookahead, spill=first)
 
     def install(self, i: int, st: LayerStore) -> None:
         with self.lock:
