@@ -490,3 +490,49 @@ def test_group_max_and_value_weight():
     plain = window_scores(inp, GEO, cfg)
     weighted = window_scores(inp, GEO, cfg, value_weight=True)
     np.testing.assert_allclose(weighted, plain * w, rtol=1e-6)
+
+
+class _FreshCopies:
+    """A layer source that hands out a new copy on every load and counts the copies alive."""
+
+    def __init__(self, layers):
+        import weakref
+
+        self.layers, self.refs, self.most, self.loads = layers, [], 0, 0
+        self.ref = weakref.ref
+
+    def __len__(self):
+        return len(self.layers)
+
+    def load(self, i):
+        from dataclasses import replace
+
+        inp = self.layers[i]
+        copy = replace(inp, k=inp.k.copy(), v=inp.v.copy(), k_pre=None if inp.k_pre is None else inp.k_pre.copy())
+        self.loads += 1
+        self.refs = [r for r in self.refs if r() is not None] + [self.ref(copy)]
+        self.most = max(self.most, len(self.refs))
+        return copy
+
+
+@pytest.mark.parametrize("name", ["streaming", "snapkv", "pyramidkv", "spindle"])
+def test_a_plan_holds_one_layer_at_a_time(layers, name):
+    # plans stream over layers: with one planning thread no two layers' vectors are alive
+    # at once, every layer is installed once, and the plan is the in-memory one
+    target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * 0.25)
+    cfg = PolicyConfig(threads=1)
+    src = _FreshCopies(layers)
+    got: dict[int, object] = {}
+
+    def install(i, st):
+        assert i not in got
+        got[i] = st
+
+    make_policy(name, cfg).plan_into(src, GEO, target, install)
+    assert src.most == 1 and sorted(got) == list(range(len(layers)))
+    assert src.loads >= 2 * len(layers)  # scored, then reloaded to build each store
+    ref = make_policy(name, cfg).plan(layers, GEO, target)
+    for i, st in enumerate(ref):
+        assert got[i].role == st.role
+        for ha, hb in zip(got[i].heads, st.heads):
+            assert np.array_equal(ha.token_index, hb.token_index)

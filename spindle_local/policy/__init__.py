@@ -1,7 +1,10 @@
 """KV-cache compression policies (pure numpy + numba; no llama.cpp import).
 
 Entry points: :func:`make_policy` with a :class:`PolicyConfig`, then
-``policy.plan(layers, geometry, target_bytes)`` with one :class:`LayerInput` per layer.
+``policy.plan(layers, geometry, target_bytes)`` with one :class:`LayerInput` per layer, or
+``policy.plan_into(source, geometry, target_bytes, install)`` with a :class:`LayerSource`
+that hands out one layer at a time (what the engine uses: a plan then holds one layer's
+vectors per planning thread, see :mod:`.sources`).
 The plan types and the byte accounting shared with the C++ store are in :mod:`.plan`.
 """
 
@@ -9,6 +12,7 @@ from .codebook import build_codebook, codebook_join
 from .inputs import Geometry, LayerInput, PolicyConfig
 from .plan import Codebook, HeadStore, LayerStore, full_cache_bytes, layer_store_bytes
 from .policies import POLICY_NAMES, Policy, make_policy
+from .sources import LayerMeta, LayerSource, ListSource
 
 __all__ = [
     "POLICY_NAMES",
@@ -16,7 +20,10 @@ __all__ = [
     "Geometry",
     "HeadStore",
     "LayerInput",
+    "LayerMeta",
+    "LayerSource",
     "LayerStore",
+    "ListSource",
     "Policy",
     "PolicyConfig",
     "build_codebook",

@@ -348,7 +348,8 @@ class SpindlePolicy(Policy):
                 self._extra_report[metas[i].layer].update(err_evict=dec.err_evict, err_codebook=dec.err_codebook)
                 if dec.codebook:
                     fit(i, inp, dec.cache, dec.layout)
-                elif dec.err_evict is not None:
+                del inp, dec
+                if i not in planned and self._extra_report[metas[i].layer]["err_evict"] is not None:
                     break  # eviction wins here: deeper layers are even sparser
         else:
             for i, m in enumerate(metas):
