@@ -306,7 +306,12 @@ def test_ten_concurrent_streams_each_get_their_own_answer(server: LiveServer) ->
         found = set(int(x) for x in re.findall(r"\d+", text))
         assert str(n) in text, (n, text)
         assert found <= {n}, (n, text)  # nothing from another request
-    assert server.stats()["queue"] == {"busy": False, "waiting": 0}
+    stats = server.stats()
+    assert stats["queue"] == {"busy": False, "waiting": 0}
+    mem = stats["memory"]  # what the conversation holds, per part
+    assert mem["regular_cache_bytes"] >= stats["regular_bytes"] > 0
+    assert mem["store_bytes"] >= 0 and mem["host_copies_bytes"] == 0  # no prompt being read
+    assert stats["kv_allocated_bytes"] == mem["regular_cache_bytes"] + mem["store_bytes"]
 
 
 def test_disconnect_mid_stream_frees_the_turn(server: LiveServer) -> None:

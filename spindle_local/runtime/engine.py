@@ -47,6 +47,7 @@ from spindle_local.runtime.config import MIN_SLACK, POLICIES, EngineConfig, budg
 from spindle_local.runtime.interrupt import CancelFlag, Interrupted, sigint_sets  # noqa: F401  (re-exported)
 from spindle_local.runtime.lowlevel import LlamaContext, LlamaModel
 from spindle_local.runtime.memory import CELL_BLOCK, MemoryLayout, format_size, plan_memory
+from spindle_local.runtime.schedule import Schedule, compress_due, needs_compress
 from spindle_local.runtime.spill import PromptSpill
 from spindle_local.runtime.window import WindowQueries
 
@@ -178,6 +179,31 @@ class Engine:
         alloc = self.ctx.cache_bytes()[1]
         store = native.store_buffer_bytes(self.ctx) if self._store_layers else 0
         return alloc + store, (self.layout.kv_mem if self.layout else 0)
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``(info, arrays)``: everything needed to continue this conversation (:mod:`.engine_state`)."""
+        from spindle_local.runtime import engine_state
+
+        return engine_state.state_dict(self)
+
+    def load_state_dict(self, info: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Take the state :meth:`state_dict` returned (same model and settings; reset first)."""
+        from spindle_local.runtime import engine_state
+
+        engine_state.load_state_dict(self, info, arrays)
+
+    def memory_parts(self) -> dict[str, int]:
+        """Bytes of each part of what the conversation holds: llama.cpp's regular cache
+        allocation, the store's buffers, the host copies a prompt being read keeps (the
+        spill; 0 between prompts) and the largest spill so far."""
+        from spindle_local.runtime import native
+
+        return {
+            "regular_cache_bytes": int(self.ctx.cache_bytes()[1]),
+            "store_bytes": int(native.store_buffer_bytes(self.ctx)) if self._store_layers else 0,
+            "host_copies_bytes": int(self._spill.nbytes()) if self._spill is not None else 0,
+            "peak_host_copies_bytes": int(self.stats.peak_spill_bytes),
+        }
 
     def _n_layer_hint(self) -> int:
         from spindle_local.runtime import native  # noqa: F401  (checks the runtime is patched)
@@ -451,22 +477,17 @@ class Engine:
         cp = self._checkpoint
         if cp is None or cp.snapshot is not None:
             return
-        from spindle_local.runtime import session
-
-        self._checkpoint = None  # capture() must not recurse into this hook
+        self._checkpoint = None  # state_dict() must not recurse into this hook
         try:
-            cp.snapshot = session.capture(self, messages=[], system_prompt=None, model_path=None)
+            cp.snapshot = self.state_dict()
         finally:
             self._checkpoint = cp
 
     def _rollback(self, cp: _Checkpoint) -> None:
         """Return to ``cp``: restore the snapshot if one was taken, drop the tokens added since."""
-        from spindle_local.runtime import session
-
         try:
             if cp.snapshot is not None:
-                header, arrays = cp.snapshot
-                session.restore(self, session.Session(header=header, arrays=arrays))
+                self.load_state_dict(*cp.snapshot)
             n = len(cp.tokens)
             if self.tokens[:n] != cp.tokens or not self.truncate(n):
                 raise SpindleError("internal: the engine cannot return to the state before the interrupted work")
@@ -519,55 +540,31 @@ class Engine:
 
     # -- compression -------------------------------------------------------------------------
 
-    def _recent(self) -> int:
-        """Tokens left uncompressed by a compression: ``--recent``, but at most a quarter of the budget.
-
-        At short contexts a fixed recent part would eat most of the budget and leave the
-        policy nothing to choose with; the window queries always stay uncompressed.
-        """
+    def schedule(self) -> Schedule:
+        """The compression schedule at this moment (:mod:`.schedule`)."""
         cfg = self.config
-        if self.layout is not None:
-            return self.layout.recent
-        return max(cfg.window, min(cfg.recent, int(0.25 * cfg.kv_budget * self.n_past)))
+        return Schedule(n_past=self.n_past, kv_budget=cfg.kv_budget, bytes_per_token=self.bytes_per_token,
+                        window=cfg.window, recent=cfg.recent, sinks=cfg.sinks, keep_start=cfg.keep_start,
+                        decode_slack=cfg.decode_slack, prompt_end=self._prompt_end,
+                        layout_recent=self.layout.recent if self.layout else None,
+                        layout_store_cap=self.layout.store_cap if self.layout else None)
+
+    def _recent(self) -> int:
+        return self.schedule().recent_tokens()
 
     def _protected_start(self) -> int:
-        """Leading tokens every plan keeps in every layer and KV head: the sinks and ``keep_start``.
-
-        The start of a conversation is what a user said first (the system prompt, the
-        instruction, a name or a number to remember); an observation window at the end of
-        a long text rarely attends to it, so a plan would evict it although a later
-        question asks for it. The first ``keep_start`` tokens are protected like sinks, as
-        far as a quarter of the budget at this length allows (``--sinks`` always).
-        """
-        cfg = self.config
-        if self.layout is not None:
-            share = self.layout.store_cap // (4 * self.bytes_per_token)
-        else:
-            share = int(0.25 * cfg.kv_budget * self.n_past)
-        return max(cfg.sinks, min(cfg.keep_start, share))
+        return self.schedule().protected_start()
 
     def _slack(self) -> int:
-        """Tokens generation may add before the next compression (headroom the plan leaves)."""
-        cfg = self.config
-        return max(MIN_SLACK, min(cfg.decode_slack, int(0.25 * cfg.kv_budget * self.n_past)))
+        return self.schedule().slack()
 
     def _compress_due(self, incoming: int) -> bool:
-        """Must a compression come before ``incoming`` more tokens (cache full, or the plan's allowance)?"""
-        return self.regular_count() + incoming > self.cells or self._needs_compress(incoming)
+        return compress_due(regular=self.regular_count(), incoming=incoming, cells=self.cells,
+                            allowance=self._allowance, capped=self.layout is not None)
 
     def _needs_compress(self, incoming: int) -> bool:
-        """Would ``incoming`` more tokens take the regular part past what the last plan allows?
-
-        A plan made for ``growth`` tokens keeps the reserve ratio within budget while the
-        regular part holds at most ``recent + growth`` tokens (see :meth:`_target_bytes`).
-        Before the conversation's first plan, and under a byte cap (kv_mem), nothing is
-        due until the regular cache is full (:meth:`_compress_due`): its cells are
-        allocated anyway, so compressing what fits in them would save no memory and only
-        lose information. A conversation that fits is held exactly (reserve ratio 1.0).
-        """
-        if self.layout is not None or self._allowance is None:
-            return False
-        return self.regular_count() + incoming > self._allowance
+        return needs_compress(regular=self.regular_count(), incoming=incoming, allowance=self._allowance,
+                              capped=self.layout is not None)
 
     def maybe_compress(self, *, growth: int, force: bool = False,
                        lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None, keep: int = 0) -> bool:
@@ -588,20 +585,7 @@ class Engine:
         return True
 
     def _target_bytes(self, growth: int) -> int:
-        """Store bytes that keep the reserve ratio within budget now and for ``growth`` more tokens.
-
-        With R recent tokens, n tokens seen and budget b, after j more tokens the ratio is
-        (store + (R + j)·t) / ((n + j)·t) for t bytes per token; it grows with j when b < 1,
-        so store <= b·n·t - R·t - (1 - b)·growth·t keeps it <= b up to j = growth.
-        """
-        if self.layout is not None:
-            return self.layout.store_cap
-        b, t = self.config.kv_budget, self.bytes_per_token
-        # Mid-prompt, plan for the length the prompt will have: the store may then be as
-        # large as the one the end-of-prompt plan will keep (never more), which leaves
-        # that plan, made with the question in its window, more tokens to choose from.
-        n = max(self.n_past, self._prompt_end or 0)
-        return int(b * n * t - self._recent() * t - (1.0 - b) * growth * t)
+        return self.schedule().target_bytes(growth)
 
     def _min_store_bytes(self) -> int:
         # The protected start (sinks and keep_start, as the policy was last told) kept raw in

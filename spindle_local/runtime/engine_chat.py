@@ -376,6 +376,7 @@ class ServingChatModel(EngineChatModel):
             "full_bytes": s.full_bytes,
             "reserve_ratio": s.reserve_ratio,
             "compressions": s.compressions,
+            "memory": self.engine.memory_parts(),
             "context_limit": self.context_limit(),
             "reuse": {
                 "last_prompt_tokens": self.reuse.last_prompt_tokens,

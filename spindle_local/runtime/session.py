@@ -19,7 +19,6 @@ fsynced and renamed over the target: an interrupted save leaves the previous fil
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import io
 import json
@@ -33,7 +32,6 @@ from typing import Any, Iterable
 import numpy as np
 
 from spindle_local.errors import SpindleError
-from spindle_local.policy.plan import Codebook, HeadStore, LayerStore
 from spindle_local.runtime.config import EngineConfig
 
 MAGIC = b"SPNDLSES"
@@ -216,49 +214,6 @@ def read_session(path: str | Path) -> Session:
     return decode(data, name=str(p))
 
 
-# -- engine state <-> arrays -------------------------------------------------------------------
-
-
-def _regular_state(engine) -> np.ndarray:
-    import llama_cpp.llama_cpp as C
-
-    ctx = engine.ctx.ctx
-    n = int(C.llama_state_seq_get_size(ctx, 0))
-    buf = (ctypes.c_uint8 * n)()
-    got = int(C.llama_state_seq_get_data(ctx, buf, n, 0))
-    if got != n:
-        raise SpindleError(f"llama.cpp wrote {got} of {n} bytes of the KV cache state")
-    return np.frombuffer(buf, dtype=np.uint8).copy()
-
-
-def _set_regular_state(engine, data: np.ndarray) -> None:
-    import llama_cpp.llama_cpp as C
-
-    raw = np.ascontiguousarray(data, dtype=np.uint8)
-    buf = (ctypes.c_uint8 * raw.size).from_buffer_copy(raw.tobytes())
-    if raw.size and int(C.llama_state_seq_set_data(engine.ctx.ctx, buf, raw.size, 0)) == 0:
-        raise SessionError("llama.cpp refused the saved KV cache (does the session fit this build's cache?)")
-
-
-def _put_side(out: dict, key: str, raw: np.ndarray | None, cb: Codebook | None) -> None:
-    # Rows and codebook entries live as f16 in the store: f16 on disk loses nothing.
-    if cb is not None:
-        out[key + "_ent"] = cb.entries.astype(np.float16)
-        out[key + "_idx"] = cb.index.astype(np.int32)
-        out[key + "_mag"] = cb.magnitude.astype(np.float32)
-    elif raw is not None:
-        out[key + "_raw"] = raw.astype(np.float16)
-
-
-def _get_side(arrays: dict, key: str) -> tuple[np.ndarray | None, Codebook | None]:
-    if key + "_raw" in arrays:
-        return arrays[key + "_raw"].astype(np.float32), None
-    if key + "_ent" in arrays:
-        return None, Codebook(entries=arrays[key + "_ent"].astype(np.float32), index=arrays[key + "_idx"],
-                              magnitude=arrays[key + "_mag"])
-    raise SessionError(f"the session file lacks {key} (written by another version?)")
-
-
 def capture(engine, *, messages: list[dict[str, str]], system_prompt: str | None,
             model_path: str | Path | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Header and arrays describing ``engine``'s state and the conversation.
@@ -268,25 +223,7 @@ def capture(engine, *, messages: list[dict[str, str]], system_prompt: str | None
     """
     from spindle_local import __version__
 
-    arrays: dict[str, np.ndarray] = {"tokens": np.asarray(engine.tokens, dtype=np.int32)}
-    if engine.tokens:
-        engine.ctx.compact()  # cells in position order: the restored cache is laid out the same
-        if engine.ctx._logits is not None:
-            arrays["logits"] = np.asarray(engine.ctx.logits(), dtype=np.float32)
-    arrays["regular"] = _regular_state(engine)
-    q_pos, q_rows = engine.queries.snapshot()
-    arrays["q_pos"] = q_pos
-    arrays.update({f"q{il}": rows for il, rows in enumerate(q_rows) if rows is not None})
-    stores = []
-    for il in sorted(engine._store_layers):
-        st = engine.ctx.store_get(il)
-        stores.append({"layer": il, "role": st.role, "heads": len(st.heads)})
-        for h, hs in enumerate(st.heads):
-            key = f"s{il}_{h}"
-            arrays[key + "_pos"] = hs.positions.astype(np.int32)
-            arrays[key + "_qmask"] = hs.qmask.astype(np.uint8)
-            _put_side(arrays, key + "_k", hs.k_raw, hs.k_codebook)
-            _put_side(arrays, key + "_v", hs.v_raw, hs.v_codebook)
+    info, arrays = engine.state_dict()
     header = {
         "format": FORMAT_VERSION,
         "spindle_local": __version__,
@@ -295,13 +232,7 @@ def capture(engine, *, messages: list[dict[str, str]], system_prompt: str | None
         "config": asdict(engine.config),
         "messages": messages,
         "system_prompt": system_prompt,
-        "engine": {
-            "cells": engine.cells,
-            "next_pos": engine.ctx.next_pos,
-            "allowance": engine._allowance,
-            "stores": stores,
-            "stats": {k: v for k, v in asdict(engine.stats).items() if k != "extra"},
-        },
+        "engine": info,
     }
     return header, arrays
 
@@ -317,35 +248,12 @@ def save(path: str | Path, engine, *, messages: list[dict[str, str]], system_pro
 
 def restore(engine, session: Session) -> None:
     """Put ``engine`` (fresh, built with ``session.config()``, same model) into the saved state."""
-    from spindle_local.runtime.engine import EngineStats
-
     info = session.header["engine"]
     if info["cells"] != engine.cells:
         raise SessionError(f"the session needs a {info['cells']}-cell cache, this engine has {engine.cells}")
-    a = session.arrays
-    engine.reset()
-    _set_regular_state(engine, a["regular"])
-    restored: set[int] = set()
+    from spindle_local.runtime.engine_state import StateError
+
     try:
-        for st in info["stores"]:
-            il = int(st["layer"])
-            heads = []
-            for h in range(int(st["heads"])):
-                key = f"s{il}_{h}"
-                k_raw, k_cb = _get_side(a, key + "_k")
-                v_raw, v_cb = _get_side(a, key + "_v")
-                heads.append(HeadStore(positions=a[key + "_pos"], qmask=a[key + "_qmask"].astype(bool),
-                                       k_raw=k_raw, k_codebook=k_cb, v_raw=v_raw, v_codebook=v_cb))
-            engine.ctx.store_set(il, LayerStore(layer=il, heads=heads, role=st["role"]))
-            restored.add(il)
-    except BaseException:
-        engine.reset()
-        raise
-    engine._store_layers = restored
-    engine.tokens = [int(t) for t in a["tokens"]]
-    engine.ctx.next_pos = int(info["next_pos"])
-    engine._allowance = info["allowance"]
-    engine.queries.restore(a["q_pos"], [a.get(f"q{il}") for il in range(engine.queries.n_layer)])
-    engine.stats = EngineStats(**info["stats"])
-    if "logits" in a:
-        engine.ctx.restore_logits(a["logits"])
+        engine.load_state_dict(info, session.arrays)
+    except StateError as e:
+        raise SessionError(str(e)) from None

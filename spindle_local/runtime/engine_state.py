@@ -1,0 +1,132 @@
+"""An engine's state as plain data: what a saved session and an undone read restore.
+
+:meth:`Engine.state_dict` returns ``(info, arrays)``: a JSON-safe dict (cells, next
+position, the last plan's allowance, the stores' roles, the counters) and numpy arrays
+(tokens, llama.cpp's own per-sequence state of the regular cache, every layer's store
+as positions, visibility masks and f16 rows or codebooks, the window queries, the last
+logits). :meth:`Engine.load_state_dict` puts a fresh engine of the same model and
+settings into that state. Session files (:mod:`.session`) add the conversation and the
+model's identity around it; nothing else reads the engine's private fields.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from spindle_local.errors import SpindleError
+from spindle_local.policy.plan import Codebook, HeadStore, LayerStore
+
+
+class StateError(SpindleError):
+    """A saved state this engine cannot take (another build's cache, a missing array)."""
+
+
+def _regular_state(engine) -> np.ndarray:
+    import llama_cpp.llama_cpp as C
+
+    ctx = engine.ctx.ctx
+    n = int(C.llama_state_seq_get_size(ctx, 0))
+    buf = (ctypes.c_uint8 * n)()
+    got = int(C.llama_state_seq_get_data(ctx, buf, n, 0))
+    if got != n:
+        raise SpindleError(f"llama.cpp wrote {got} of {n} bytes of the KV cache state")
+    return np.frombuffer(buf, dtype=np.uint8).copy()
+
+
+def _set_regular_state(engine, data: np.ndarray) -> None:
+    import llama_cpp.llama_cpp as C
+
+    raw = np.ascontiguousarray(data, dtype=np.uint8)
+    buf = (ctypes.c_uint8 * raw.size).from_buffer_copy(raw.tobytes())
+    if raw.size and int(C.llama_state_seq_set_data(engine.ctx.ctx, buf, raw.size, 0)) == 0:
+        raise StateError("llama.cpp refused the saved KV cache (does the session fit this build's cache?)")
+
+
+def _put_side(out: dict, key: str, raw: np.ndarray | None, cb: Codebook | None) -> None:
+    # Rows and codebook entries live as f16 in the store: f16 on disk loses nothing.
+    if cb is not None:
+        out[key + "_ent"] = cb.entries.astype(np.float16)
+        out[key + "_idx"] = cb.index.astype(np.int32)
+        out[key + "_mag"] = cb.magnitude.astype(np.float32)
+    elif raw is not None:
+        out[key + "_raw"] = raw.astype(np.float16)
+
+
+def _get_side(arrays: dict, key: str) -> tuple[np.ndarray | None, Codebook | None]:
+    if key + "_raw" in arrays:
+        return arrays[key + "_raw"].astype(np.float32), None
+    if key + "_ent" in arrays:
+        return None, Codebook(entries=arrays[key + "_ent"].astype(np.float32), index=arrays[key + "_idx"],
+                              magnitude=arrays[key + "_mag"])
+    raise StateError(f"the session file lacks {key} (written by another version?)")
+
+
+
+def state_dict(engine) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(info, arrays)`` of ``engine`` (module docstring)."""
+    arrays: dict[str, np.ndarray] = {"tokens": np.asarray(engine.tokens, dtype=np.int32)}
+    if engine.tokens:
+        engine.ctx.compact()  # cells in position order: the restored cache is laid out the same
+        if engine.ctx._logits is not None:
+            arrays["logits"] = np.asarray(engine.ctx.logits(), dtype=np.float32)
+    arrays["regular"] = _regular_state(engine)
+    q_pos, q_rows = engine.queries.snapshot()
+    arrays["q_pos"] = q_pos
+    arrays.update({f"q{il}": rows for il, rows in enumerate(q_rows) if rows is not None})
+    stores = []
+    for il in sorted(engine._store_layers):
+        st = engine.ctx.store_get(il)
+        stores.append({"layer": il, "role": st.role, "heads": len(st.heads)})
+        for h, hs in enumerate(st.heads):
+            key = f"s{il}_{h}"
+            arrays[key + "_pos"] = hs.positions.astype(np.int32)
+            arrays[key + "_qmask"] = hs.qmask.astype(np.uint8)
+            _put_side(arrays, key + "_k", hs.k_raw, hs.k_codebook)
+            _put_side(arrays, key + "_v", hs.v_raw, hs.v_codebook)
+    info = {
+        "cells": engine.cells,
+        "next_pos": engine.ctx.next_pos,
+        "allowance": engine._allowance,
+        "stores": stores,
+        "stats": {k: v for k, v in asdict(engine.stats).items() if k != "extra"},
+    }
+    return info, arrays
+
+
+def load_state_dict(engine, info: dict[str, Any], a: dict[str, np.ndarray]) -> None:
+    """Put ``engine`` into the state :func:`state_dict` described (the engine is reset first;
+    on failure it is left empty)."""
+    from spindle_local.runtime.engine import EngineStats
+
+    if info["cells"] != engine.cells:
+        raise StateError(f"the saved state needs a {info['cells']}-cell cache, this engine has {engine.cells}")
+    engine.reset()
+    _set_regular_state(engine, a["regular"])
+    restored: set[int] = set()
+    try:
+        for st in info["stores"]:
+            il = int(st["layer"])
+            heads = []
+            for h in range(int(st["heads"])):
+                key = f"s{il}_{h}"
+                k_raw, k_cb = _get_side(a, key + "_k")
+                v_raw, v_cb = _get_side(a, key + "_v")
+                heads.append(HeadStore(positions=a[key + "_pos"], qmask=a[key + "_qmask"].astype(bool),
+                                       k_raw=k_raw, k_codebook=k_cb, v_raw=v_raw, v_codebook=v_cb))
+            engine.ctx.store_set(il, LayerStore(layer=il, heads=heads, role=st["role"]))
+            restored.add(il)
+    except BaseException:
+        engine.reset()
+        raise
+    engine._store_layers = restored
+    engine.tokens = [int(t) for t in a["tokens"]]
+    engine.ctx.next_pos = int(info["next_pos"])
+    engine._allowance = info["allowance"]
+    engine.queries.restore(a["q_pos"], [a.get(f"q{il}") for il in range(engine.queries.n_layer)])
+    engine.stats = EngineStats(**info["stats"])
+    if "logits" in a:
+        engine.ctx.restore_logits(a["logits"])
