@@ -174,11 +174,8 @@ class Engine:
 
     def kv_memory(self) -> tuple[int, int]:
         """(bytes llama.cpp holds for KV now: regular allocation + store buffers, the cap or 0)."""
-        from spindle_local.runtime import native
-
-        alloc = self.ctx.cache_bytes()[1]
-        store = native.store_buffer_bytes(self.ctx) if self._store_layers else 0
-        return alloc + store, (self.layout.kv_mem if self.layout else 0)
+        parts = self.memory_parts()
+        return parts["regular_cache_bytes"] + parts["store_bytes"], (self.layout.kv_mem if self.layout else 0)
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """``(info, arrays)``: everything needed to continue this conversation (:mod:`.engine_state`)."""
