@@ -179,9 +179,6 @@ def engine_options(f):
         click.option("--lookahead/--no-lookahead", default=True, show_default=True,
                      help="Plans made while a long prompt is read also score with the prompt's last "
                           "--window tokens (its question), probed ahead of time."),
-        click.option("--spill/--no-spill", default=True, show_default=True,
-                     help="While a long prompt is read, keep the rows mid-prompt plans evict in host memory "
-                          "(f16) so the end-of-prompt plan can choose among all of its tokens."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)."),
         click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
                      help="Use llama.cpp's flash-attention kernels."),
@@ -196,7 +193,7 @@ def engine_options(f):
 def engine_config(*, policy: str, kv_budget: float | None, window: int, sinks: int, recent: int,
                   codebook_layers: str, theta_k: float, theta_v: float, chunk: int, threads: int | None,
                   flash_attn: bool, kv_mem: str | None = None, max_tokens: int | None = None,
-                  n_cells: int | None = None, lookahead: bool = True, spill: bool = True,
+                  n_cells: int | None = None, lookahead: bool = True,
                   settings: tuple[str, ...] = ()):
     from spindle_local.runtime.config import EngineConfig, apply_settings
     from spindle_local.runtime.memory import parse_size
@@ -213,7 +210,7 @@ def engine_config(*, policy: str, kv_budget: float | None, window: int, sinks: i
     cfg = EngineConfig(policy=policy, kv_budget=kv_budget, window=window, sinks=sinks, recent=recent,
                        codebook_layers=cb, theta_k=theta_k, theta_v=theta_v, chunk=chunk, n_threads=threads,
                        flash_attn=flash_attn, max_tokens=max_tokens, n_cells=n_cells, kv_mem=mem,
-                       lookahead=lookahead, spill=spill)
+                       lookahead=lookahead)
     apply_settings(cfg, settings)
     cfg.validate()
     return cfg
@@ -367,7 +364,7 @@ def _warn_resume_overrides(click_ctx: click.Context, cfg: Any, *, n_ctx: int | N
 
 #: chat options a resumed session's own settings replace (see _warn_resume_overrides).
 _SESSION_SETTINGS = {"n_ctx", "policy", "kv_budget", "kv_mem", "window", "sinks", "recent", "codebook_layers",
-                     "theta_k", "theta_v", "chunk", "lookahead", "spill", "flash_attn"}
+                     "theta_k", "theta_v", "chunk", "lookahead", "flash_attn"}
 
 
 # -- evaluation --------------------------------------------------------------------------------

@@ -26,6 +26,16 @@ def default_model() -> Path:
     return default_model_path(quiet=True)
 
 
+@pytest.fixture(scope="session")
+def pydoc_tokens(default_model: Path) -> list[int]:
+    """The first 60,000 characters of the pydoc topics text, tokenized for the default model."""
+    from spindle_local.eval.texts import pydoc_text
+    from spindle_local.runtime.lowlevel import LlamaModel
+
+    with LlamaModel(default_model) as m:
+        return m.tokenize(pydoc_text()[:60_000], add_special=False)
+
+
 def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run ``spindle-local ARGS`` in a fresh interpreter, capturing output."""

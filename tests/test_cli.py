@@ -100,7 +100,7 @@ def test_set_reaches_engine_and_policy_fields() -> None:
     assert cfg.policy_options == {"salient_share": 0.2, "anchor_tokens": None}
     assert cfg.keep_start == 32 and cfg.lazy_plans is False and cfg.codebook_layers == 2
     for bad, words in (("no_such_knob=1", "unknown setting 'no_such_knob'"), ("sinks", "KEY=VALUE"),
-                       ("sinks=four", "expected int"), ("spill=maybe", "expected bool")):
+                       ("sinks=four", "expected int"), ("lookahead=maybe", "expected bool")):
         with pytest.raises(UsageError, match=words):
             apply_settings(EngineConfig(), [bad])
 

@@ -13,14 +13,6 @@ from spindle_local.eval.texts import pydoc_text
 from spindle_local.runtime.engine import Engine, EngineConfig
 
 
-@pytest.fixture(scope="module")
-def pydoc_tokens(default_model: Path) -> list[int]:
-    from spindle_local.runtime.lowlevel import LlamaModel
-
-    with LlamaModel(default_model) as m:
-        return m.tokenize(pydoc_text()[:60_000], add_special=False)
-
-
 @pytest.mark.parametrize("policy", ["streaming", "snapkv", "pyramidkv", "spindle"])
 @pytest.mark.parametrize("budget", [0.4, 0.25, 0.15])
 def test_budget_holds_over_a_long_prompt(default_model: Path, pydoc_tokens: list[int], policy: str,

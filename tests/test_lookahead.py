@@ -106,10 +106,10 @@ def test_lookahead_keeps_the_needle_through_mid_prompt_plans(default_model: Path
         assert key_found(greedy_answer(full, p.tokens), p.key)
         found, held, plans = {}, {}, {}
         for look in (True, False):
-            # without the spill: the mid-prompt plans alone decide what reaches the end; without
-            # salient runs, which keep the key whatever the window (tests/test_question_later.py)
+            # the mid-prompt plans alone decide what reaches the end; without salient runs,
+            # which keep the key whatever the window (tests/test_question_later.py)
             cfg = EngineConfig(policy="spindle", kv_budget=0.25, n_cells=800, n_threads=2, lookahead=look,
-                               spill=False, policy_options={"salient_share": 0.0})
+                               policy_options={"salient_share": 0.0})
             eng = Engine(default_model, cfg, model=full.model)  # the model is shared: closed with `full`
             try:
                 found[look] = key_found(greedy_answer(eng, p.tokens), p.key)

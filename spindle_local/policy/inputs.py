@@ -57,12 +57,19 @@ class LayerInput:
     the store hold different tokens; a (token, KV head) pair that head no longer holds
     is False (its vectors are placeholders): it gets no attention in the scores and is
     never selected for that head.
+
+    A *scored* input carries no vectors (``k``, ``k_pre``, ``v`` None): the runtime has
+    computed, where the KV lives, the window attention ``attn`` float32 [H, n] (already
+    averaged over the window queries that see each token, before pooling) and the value
+    norms ``v_norm`` float32 [n, Hkv]; ``source`` int32 [n, Hkv] names where each (token,
+    KV head) pair lives, and the plan's stores then list sources instead of rows
+    (:attr:`~.plan.HeadStore.source`). Such a layer can be evicted, not made a codebook.
     """
 
     layer: int
-    k: np.ndarray
+    k: np.ndarray | None
     k_pre: np.ndarray | None
-    v: np.ndarray
+    v: np.ndarray | None
     positions: np.ndarray
     q_window: np.ndarray
     q_positions: np.ndarray
@@ -71,10 +78,18 @@ class LayerInput:
     v_recent: np.ndarray | None = None
     available: np.ndarray | None = None
     salient: np.ndarray | None = None  # [n] salient tokens, bool or run priority (policy/salience.py); None: unknown
+    attn: np.ndarray | None = None  # scored inputs: [H, n] window attention per query head
+    v_norm: np.ndarray | None = None  # scored inputs: [n, Hkv] value norms
+    source: np.ndarray | None = None  # scored inputs: [n, Hkv] where each pair lives (runtime's numbering)
 
     @property
     def n(self) -> int:
-        return int(self.k.shape[0])
+        return int(np.asarray(self.positions).shape[0])
+
+    @property
+    def scored(self) -> bool:
+        """True when the input carries scores and sources instead of vectors."""
+        return self.k is None
 
     def available_mask(self) -> np.ndarray | None:
         """``available`` as bool [n, Hkv], or None when every pair is available."""
@@ -112,6 +127,11 @@ class LayerInput:
         check("q_positions", self.q_positions, (self.q_window.shape[0],))
         check("available", self.available, (n, hkv))
         check("salient", self.salient, (n,))
+        check("attn", self.attn, (h, n))
+        check("v_norm", self.v_norm, (n, hkv))
+        check("source", self.source, (n, hkv))
+        if self.k is None and (self.attn is None or self.v is not None or self.source is None):
+            raise ValueError(f"layer {self.layer}: an input without keys needs attn and source, and no values")
         check("k_recent", self.k_recent, (None, hkv, dk))
         if self.k_recent is not None:
             r = self.k_recent.shape[0]

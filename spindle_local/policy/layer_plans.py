@@ -69,6 +69,11 @@ def head_store(
         qmask=np.ascontiguousarray(mask),
         token_index=sel,
     )
+    if inp.k is None:  # a scored input: the runtime gathers the rows where they live
+        if k_cb is not None or v_cb is not None:
+            raise ValueError(f"layer {inp.layer}: a codebook needs the layer's vectors")
+        hs.source = np.asarray(inp.source)[sel, h].astype(np.int32)
+        return hs
     if k_cb is None:
         hs.k_raw = np.ascontiguousarray(inp.k[sel, h, :], dtype=np.float32)
     else:

@@ -52,7 +52,9 @@ class Codebook:
 class HeadStore:
     """What one KV head of one layer keeps in the compressed store.
 
-    Exactly one of ``k_raw``/``k_codebook`` and one of ``v_raw``/``v_codebook`` is set.
+    Exactly one of ``k_raw``/``k_codebook`` and one of ``v_raw``/``v_codebook`` is set, or
+    none of them and ``source`` instead: the slots are raw rows the runtime gathers where
+    the KV lives (``source[s]`` in the runtime's numbering, see ``LayerInput.source``).
     ``qmask[j, s]`` is True when query head ``kv_head * g + j`` may attend slot ``s``:
     the union of the group's selections is stored once, each query head sees its own.
     """
@@ -64,6 +66,7 @@ class HeadStore:
     v_raw: np.ndarray | None = None  # float32 [S, dv]
     v_codebook: Codebook | None = None
     token_index: np.ndarray | None = None  # int64 [S]: rows of the policy's input arrays
+    source: np.ndarray | None = None  # int32 [S]: raw rows to gather (scored inputs)
 
     @property
     def n_slots(self) -> int:

@@ -225,6 +225,9 @@ def raw_window_scores(
     n = inp.n
     if n == 0:
         return np.zeros((geometry.n_head, 0), dtype=np.float32)
+    if inp.attn is not None:  # computed by the runtime where the KV lives
+        s = np.array(inp.attn, dtype=np.float32, copy=True)
+        return s * value_norm_weights(inp, geometry) if value_weight else s
     if inp.q_window.shape[0] == 0:
         # no observation window (nothing to score with): fall back to recency, so that
         # selection degrades to StreamingLLM instead of keeping the oldest tokens
@@ -279,7 +282,10 @@ def pool_window_scores(raw: np.ndarray, inp: LayerInput, config: PolicyConfig,
 def value_norm_weights(inp: LayerInput, geometry: Geometry) -> np.ndarray:
     """float32 [H, n]: each token's value norm over its KV head's mean value norm
     (placeholder rows of absent pairs excluded from the mean)."""
-    vn = np.linalg.norm(np.asarray(inp.v, dtype=np.float32), axis=2)  # [n, Hkv]
+    if inp.v_norm is not None:
+        vn = np.asarray(inp.v_norm, dtype=np.float32)
+    else:
+        vn = np.linalg.norm(np.asarray(inp.v, dtype=np.float32), axis=2)  # [n, Hkv]
     avail = inp.available_mask()
     ok = np.ones_like(vn, dtype=bool) if avail is None else avail
     mean = np.array([vn[ok[:, h], h].mean() if ok[:, h].any() else 1.0 for h in range(vn.shape[1])])

@@ -32,7 +32,6 @@ class EngineConfig:
     cache_type: str = "f16"  # regular-cache type; quantized types only with policy "full"
     eager_compress: bool = False  # compress after every prompt chunk, not only when the cache is full
     lookahead: bool = True  # mid-prompt plans also score with the prompt's last `window` tokens (a probe)
-    spill: bool = True  # keep rows evicted mid-prompt on the host until the prompt is read (runtime/spill.py)
     lazy_plans: bool = True  # a mid-prompt plan moves only the oldest tokens the rest of the prompt needs room for
     policy_options: dict = field(default_factory=dict)  # further PolicyConfig fields (experiments)
     n_cells: int | None = None  # regular-cache allocation; default recent + 2 * chunk (see cells())

@@ -9,27 +9,24 @@ When to compress (DESIGN.md section 2, "When to compress"):
   the allocation allows keeps the observation window near the end of the prompt, where
   a question usually is. For the same reason a mid-prompt plan also scores with
   *look-ahead* queries (the prompt's last ``window`` tokens, probed from where the
-  reading is; :meth:`Engine._probe`) and keeps as much as the end-of-prompt plan will,
-  and the rows it evicts stay on the host (:mod:`.spill`, ``spill``) as candidates for
-  the prompt's later plans: the end-of-prompt plan chooses among all of its tokens;
+  reading is; :meth:`Engine._probe`) and keeps as much as the end-of-prompt plan will;
 * when a prompt has been read, so that the reserve ratio is within budget whenever
   ``feed`` returns;
 * during generation, whenever the recent part outgrows ``recent + decode_slack``.
 
-Each compression re-plans the whole store: tokens already in it are read back, scored
-again with the newest window queries and planned together with the tokens moving in.
+Each compression re-plans the whole store: tokens already in it are scored again with
+the newest window queries, where the KV lives (:mod:`.plan_source`), and planned together
+with the tokens moving in; the patch gathers each layer's new store on its backend.
 The plan's byte target is ``kv_budget × full-cache bytes`` minus the recent part,
 minus headroom for the tokens that will arrive before the next compression, so the
 reserve ratio (store + recent bytes) / (full f16 cache bytes) stays within the budget
 from the end of a prompt on, through generation. While one prompt is read, KV memory
 is bounded by the regular-cache allocation (``n_cells``) plus a store no larger than
-the one kept when the prompt has been read; the spill adds host memory (f16 rows of
-the prompt's evicted tokens) until ``feed`` returns.
+the one kept when the prompt has been read.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -48,7 +45,7 @@ from spindle_local.runtime.interrupt import CancelFlag, Interrupted, sigint_sets
 from spindle_local.runtime.lowlevel import LlamaContext, LlamaModel
 from spindle_local.runtime.memory import CELL_BLOCK, MemoryLayout, format_size, plan_memory
 from spindle_local.runtime.schedule import Schedule, compress_due, needs_compress
-from spindle_local.runtime.spill import PromptSpill
+from spindle_local.runtime.plan_source import PlanSource
 from spindle_local.runtime.window import WindowQueries
 
 @dataclass
@@ -65,7 +62,6 @@ class EngineStats:
     full_bytes: int = 0
     over_budget_compressions: int = 0
     peak_reserve_ratio: float = 0.0  # highest ratio seen mid-prompt, after the first compression
-    peak_spill_bytes: int = 0  # largest host-side prompt spill (see runtime/spill.py)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -107,13 +103,14 @@ class Engine:
         cfg = self.config
         self.layout: MemoryLayout | None = None  # set when a KV memory cap (kv_mem) sizes everything
         cells, self.chunk = self._allocation(model_path)
-        probe_layers = self._n_layer_hint()
-        self.queries = WindowQueries(probe_layers, cfg.window)
+        self._n_layer_hint()  # checks the runtime is patched before a context is created
         self.ctx = LlamaContext(self.model, n_ctx=cells, n_batch=self.chunk, n_ubatch=self.chunk,
-                                n_threads=cfg.n_threads, flash_attn=cfg.flash_attn, cb_eval=self.queries,
+                                n_threads=cfg.n_threads, flash_attn=cfg.flash_attn,
                                 type_k=cfg.cache_type, type_v=cfg.cache_type)
         self.geometry = self.ctx.geometry()
         g = self.geometry
+        self.queries = WindowQueries(g.n_layer, cfg.window, g.layers[0].n_head, g.layers[0].head_dim_k)
+        self._capturing = False  # whether the patch copies window queries during decodes
         if len(set((lg.n_head, lg.n_head_kv, lg.head_dim_k, lg.head_dim_v) for lg in g.layers)) != 1:
             raise SpindleError("models whose layers differ in attention shape are not supported yet")
         if g.swa_layers() and cfg.policy != "full":
@@ -136,9 +133,10 @@ class Engine:
         self.tokens: list[int] = []
         self.stats = EngineStats()
         self._store_layers: set[int] = set()
+        # what each layer's store holds, as installed: (slots per KV head [Hkv], positions [Hkv, S])
+        self._store_meta: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._allowance: int | None = None  # regular tokens the last plan left room for (None: no plan)
         self._prompt_end: int | None = None  # while feed() reads a prompt: the position after it
-        self._spill: PromptSpill | None = None  # while feed() reads a prompt: the rows it evicted
         # Interrupts (runtime/interrupt.py): SIGINT or another thread sets ``cancel``; feed,
         # step and generate look at it only between native calls and raise Interrupted.
         self.cancel = CancelFlag()
@@ -191,15 +189,15 @@ class Engine:
 
     def memory_parts(self) -> dict[str, int]:
         """Bytes of each part of what the conversation holds: llama.cpp's regular cache
-        allocation, the store's buffers, the host copies a prompt being read keeps (the
-        spill; 0 between prompts) and the largest spill so far."""
+        allocation, the store's buffers, and what compression keeps on the host between
+        plans (the window queries and the store's slot positions)."""
         from spindle_local.runtime import native
 
+        host = self.queries.nbytes() + sum(a.nbytes + b.nbytes for a, b in self._store_meta.values())
         return {
             "regular_cache_bytes": int(self.ctx.cache_bytes()[1]),
             "store_bytes": int(native.store_buffer_bytes(self.ctx)) if self._store_layers else 0,
-            "host_copies_bytes": int(self._spill.nbytes()) if self._spill is not None else 0,
-            "peak_host_copies_bytes": int(self.stats.peak_spill_bytes),
+            "host_copies_bytes": int(host),
         }
 
     def _n_layer_hint(self) -> int:
@@ -233,6 +231,7 @@ class Engine:
         if self._store_layers:
             self.ctx.store_clear()
             self._store_layers.clear()
+        self._store_meta.clear()
         self.queries.reset()
         self.tokens = []
         self.stats = EngineStats()
@@ -292,18 +291,20 @@ class Engine:
         start = self.n_past
         pos = np.arange(start, start + len(tokens), dtype=np.int32)
         self._capture(capture)
-        try:
-            self.ctx.decode(tokens, pos, logits="all" if all_logits else "last")
-        finally:
-            self._capture(False)
+        self.ctx.decode(tokens, pos, logits="all" if all_logits else "last")
         if capture:
-            self.queries.commit(pos)
+            self.queries.collect(self.ctx, pos)
         self.tokens.extend(int(t) for t in tokens)
 
     def _capture(self, on: bool) -> None:
-        """Capture window queries during the next decode or not (no eval callback at all when not)."""
-        self.queries.enabled = on
-        self.ctx.set_eval_enabled(on)
+        """Arm or stop the patch's window-query capture (a change rebuilds the decode graph
+        once, so the state is kept across decodes that want the same)."""
+        if on == self._capturing:
+            return
+        from spindle_local.runtime import native
+
+        native.capture(self.ctx, self.config.window if on else 0)
+        self._capturing = on
 
     def feed(self, tokens: Sequence[int], *, progress=None, all_logits: bool = False) -> np.ndarray:
         """Prefill ``tokens`` after what the engine holds; return the next-token logits.
@@ -321,16 +322,11 @@ class Engine:
             raise UsageError("nothing to feed: empty prompt")
         self._check_room(len(tokens))
         self._prompt_end = self.n_past + len(tokens)
-        if self.config.spill and self.config.policy != "full":
-            self._spill = PromptSpill()
         try:
             with self._guarded():
                 return self._feed_chunks(tokens, progress, all_logits)
         finally:
             self._prompt_end = None
-            if self._spill is not None:
-                self.stats.peak_spill_bytes = max(self.stats.peak_spill_bytes, self._spill.nbytes())
-                self._spill = None
 
     def _feed_chunks(self, tokens: list[int], progress, all_logits: bool) -> np.ndarray:
         rows: list[np.ndarray] = []
@@ -384,8 +380,6 @@ class Engine:
             if progress is not None:
                 progress(done, len(tokens), self.refresh_stats())
         if compressing and self._needs_compress(0):
-            if self._spill is not None:
-                self._spill.closed = True  # the prompt's last plan: its evictions are final
             # Leave room for generation: within budget for ``_slack()`` more tokens.
             self.maybe_compress(growth=self._slack())
         return np.concatenate(rows) if all_logits else self.ctx.logits()
@@ -524,11 +518,10 @@ class Engine:
         self._capture(True)
         try:
             self.ctx.decode(list(tail), pos, logits="last")
+            self.queries.collect(self.ctx, pos)
         finally:
-            self._capture(False)
             self.ctx.seq_rm(start, -1)
             self.ctx.next_pos = start
-        self.queries.commit(pos)
         _, rows = self.queries.snapshot()
         self.queries.restore(*saved)
         shift = np.full(len(tail), final_pos - start, dtype=np.int64)
@@ -608,7 +601,7 @@ class Engine:
                 return
             self.stats.over_budget_compressions += 1
             target = self._min_store_bytes()
-        source = _EngineLayers(self, cut, lookahead)
+        source = PlanSource(self, cut, lookahead)
         self.policy.plan_into(source, self.pgeo, target, source.install)
         p_min, _ = self.ctx.pos_range()
         if 0 <= p_min < cut:
@@ -619,48 +612,10 @@ class Engine:
         self.stats.compressions += 1
         self.stats.compress_seconds += time.perf_counter() - t0
 
-    def _layer_input(self, il: int, cut: int, lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None,
-                     spill: bool = False) -> pin.LayerInput:
-        """The policy's view of layer ``il``: store ∪ regular tokens before ``cut``, window queries
-        (the last tokens read, then the look-ahead probe's when there is one).
-
-        While a prompt is read with the spill on, the regular rows leaving the cache now are
-        added to the spill; at the prompt's last plan the spill stands in for the store's
-        copies of this prompt's tokens: every token of the prompt is a candidate again,
-        exact and in every KV head, so that plan chooses as if it had read the whole prompt.
-        """
-        k, v, pos = self.ctx.read_layer_kv(il)
-        old = pos < cut
-        k_old, v_old, p_old = k[old], v[old], pos[old]
-        k_rec, v_rec, p_rec = k[~old], v[~old], pos[~old]
-        del k, v
-        avail_old = np.ones((len(p_old), self.pgeo.n_head_kv), dtype=bool)
-        parts = []  # (k, v, positions, available) before the regular rows, oldest first
-        # Mid-prompt plans only record what leaves the regular cache (their cost stays
-        # bounded by it; a long document may be planned dozens of times); the prompt's
-        # last plan, which decides what is kept, gets every earlier eviction back.
-        spilled = None
-        if self._spill is not None:
-            if self._spill.closed:
-                spilled = self._spill.rows(il)
-            elif spill:  # the first load of this layer in this plan
-                self._spill.add(il, k_old, v_old, p_old)
-        if il in self._store_layers:
-            ks, vs, ps, avail = self._store_vectors(il)
-            if spilled is not None and len(spilled[2]):
-                mine = np.isin(ps, spilled[2])  # this prompt's tokens: the spill holds them exactly
-                ks, vs, ps, avail = ks[~mine], vs[~mine], ps[~mine], avail[~mine]
-            parts.append((ks, vs, ps, avail))
-        if spilled is not None and len(spilled[2]):
-            sk, sv, sp = spilled
-            parts.append((sk.astype(np.float32), sv.astype(np.float32), sp,
-                          np.ones((len(sp), self.pgeo.n_head_kv), dtype=bool)))
-        if parts:
-            parts.append((k_old, v_old, p_old, avail_old))
-            k_old, v_old, p_old, avail_old = (np.concatenate(x) for x in zip(*parts))
-        # pre-RoPE keys only where a codebook may be built (they cost a third of a plan's input)
-        wants_pre = il < self.policy.config.codebook_candidates(self.geometry.n_layer)
-        k_pre = self._unrope(il, k_old, p_old) if self.rope_ok and wants_pre else None
+    def window(self, il: int, lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Layer ``il``'s window queries [w, H, d] and their positions: the last tokens read, then
+        the look-ahead probe's when there is one."""
         q = self.queries.layer(il)
         if q is None:
             raise SpindleError("internal: no window queries captured before compression")
@@ -668,11 +623,63 @@ class Engine:
         if lookahead is not None:
             q = np.concatenate([q, lookahead[1][il]])
             q_pos = np.concatenate([q_pos, lookahead[0]])
+        return q, q_pos
+
+    def host_layer_input(self, il: int, cut: int, lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None
+                         ) -> pin.LayerInput:
+        """Layer ``il`` with its vectors on the host: store ∪ regular tokens before ``cut``.
+
+        Only layers that may become codebooks are read this way (the codebook is built from
+        the rows themselves); every other layer is planned from scores the runtime computes
+        where the KV lives (:mod:`.plan_source`).
+        """
+        k, v, pos = self.ctx.read_layer_kv(il)
+        old = pos < cut
+        k_old, v_old, p_old = k[old], v[old], pos[old]
+        k_rec, v_rec, p_rec = k[~old], v[~old], pos[~old]
+        del k, v
+        avail_old = np.ones((len(p_old), self.pgeo.n_head_kv), dtype=bool)
+        if il in self._store_layers:
+            ks, vs, ps, avail = self._store_vectors(il)
+            k_old, v_old, p_old, avail_old = (np.concatenate(x) for x in
+                                              zip((ks, vs, ps, avail), (k_old, v_old, p_old, avail_old)))
+        # pre-RoPE keys only where a codebook may be built (they cost a third of a plan's input)
+        wants_pre = il < self.policy.config.codebook_candidates(self.geometry.n_layer)
+        k_pre = self._unrope(il, k_old, p_old) if self.rope_ok and wants_pre else None
+        q, q_pos = self.window(il, lookahead)
         salient = self._salient_flags()[p_old] if self.policy.wants_salience() else None
         return pin.LayerInput(layer=il, k=k_old, k_pre=k_pre, v=v_old, positions=p_old.astype(np.int32),
                               q_window=q, q_positions=q_pos,
                               k_recent=k_rec, recent_positions=p_rec.astype(np.int32), v_recent=v_rec,
                               available=avail_old, salient=salient)
+
+    def install_store(self, il: int, st: LayerStore) -> None:
+        """Install a planned store for layer ``il``: gathered where the KV lives when the plan
+        names sources, uploaded otherwise (codebooks, sessions); records what it holds."""
+        heads = st.heads
+        n_slot_head = np.array([h.n_slots for h in heads], dtype=np.int32)
+        S = int(n_slot_head.max()) if len(heads) else 0
+        pos = np.zeros((len(heads), S), dtype=np.int32)
+        for h, hs in enumerate(heads):
+            pos[h, :hs.n_slots] = hs.positions
+        if S and all(h.source is not None for h in heads):
+            from spindle_local.runtime import native
+
+            g = self.pgeo.g
+            src = np.zeros((len(heads), S), dtype=np.int32)
+            qmask = np.zeros((len(heads) * g, S), dtype=np.uint8)
+            for h, hs in enumerate(heads):
+                src[h, :hs.n_slots] = hs.source
+                qmask[h * g:(h + 1) * g, :hs.n_slots] = hs.qmask
+            native.store_gather(self.ctx, il, n_slot_head, src, qmask)
+        else:
+            self.ctx.store_set(il, st)
+        if S:
+            self._store_layers.add(il)
+            self._store_meta[il] = (n_slot_head, pos)
+        else:
+            self._store_layers.discard(il)
+            self._store_meta.pop(il, None)
 
     def _salient_flags(self) -> np.ndarray:
         """float [n_past]: run priority of the conversation's salient tokens, 0 elsewhere (policy/salience.py).
@@ -755,33 +762,6 @@ class Engine:
             yield tok
             self.cancel.check()
             logits = self.step(tok)
-
-
-class _EngineLayers:
-    """The policy's :class:`~spindle_local.policy.sources.LayerSource` for one compression:
-    each load reads one layer from llama.cpp (store, regular cache, spill) afresh.
-
-    Loads are serialised (llama.cpp's buffers are read from one thread at a time); the
-    policy's threads overlap one layer's reading with another's scoring."""
-
-    def __init__(self, engine: Engine, cut: int, lookahead) -> None:
-        self.engine, self.cut, self.lookahead = engine, cut, lookahead
-        self.lock = threading.Lock()
-        self.seen: set[int] = set()
-
-    def __len__(self) -> int:
-        return self.engine.geometry.n_layer
-
-    def load(self, i: int) -> pin.LayerInput:
-        with self.lock:
-            first = i not in self.seen
-            self.seen.add(i)
-            return self.engine._layer_input(i, self.cut, self.lookahead, spill=first)
-
-    def install(self, i: int, st: LayerStore) -> None:
-        with self.lock:
-            self.engine.ctx.store_set(st.layer, st)
-            self.engine._store_layers.add(st.layer)
 
 
 def _libc_trim():

@@ -12,7 +12,7 @@ model's identity around it; nothing else reads the engine's private fields.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any
 
 import numpy as np
@@ -106,7 +106,6 @@ def load_state_dict(engine, info: dict[str, Any], a: dict[str, np.ndarray]) -> N
         raise StateError(f"the saved state needs a {info['cells']}-cell cache, this engine has {engine.cells}")
     engine.reset()
     _set_regular_state(engine, a["regular"])
-    restored: set[int] = set()
     try:
         for st in info["stores"]:
             il = int(st["layer"])
@@ -117,16 +116,15 @@ def load_state_dict(engine, info: dict[str, Any], a: dict[str, np.ndarray]) -> N
                 v_raw, v_cb = _get_side(a, key + "_v")
                 heads.append(HeadStore(positions=a[key + "_pos"], qmask=a[key + "_qmask"].astype(bool),
                                        k_raw=k_raw, k_codebook=k_cb, v_raw=v_raw, v_codebook=v_cb))
-            engine.ctx.store_set(il, LayerStore(layer=il, heads=heads, role=st["role"]))
-            restored.add(il)
+            engine.install_store(il, LayerStore(layer=il, heads=heads, role=st["role"]))
     except BaseException:
         engine.reset()
         raise
-    engine._store_layers = restored
     engine.tokens = [int(t) for t in a["tokens"]]
     engine.ctx.next_pos = int(info["next_pos"])
     engine._allowance = info["allowance"]
     engine.queries.restore(a["q_pos"], [a.get(f"q{il}") for il in range(engine.queries.n_layer)])
-    engine.stats = EngineStats(**info["stats"])
+    known = {f.name for f in fields(EngineStats)}
+    engine.stats = EngineStats(**{k: v for k, v in info["stats"].items() if k in known})
     if "logits" in a:
         engine.ctx.restore_logits(a["logits"])

@@ -160,7 +160,6 @@ class LlamaContext:
             self._cb = C.ggml_backend_sched_eval_callback(lambda t, ask, ud: bool(cb_eval(int(t or 0), bool(ask))))
             params.cb_eval = self._cb
             params.cb_eval_user_data = None
-        self._cb_on = self._cb is not None
         ctx = C.llama_init_from_model(model.model, params)
         if not ctx:
             raise SpindleError(
@@ -313,19 +312,6 @@ class LlamaContext:
         from spindle_local.runtime import native
 
         return native.compact(self)
-
-    def set_eval_enabled(self, enabled: bool) -> None:
-        """Turn the ``cb_eval`` given at creation on or off (the patch's set_eval_callback).
-
-        With a callback installed, ggml asks it about every graph node (~1,000 Python calls
-        per decoded token, a few ms); the engine needs it only while it captures queries.
-        """
-        if self._cb is None or enabled == self._cb_on:
-            return
-        from spindle_local.runtime import native
-
-        native.set_eval_callback(self, self._cb if enabled else None)
-        self._cb_on = enabled
 
     def cache_bytes(self) -> tuple[int, int]:
         """Regular cache: (bytes of the cells in use for sequence 0, bytes allocated)."""

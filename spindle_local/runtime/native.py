@@ -20,7 +20,7 @@ from spindle_local.errors import RuntimeNotPatchedError, SpindleError
 from spindle_local.policy.plan import Codebook, HeadStore, LayerStore
 
 #: The ``LLAMA_SPINDLE_API_VERSION`` this module was written against.
-API_VERSION = 4
+API_VERSION = 5
 
 ERR_ARG = -1
 ERR_UNSUPPORTED = -2
@@ -110,6 +110,15 @@ _I64 = ctypes.c_int64
 _FP = ctypes.POINTER(ctypes.c_float)
 _IP = ctypes.POINTER(ctypes.c_int32)
 
+class llama_spindle_gather(ctypes.Structure):
+    _fields_ = [
+        ("n_slot", ctypes.c_int32),
+        ("n_slot_head", ctypes.POINTER(ctypes.c_int32)),
+        ("src", ctypes.POINTER(ctypes.c_int32)),
+        ("qmask", ctypes.POINTER(ctypes.c_uint8)),
+    ]
+
+
 # name -> (argtypes, restype); every symbol must exist for the runtime to count as patched
 _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "llama_spindle_api_version": ([], _I32),
@@ -126,7 +135,10 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "llama_spindle_store_buffer_bytes": ([_P, _I32, _I32], _I64),
     "llama_spindle_cache_bytes": ([_P, _I32, ctypes.POINTER(_I64), ctypes.POINTER(_I64)], _I32),
     "llama_spindle_compact": ([_P, _I32], _I32),
-    "llama_spindle_set_eval_callback": ([_P, _P, _P], _I32),
+    "llama_spindle_capture": ([_P, _I32, _I32], _I32),
+    "llama_spindle_capture_read": ([_P, _I32, _FP, _I32], _I32),
+    "llama_spindle_layer_scores": ([_P, _I32, _I32, _FP, _IP, _I32, ctypes.c_float, _FP, _FP, _FP, _FP, _IP, _I32], _I32),
+    "llama_spindle_store_gather": ([_P, _I32, _I32, ctypes.POINTER(llama_spindle_gather)], _I32),
     "llama_spindle_install_crash_handler": ([ctypes.c_char_p], _I32),
 }
 
@@ -540,8 +552,69 @@ def cache_bytes(ctx: Any) -> tuple[int, int]:
     return int(used.value), int(alloc.value)
 
 
-def set_eval_callback(ctx: Any, callback: Any | None) -> None:
-    """Install ``callback`` (a ``ggml_backend_sched_eval_callback``; None: none) from the next compute on."""
+def capture(ctx: Any, rows: int) -> None:
+    """Arm (``rows`` > 0) or stop (0) the window-query capture: each following ubatch copies its
+    last ``rows`` post-RoPE query rows of every layer on the layer's backend."""
     n = native()
-    fn = ctypes.cast(callback, ctypes.c_void_p) if callback is not None else None
-    n.check(n.spindle_set_eval_callback(ctx_ptr(ctx), fn, None), "set the eval callback")
+    n.check(n.spindle_capture(ctx_ptr(ctx), 0, int(rows)), "arm the query capture")
+
+
+def capture_read(ctx: Any, layer: int, rows: int, n_head: int, head_dim: int) -> np.ndarray:
+    """The query rows the last ubatch captured for ``layer``: float32 [m, n_head, head_dim], m <= rows."""
+    n = native()
+    out = np.empty((rows, n_head, head_dim), dtype=np.float32)
+    m = n.check(n.spindle_capture_read(ctx_ptr(ctx), layer, _fptr(out), rows), f"read the queries of layer {layer}")
+    return out[:m]
+
+
+@dataclass
+class LayerScores:
+    """Window attention of one layer, computed where its KV lives (llama_spindle_layer_scores).
+
+    ``slot_attn`` [Q, S] and ``cell_attn`` [Q, n_cells]: attention summed over the queries;
+    ``slot_vnorm`` [Hkv, S], ``cell_vnorm`` [Hkv, n_cells]: value norms; ``cell_pos`` [n_cells]
+    (-1: unused cell)."""
+
+    slot_attn: np.ndarray
+    slot_vnorm: np.ndarray
+    cell_attn: np.ndarray
+    cell_vnorm: np.ndarray
+    cell_pos: np.ndarray
+
+
+def layer_scores(ctx: Any, layer: int, q: np.ndarray, q_pos: np.ndarray, kq_scale: float,
+                 n_slot: int, n_cells: int) -> LayerScores:
+    """:class:`LayerScores` of ``layer`` for queries ``q`` [n_q, Q, dk] at ``q_pos`` [n_q]."""
+    n = native()
+    p = ctx_ptr(ctx)
+    lg = _layer_geometry(n, p, layer)
+    hq, hkv = lg.n_head, lg.n_head_kv
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    q_pos = np.ascontiguousarray(q_pos, dtype=np.int32)
+    if q.ndim != 3 or q.shape[1:] != (hq, lg.n_embd_head_k) or q.shape[0] != q_pos.shape[0]:
+        raise ValueError(f"layer {layer}: queries of shape {q.shape} for positions {q_pos.shape}")
+    sa = np.empty((hq, n_slot), np.float32)
+    sv = np.empty((hkv, n_slot), np.float32)
+    ca = np.empty((hq, n_cells), np.float32)
+    cv = np.empty((hkv, n_cells), np.float32)
+    cp = np.empty(n_cells, np.int32)
+    got = n.check(n.spindle_layer_scores(p, layer, 0, _fptr(q), _iptr(q_pos), len(q_pos), float(kq_scale),
+                                         _fptr(sa), _fptr(sv), _fptr(ca), _fptr(cv), _iptr(cp), n_cells),
+                  f"scores of layer {layer}")
+    if got != n_cells:
+        raise NativeError(f"scores of layer {layer}: the cache has {got} cells, expected {n_cells}")
+    return LayerScores(sa, sv, ca, cv, cp)
+
+
+def store_gather(ctx: Any, layer: int, n_slot_head: np.ndarray, src: np.ndarray, qmask: np.ndarray) -> None:
+    """Replace ``layer``'s store by raw rows gathered on its backend (llama_spindle_store_gather).
+
+    ``src`` int32 [Hkv, S]: slot ``j < S_old`` of the same KV head in the current store, or
+    ``S_old + cell`` of the regular cache; ``qmask`` [Q, S]; ``n_slot_head`` [Hkv]."""
+    n = native()
+    nsh = np.ascontiguousarray(n_slot_head, dtype=np.int32)
+    src = np.ascontiguousarray(src, dtype=np.int32)
+    qm = np.ascontiguousarray(qmask, dtype=np.uint8)
+    g = llama_spindle_gather(int(src.shape[1]) if src.size else 0, _iptr(nsh), _iptr(src),
+                             qm.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+    n.check(n.spindle_store_gather(ctx_ptr(ctx), layer, 0, ctypes.byref(g)), f"gather the store of layer {layer}")

@@ -1,61 +1,53 @@
-"""Capturing the window queries: post-RoPE Q of the most recent tokens, every layer.
+"""The window queries: post-RoPE Q of the most recent tokens, every layer.
 
 Eviction scores come from the real queries of the last ``w`` tokens, taken during their
-own forward pass through llama.cpp's eval callback (the graph names them ``Qcur-<il>``;
-the post-RoPE node is the last one of that name in graph order, so the last value seen
-wins). The callback answers "no" to every node while disabled, so decoding without
-capture costs one cheap Python call per graph node.
+own forward pass. The patch copies them on each layer's backend while capture is armed
+(``llama_spindle_capture``: the last ``w`` query rows of every ubatch, written by the graph
+itself, so it works wherever the layer runs: CPU, GPU or an RPC server), and
+:meth:`WindowQueries.collect` reads the small result (``w × n_head × d`` floats per
+layer) after the decode. The engine keeps the newest ``w`` rows of each layer on the host
+with their positions: a saved session carries them, and a look-ahead probe turns them by
+RoPE to the positions they will have.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from spindle_local.runtime.lowlevel import TensorView
+from spindle_local.runtime import native
 
 
 class WindowQueries:
     """Keeps the last ``window`` query rows of each layer, with their positions."""
 
-    def __init__(self, n_layer: int, window: int) -> None:
+    def __init__(self, n_layer: int, window: int, n_head: int = 0, head_dim: int = 0) -> None:
         self.n_layer = n_layer
         self.window = window
-        self.enabled = False
-        self._names = {f"Qcur-{il}": il for il in range(n_layer)}
+        self.n_head = n_head
+        self.head_dim = head_dim
         self._q: list[np.ndarray | None] = [None] * n_layer
         self._pos = np.zeros(0, dtype=np.int32)
-        self._pending: dict[int, np.ndarray] = {}
 
-    def __call__(self, ptr: int, ask: bool) -> bool:
-        if not self.enabled:
-            return False
-        view = TensorView(ptr)
-        il = self._names.get(view.name)
-        if il is None:
-            return False
-        if ask:
-            return True
-        arr = view.numpy()  # [n_tokens, H, d] for a [d, H, n_tokens] tensor
-        if arr.ndim == 4:
-            arr = arr.reshape(arr.shape[-3:]) if arr.shape[0] == 1 else arr.reshape(-1, *arr.shape[-2:])
-        self._pending[il] = arr[-self.window:].astype(np.float32, copy=True)
-        return True
-
-    def commit(self, positions: np.ndarray) -> None:
-        """Attach the positions of the batch just decoded; keep the newest ``window`` rows."""
-        if not self._pending:
-            return
+    def collect(self, ctx: Any, positions: np.ndarray) -> None:
+        """Read the rows the last decode captured (its last tokens, at ``positions``) and keep
+        the newest ``window`` of each layer."""
         positions = np.asarray(positions, dtype=np.int32)
-        for il, rows in self._pending.items():
+        new_pos = None
+        for il in range(self.n_layer):
+            rows = native.capture_read(ctx, il, self.window, self.n_head, self.head_dim)
+            if rows.shape[0] == 0:
+                continue
             pos = positions[-rows.shape[0]:]
             prev = self._q[il]
             merged = rows if prev is None or len(self._pos) == 0 else np.concatenate([prev, rows])
             self._q[il] = merged[-self.window:]
-            if il == 0:
+            if new_pos is None:
                 merged_pos = pos if len(self._pos) == 0 else np.concatenate([self._pos, pos])
                 new_pos = merged_pos[-self.window:]
-        self._pos = new_pos.astype(np.int32)
-        self._pending.clear()
+        if new_pos is not None:
+            self._pos = new_pos.astype(np.int32)
 
     def truncate(self, n: int) -> None:
         """Drop captured rows at positions >= ``n`` (the tokens were taken back)."""
@@ -68,7 +60,6 @@ class WindowQueries:
     def reset(self) -> None:
         self._q = [None] * self.n_layer
         self._pos = np.zeros(0, dtype=np.int32)
-        self._pending.clear()
 
     def snapshot(self) -> tuple[np.ndarray, list[np.ndarray | None]]:
         """(positions, per-layer rows), copied — what a saved session keeps and a look-ahead
@@ -81,6 +72,10 @@ class WindowQueries:
         self.reset()
         self._pos = np.asarray(positions, dtype=np.int32)
         self._q = [None if r is None else np.asarray(r, dtype=np.float32) for r in rows]
+
+    def nbytes(self) -> int:
+        """Host bytes the kept rows take."""
+        return int(sum(q.nbytes for q in self._q if q is not None) + self._pos.nbytes)
 
     @property
     def positions(self) -> np.ndarray:

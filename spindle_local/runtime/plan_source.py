@@ -1,0 +1,119 @@
+"""The layers of one compression, as the policy sees them.
+
+A layer that may become a codebook (the first ``codebook_candidates`` layers) is read to
+the host: the codebook is built from its rows. Every other layer is *scored* where its
+KV lives: the patch computes the window queries' attention over the layer's store and
+regular cache, and the value norms, on the layer's backend
+(``llama_spindle_layer_scores``), and the policy receives those small arrays with the
+positions and a source for every (token, KV head) pair; the store it plans is gathered
+by the patch from those sources (``llama_spindle_store_gather``). No K/V row of such a
+layer crosses to the host, so a plan costs host memory in proportion to the scores
+(``n_head × tokens`` floats per layer), and the same code runs on a CPU, a GPU or an RPC
+server.
+
+Sources are numbered as the patch numbers them: ``s < S_old`` is slot ``s`` of the same
+KV head in the layer's current store, ``S_old + c`` is cell ``c`` of the regular cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from spindle_local.policy import inputs as pin
+from spindle_local.policy.plan import LayerStore
+from spindle_local.policy.scores import attn_scale
+from spindle_local.runtime import native
+
+if TYPE_CHECKING:
+    from spindle_local.runtime.engine import Engine
+
+
+def assemble_scored_input(layer: int, sc: native.LayerScores, n_slot_head: np.ndarray, slot_pos: np.ndarray,
+                          cut: int, g: int, q_window: np.ndarray, q_positions: np.ndarray) -> pin.LayerInput:
+    """A scored :class:`~spindle_local.policy.inputs.LayerInput` from the patch's per-slot and
+    per-cell arrays: rows are the union of the store's positions, then the regular cells
+    before ``cut`` in position order; attention is averaged over the window queries that see
+    each token (what :func:`~spindle_local.policy.scores.raw_window_scores` computes on
+    host vectors)."""
+    hkv = len(n_slot_head)
+    S = slot_pos.shape[1] if slot_pos.ndim == 2 else 0
+    cp = sc.cell_pos
+    cells = np.nonzero((cp >= 0) & (cp < cut))[0]
+    cells = cells[np.argsort(cp[cells], kind="stable")]
+    valid = np.arange(S)[None, :] < np.asarray(n_slot_head)[:, None]
+    union = np.unique(slot_pos[valid]) if S else np.zeros(0, np.int32)
+    m = len(union)
+    n = m + len(cells)
+    positions = np.concatenate([union, cp[cells]]).astype(np.int32)
+    attn = np.zeros((hkv * g, n), np.float32)
+    v_norm = np.zeros((n, hkv), np.float32)
+    avail = np.zeros((n, hkv), bool)
+    source = np.zeros((n, hkv), np.int32)
+    for h in range(hkv):
+        k = int(n_slot_head[h])
+        rows = np.searchsorted(union, slot_pos[h, :k])
+        attn[h * g:(h + 1) * g, rows] = sc.slot_attn[h * g:(h + 1) * g, :k]
+        v_norm[rows, h] = sc.slot_vnorm[h, :k]
+        avail[rows, h] = True
+        source[rows, h] = np.arange(k, dtype=np.int32)
+    attn[:, m:] = sc.cell_attn[:, cells]
+    v_norm[m:] = sc.cell_vnorm[:, cells].T
+    avail[m:] = True
+    source[m:] = (S + cells)[:, None]
+    seen = (np.asarray(q_positions)[None, :] >= positions[:, None]).sum(axis=1)
+    attn = np.where(seen > 0, attn / np.maximum(seen, 1), 0.0).astype(np.float32)
+    return pin.LayerInput(layer=layer, k=None, k_pre=None, v=None, positions=positions,
+                          q_window=q_window, q_positions=np.asarray(q_positions, np.int32),
+                          available=avail, attn=attn, v_norm=v_norm, source=source)
+
+
+class PlanSource:
+    """The policy's :class:`~spindle_local.policy.sources.LayerSource` for one compression.
+
+    Scored layers are computed once per plan and kept (small arrays); host layers (codebook
+    candidates) are read afresh at each load. Loads are serialised: llama.cpp is used from
+    one thread at a time.
+    """
+
+    def __init__(self, engine: Engine, cut: int, lookahead) -> None:
+        self.engine, self.cut, self.lookahead = engine, cut, lookahead
+        self.lock = threading.Lock()
+        self.scored: dict[int, pin.LayerInput] = {}
+        # only spindle builds codebooks, in its first codebook_candidates layers at most
+        self.host_layers = (engine.policy.config.codebook_candidates(engine.geometry.n_layer)
+                            if engine.config.policy == "spindle" else 0)
+        self.host_bytes_read = 0  # K/V bytes read to the host by this plan (tests check it)
+
+    def __len__(self) -> int:
+        return self.engine.geometry.n_layer
+
+    def load(self, i: int) -> pin.LayerInput:
+        with self.lock:
+            if i < self.host_layers:
+                inp = self.engine.host_layer_input(i, self.cut, self.lookahead)
+                self.host_bytes_read += inp.k.nbytes + inp.v.nbytes
+                return inp
+            inp = self.scored.get(i)
+            if inp is None:
+                inp = self.scored[i] = self._score(i)
+            return inp
+
+    def _score(self, il: int) -> pin.LayerInput:
+        e = self.engine
+        q, q_pos = e.window(il, self.lookahead)
+        n_slot_head, slot_pos = e._store_meta.get(
+            il, (np.zeros(e.pgeo.n_head_kv, np.int32), np.zeros((e.pgeo.n_head_kv, 0), np.int32)))
+        sc = native.layer_scores(e.ctx, il, q, q_pos, attn_scale(e.pgeo, e.policy.config),
+                                 slot_pos.shape[1], e.cells)
+        inp = assemble_scored_input(il, sc, n_slot_head, slot_pos, self.cut, e.pgeo.g, q, q_pos)
+        if e.policy.wants_salience():
+            inp.salient = e._salient_flags()[inp.positions]
+        return inp
+
+    def install(self, i: int, st: LayerStore) -> None:
+        with self.lock:
+            self.scored.pop(i, None)
+            self.engine.install_store(st.layer, st)

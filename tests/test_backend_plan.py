@@ -1,0 +1,242 @@
+"""Compression where the KV lives: window-query capture, scores and the store gather in the patch.
+
+Oracles: the numpy reference of the window scores (``policy/scores.py``, plain-numpy
+kernels) on the same layer read to the host; the rows llama.cpp held before a plan
+(a gathered store must hold exactly those f16 rows); and the full cache (a store
+gathered from every old token gives the full cache's logits).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spindle_local.policy import inputs as pin
+from spindle_local.policy.scores import attn_scale, raw_window_scores
+from spindle_local.runtime import native
+from spindle_local.runtime.config import EngineConfig
+from spindle_local.runtime.engine import Engine
+from spindle_local.runtime.lowlevel import LlamaModel
+from spindle_local.runtime.plan_source import PlanSource, assemble_scored_input
+from spindle_local.testing.tiny_gguf import write_tiny_llama
+
+TINY = {
+    "mha": dict(n_layer=2, n_embd=64, n_head=4, n_head_kv=4, head_dim=16, seed=21),
+    "gqa": dict(n_layer=3, n_embd=96, n_head=6, n_head_kv=2, head_dim=32, seed=22),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = Path(tmp_path_factory.mktemp("tiny-backend"))
+    return {name: write_tiny_llama(d / f"{name}.gguf", **cfg).path for name, cfg in TINY.items()}
+
+
+def _tokens(model: LlamaModel, n: int, seed: int = 0) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(3, model.n_vocab, n)]
+
+
+def _engine(path: Path, **kw) -> Engine:
+    cfg = EngineConfig(**{"policy": "spindle", "kv_budget": 0.25, "n_cells": 512, "recent": 64, "chunk": 128,
+                          "n_threads": 2, "flash_attn": False, **kw})
+    return Engine(path, cfg)
+
+
+def _compare_scores(eng: Engine, cut: int) -> None:
+    """Patch scores of every layer equal the numpy reference on the host-read layer."""
+    cfg = pin.PolicyConfig(pooling=None)
+    for il in range(eng.geometry.n_layer):
+        ref_inp = eng.host_layer_input(il, cut)
+        ref = raw_window_scores(ref_inp, eng.pgeo, cfg, use_numba=False)
+        ref_vw = raw_window_scores(ref_inp, eng.pgeo, cfg, use_numba=False, value_weight=True)
+        q, q_pos = eng.window(il)
+        meta = eng._store_meta.get(il, (np.zeros(eng.pgeo.n_head_kv, np.int32),
+                                        np.zeros((eng.pgeo.n_head_kv, 0), np.int32)))
+        sc = native.layer_scores(eng.ctx, il, q, q_pos, attn_scale(eng.pgeo, cfg), meta[1].shape[1], eng.cells)
+        got = assemble_scored_input(il, sc, meta[0], meta[1], cut, eng.pgeo.g, q, q_pos)
+        assert np.array_equal(got.positions, ref_inp.positions)
+        assert np.array_equal(got.available, np.asarray(ref_inp.available, bool))
+        # f16 rounding of the queries in ggml's f16 products: ~1e-3 of a score of at most 1
+        np.testing.assert_allclose(got.attn, ref, rtol=2e-2, atol=2e-3)
+        vn = np.linalg.norm(ref_inp.v, axis=2)
+        ok = got.available
+        np.testing.assert_allclose(got.v_norm[ok], vn[ok], rtol=2e-3, atol=1e-4)
+        got_vw = raw_window_scores(got, eng.pgeo, cfg, value_weight=True)
+        np.testing.assert_allclose(got_vw, ref_vw, rtol=3e-2, atol=3e-3)
+
+
+@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_patch_scores_match_numpy_reference_tiny(tiny_paths: dict[str, Path], name: str, flash_attn: bool) -> None:
+    eng = _engine(tiny_paths[name], flash_attn=flash_attn, codebook_layers=1)
+    try:
+        toks = _tokens(eng.model, 700)
+        eng.feed(toks[:400])  # fits: no plan yet, the window queries are the prompt's last tokens
+        _compare_scores(eng, cut=eng.n_past - 64)
+        eng.feed(toks[400:])  # plans: raw and codebook layers in the store
+        assert eng.stats.compressions >= 1 and eng._store_layers
+        _compare_scores(eng, cut=eng.n_past - 64)
+    finally:
+        eng.close()
+
+
+def test_patch_scores_match_numpy_reference_smollm2(default_model: Path, pydoc_tokens: list[int]) -> None:
+    eng = _engine(default_model, n_cells=1024, recent=256, chunk=256)
+    try:
+        eng.feed(pydoc_tokens[:1500])
+        assert eng.stats.compressions >= 1
+        _compare_scores(eng, cut=eng.n_past - 256)
+    finally:
+        eng.close()
+
+
+def test_capture_reads_the_graphs_queries(tiny_paths: dict[str, Path]) -> None:
+    """The captured rows are the last ``window`` queries of the ubatch, post-RoPE, every layer."""
+    from spindle_local.testing.reference import ReferenceModel
+
+    path = tiny_paths["gqa"]
+    eng = _engine(path)
+    try:
+        toks = _tokens(eng.model, 100, seed=3)
+        eng.feed(toks)
+        ref = ReferenceModel.load(path)
+        q_all = ref.forward(np.asarray(toks)).q
+        w = eng.config.window
+        assert list(eng.queries.positions) == list(range(100 - w, 100))
+        for il in range(eng.geometry.n_layer):
+            np.testing.assert_allclose(eng.queries.layer(il), q_all[il][-w:], rtol=1e-3, atol=2e-3)
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_gathered_store_holds_the_cached_rows(tiny_paths: dict[str, Path], flash_attn: bool) -> None:
+    """After plans, every raw slot of a gathered layer holds exactly the f16 row llama.cpp cached."""
+    eng = _engine(tiny_paths["gqa"], flash_attn=flash_attn, policy="snapkv")
+    try:
+        toks = _tokens(eng.model, 1200, seed=4)
+        rows: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+        compress = eng._compress
+
+        def recording(**kw):
+            for il in range(eng.geometry.n_layer):  # what the cache holds before the plan
+                k, v, pos = eng.ctx.read_layer_kv(il)
+                for j, p in enumerate(pos):
+                    rows.setdefault(il, {})[int(p)] = (k[j], v[j])
+            compress(**kw)
+
+        eng._compress = recording
+        for done in range(0, len(toks), 128):
+            eng.feed(toks[done:done + 128])
+        assert eng.stats.compressions >= 2  # the later plans gather from the store too
+        for il in range(eng.geometry.n_layer):
+            st = eng.ctx.store_get(il)
+            assert st.heads and all(h.k_raw is not None for h in st.heads)
+            for h, hs in enumerate(st.heads):
+                for s, p in enumerate(hs.positions):
+                    k, v = rows[il][int(p)]
+                    assert np.array_equal(hs.k_raw[s], k[h]) and np.array_equal(hs.v_raw[s], v[h])
+    finally:
+        eng.close()
+
+
+def test_gather_of_every_token_keeps_the_logits(tiny_paths: dict[str, Path]) -> None:
+    """A store gathered from every old cell attends like the full cache (split and joined paths)."""
+    path = tiny_paths["gqa"]
+    eng = _engine(path, policy="full")
+    ref = _engine(path, policy="full")
+    try:
+        toks = _tokens(eng.model, 300, seed=5)
+        eng.feed(toks[:200])
+        ref.feed(toks[:200])
+        native.capture(eng.ctx, 0)  # the gather needs the store's configuration only
+        g = eng.pgeo.g
+        for il in range(eng.geometry.n_layer):
+            sc = native.layer_scores(eng.ctx, il, np.zeros((1, eng.pgeo.n_head, eng.pgeo.head_dim_k), np.float32),
+                                     np.array([10_000], np.int32), 0.1, 0, eng.cells)
+            cells = np.nonzero((sc.cell_pos >= 0) & (sc.cell_pos < 150))[0]
+            cells = cells[np.argsort(sc.cell_pos[cells])]
+            hkv = eng.pgeo.n_head_kv
+            native.store_gather(eng.ctx, il, np.full(hkv, len(cells), np.int32),
+                                np.tile(cells.astype(np.int32), (hkv, 1)), np.ones((hkv * g, len(cells)), np.uint8))
+        eng.ctx.seq_rm(0, 150)
+        eng.ctx.compact()
+        eng._store_layers = set(range(eng.geometry.n_layer))
+        a = eng.feed(toks[200:260])  # joined path (a prompt chunk)
+        b = ref.feed(toks[200:260])
+        np.testing.assert_allclose(a, b, atol=2e-3)
+        a = eng.step(toks[260])  # split path (one token)
+        b = ref.step(toks[260])
+        np.testing.assert_allclose(a, b, atol=2e-3)
+    finally:
+        eng.close()
+        ref.close()
+
+
+@pytest.mark.parametrize("policy,options,host_layers", [
+    ("snapkv", {}, 0), ("pyramidkv", {}, 0), ("streaming", {}, 0),
+    ("spindle", {"codebook_layers": 0}, 0), ("spindle", {}, None),
+])
+def test_plans_read_no_eviction_layer_to_the_host(default_model: Path, pydoc_tokens: list[int], monkeypatch,
+                                                  policy: str, options: dict, host_layers: int | None) -> None:
+    """Count the rows the read hooks deliver during plans: only codebook candidates are read."""
+    read: list[int] = []
+    real_read, real_get = native.read_layer_kv, native.store_get
+
+    def counting_read(ctx, layer, seq=0):
+        read.append(layer)
+        return real_read(ctx, layer, seq)
+
+    def counting_get(ctx, layer):
+        read.append(layer)
+        return real_get(ctx, layer)
+
+    monkeypatch.setattr(native, "read_layer_kv", counting_read)
+    monkeypatch.setattr(native, "store_get", counting_get)
+    eng = _engine(default_model, policy=policy, n_cells=768, recent=256, chunk=256, **options)
+    try:
+        eng.feed(pydoc_tokens[:1800])
+        assert eng.stats.compressions >= 2
+        limit = eng.policy.config.codebook_candidates(eng.geometry.n_layer) if host_layers is None else host_layers
+        assert all(il < limit for il in read), sorted(set(read))
+        if host_layers == 0:
+            assert read == []
+        assert eng.refresh_stats().reserve_ratio <= 0.25 + 1e-9
+    finally:
+        eng.close()
+
+
+def test_plan_source_scores_once_per_layer(default_model: Path, pydoc_tokens: list[int], monkeypatch) -> None:
+    """Each scored layer is computed once per plan however often the policy loads it."""
+    calls: list[int] = []
+    real = native.layer_scores
+
+    def counting(ctx, layer, *a, **kw):
+        calls.append(layer)
+        return real(ctx, layer, *a, **kw)
+
+    monkeypatch.setattr(native, "layer_scores", counting)
+    eng = _engine(default_model, policy="snapkv", n_cells=768, recent=256, chunk=256)
+    try:
+        eng.feed(pydoc_tokens[:1000])
+        n = eng.stats.compressions
+        assert n >= 1
+        assert sorted(calls) == sorted(list(range(eng.geometry.n_layer)) * n)
+    finally:
+        eng.close()
+
+
+def test_plan_source_counts_host_bytes(default_model: Path, pydoc_tokens: list[int]) -> None:
+    eng = _engine(default_model, n_cells=768, recent=256, chunk=256)
+    try:
+        eng.feed(pydoc_tokens[:600])
+        src = PlanSource(eng, cut=eng.n_past - 256, lookahead=None)
+        src.load(0)
+        assert src.host_bytes_read > 0  # layer 0 is a codebook candidate: read to the host
+        before = src.host_bytes_read
+        src.load(eng.geometry.n_layer - 1)
+        assert src.host_bytes_read == before  # a deep layer is scored in the patch
+    finally:
+        eng.close()
