@@ -180,6 +180,10 @@ def engine_options(f):
                      help="Plans made while a long prompt is read also score with the prompt's last "
                           "--window tokens (its question), probed ahead of time."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)."),
+        click.option("--rpc", default=None, metavar="HOST:PORT[,...]",
+                     help="Place layers on ggml RPC servers (started with `spindle-local rpc-server`)."),
+        click.option("--gpu-layers", type=click.IntRange(min=0), default=None,
+                     help="Layers on GPUs or RPC servers (default: all of them when there are any)."),
         click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
                      help="Use llama.cpp's flash-attention kernels."),
         click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
@@ -193,8 +197,8 @@ def engine_options(f):
 def engine_config(*, policy: str, kv_budget: float | None, window: int, sinks: int, recent: int,
                   codebook_layers: str, theta_k: float, theta_v: float, chunk: int, threads: int | None,
                   flash_attn: bool, kv_mem: str | None = None, max_tokens: int | None = None,
-                  n_cells: int | None = None, lookahead: bool = True,
-                  settings: tuple[str, ...] = ()):
+                  n_cells: int | None = None, lookahead: bool = True, rpc: str | None = None,
+                  gpu_layers: int | None = None, settings: tuple[str, ...] = ()):
     from spindle_local.runtime.config import EngineConfig, apply_settings
     from spindle_local.runtime.memory import parse_size
 
@@ -210,7 +214,11 @@ def engine_config(*, policy: str, kv_budget: float | None, window: int, sinks: i
     cfg = EngineConfig(policy=policy, kv_budget=kv_budget, window=window, sinks=sinks, recent=recent,
                        codebook_layers=cb, theta_k=theta_k, theta_v=theta_v, chunk=chunk, n_threads=threads,
                        flash_attn=flash_attn, max_tokens=max_tokens, n_cells=n_cells, kv_mem=mem,
-                       lookahead=lookahead)
+                       lookahead=lookahead, gpu_layers=gpu_layers)
+    if rpc:
+        from spindle_local.runtime.rpc import parse_endpoints
+
+        cfg.rpc = tuple(parse_endpoints(rpc))
     apply_settings(cfg, settings)
     cfg.validate()
     return cfg
@@ -312,6 +320,9 @@ def chat(click_ctx: click.Context, model: Path | None, n_ctx: int | None, temper
         cfg = saved.config()
         system_prompt = saved.system_prompt
         _warn_resume_overrides(click_ctx, cfg, n_ctx=n_ctx, threads=engine_kw.get("threads"))
+        # where layers run is this command's choice, not the session's
+        placed = engine_config(**engine_kw)
+        cfg.rpc, cfg.gpu_layers = placed.rpc, placed.gpu_layers
     else:
         path, cfg = conversation_setup(model, n_ctx, engine_kw)
     for f in files:
@@ -342,7 +353,7 @@ def _warn_resume_overrides(click_ctx: click.Context, cfg: Any, *, n_ctx: int | N
     """With --resume, say in one line which explicitly given options the session's settings replace.
 
     The saved KV cache was built with the session's policy, budget, window, chunk and
-    context; only --threads (how fast, not what is computed) is honoured.
+    context; only --threads, --rpc and --gpu-layers (how and where, not what is computed) are honoured.
     """
     from click.core import ParameterSource
 
@@ -635,6 +646,28 @@ def bench(model: Path | None, out_dir: Path, text: Path | None, policies: str, b
 
         run_bench(str(path), out_dir, grid, EngineConfig(n_threads=threads), load_text(text), progress=progress)
     click.echo(f"report: {out_dir / 'report.md'}")
+
+
+@main.command("rpc-server")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback exposes this machine to the network.")
+@click.option("--port", type=click.IntRange(1, 65535), default=50052, show_default=True, help="TCP port.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+def rpc_server(host: str, port: int, threads: int | None) -> None:
+    """Serve this machine's CPU to other spindle-local processes over ggml's RPC protocol.
+
+    Clients place layers here with --rpc HOST:PORT. The protocol has no authentication:
+    bind beyond loopback only on a network you trust.
+    """
+    import os
+
+    from spindle_local.runtime.rpc import is_loopback, serve as rpc_serve
+
+    if not is_loopback(host):
+        click.echo(f"warning: the RPC server on {host}:{port} accepts anyone who reaches it "
+                   "(ggml's RPC protocol has no authentication)", err=True)
+    click.echo(f"RPC server on {host}:{port}; Ctrl-C stops it", err=True)
+    rpc_serve(host, port, threads or os.cpu_count() or 1)
 
 
 @main.command("serve")

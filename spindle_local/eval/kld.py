@@ -63,9 +63,8 @@ def run_kld(model_path: str, *, text: str, context: int, continuation: int, engi
 
     from spindle_local.errors import UsageError
     from spindle_local.runtime.engine import Engine, EngineConfig
-    from spindle_local.runtime.lowlevel import LlamaModel
 
-    model = LlamaModel(model_path)
+    model = engine_config.load_model(model_path)
     try:
         toks = model.tokenize(text, add_special=True)
         need = context + continuation

@@ -163,9 +163,8 @@ class EnginePair:
         from dataclasses import replace
 
         from spindle_local.runtime.engine import Engine, EngineConfig
-        from spindle_local.runtime.lowlevel import LlamaModel
 
-        self.model = LlamaModel(model_path)
+        self.model = engine_config.load_model(model_path)
         self.full = self.comp = None
         try:
             self.full = Engine(model_path, EngineConfig(policy="full", n_cells=longest, max_tokens=longest,

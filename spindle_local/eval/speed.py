@@ -29,7 +29,12 @@ def _worker(args: dict) -> dict:
     from spindle_local.eval.texts import load_text
     from spindle_local.runtime.lowlevel import LlamaContext, LlamaModel
 
-    model = LlamaModel(args["model"])
+    if args["mode"] == "stock":
+        model = LlamaModel(args["model"])
+    else:
+        from spindle_local.runtime.config import EngineConfig
+
+        model = EngineConfig(**args["engine"]).load_model(args["model"])
     toks = model.tokenize(load_text(args.get("text")), add_special=False)[: args["context"]]
     if len(toks) < args["context"]:
         raise SpindleError(f"the text has only {len(toks)} tokens, fewer than --context {args['context']}")

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spindle_local.errors import UsageError
 from spindle_local.runtime.memory import CELL_BLOCK
+
+if TYPE_CHECKING:
+    from spindle_local.runtime.lowlevel import LlamaModel
 
 POLICIES = ("full", "streaming", "snapkv", "pyramidkv", "spindle")
 MIN_SLACK = 16  # fewest generated tokens a plan leaves room for (Engine._slack)
@@ -37,8 +42,22 @@ class EngineConfig:
     n_cells: int | None = None  # regular-cache allocation; default recent + 2 * chunk (see cells())
     max_tokens: int | None = None  # longest context; default the model's trained context
     kv_mem: int | None = None  # KV memory cap in bytes (regular cache + store); replaces kv_budget
+    rpc: tuple[str, ...] = ()  # ggml RPC servers (HOST:PORT) that hold layers (runtime/rpc.py)
+    gpu_layers: int | None = None  # layers on GPUs / RPC servers; None: llama.cpp's default (all of them)
+
+    def load_model(self, path: str | Path) -> LlamaModel:
+        """The model at ``path`` placed as ``rpc`` and ``gpu_layers`` say."""
+        from spindle_local.runtime.lowlevel import LlamaModel
+
+        if self.rpc:
+            from spindle_local.runtime import rpc
+
+            rpc.add_servers(list(self.rpc))
+        return LlamaModel(path, n_gpu_layers=self.gpu_layers)
 
     def validate(self) -> None:
+        if self.gpu_layers is not None and self.gpu_layers < 0:
+            raise UsageError(f"--gpu-layers must be >= 0, got {self.gpu_layers}")
         if self.policy not in POLICIES:
             raise UsageError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
         if not (0.0 < self.kv_budget <= 1.0):

@@ -99,7 +99,7 @@ class Engine:
                  *, model: LlamaModel | None = None) -> None:
         self.config = config or EngineConfig()
         self.config.validate()
-        self.model = model or LlamaModel(str(model_path))
+        self.model = model or self.config.load_model(model_path)
         cfg = self.config
         self.layout: MemoryLayout | None = None  # set when a KV memory cap (kv_mem) sizes everything
         cells, self.chunk = self._allocation(model_path)

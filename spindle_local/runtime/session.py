@@ -88,7 +88,7 @@ class Session:
         return self.header["model"]
 
     def config(self) -> EngineConfig:
-        known = {f.name for f in fields(EngineConfig)}
+        known = {f.name for f in fields(EngineConfig)} - {"rpc", "gpu_layers"}  # placement: the command's
         cfg = EngineConfig(**{k: v for k, v in self.header["config"].items() if k in known})
         cfg.validate()
         return cfg
