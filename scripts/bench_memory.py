@@ -50,14 +50,13 @@ def worker(args: argparse.Namespace) -> dict:
     while len(ids) < args.tokens:
         ids = ids + ids
     ids = ids[: args.tokens]
-    extra = {} if args.spill is None else {"spill": args.spill}
     if args.mode == "full":
         cells = args.tokens + 64
         cfg = EngineConfig(policy="full", n_cells=cells, max_tokens=cells, n_threads=args.threads)
     elif args.mode == "kvmem":
-        cfg = EngineConfig(kv_mem=args.kv_mem, n_threads=args.threads, **extra)
+        cfg = EngineConfig(kv_mem=args.kv_mem, n_threads=args.threads)
     else:
-        cfg = EngineConfig(policy=args.mode, kv_budget=args.budget, n_threads=args.threads, **extra)
+        cfg = EngineConfig(policy=args.mode, kv_budget=args.budget, n_threads=args.threads)
     eng = Engine(path, cfg, model=model)
     t0 = time.perf_counter()
     eng.feed(ids)
@@ -68,7 +67,7 @@ def worker(args: argparse.Namespace) -> dict:
                 rss_peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 kv_held=int(eng.kv_memory()[0]),
                 full_kv=full_cache_bytes(args.tokens, geo.n_layer, geo.n_head_kv, geo.head_dim_k, geo.head_dim_v),
-                spill_peak=st.peak_spill_bytes, compressions=st.compressions, compress_s=round(st.compress_seconds, 3),
+                compressions=st.compressions, compress_s=round(st.compress_seconds, 3),
                 prefill_s=round(prefill, 3))
 
 
@@ -81,8 +80,6 @@ def main() -> None:
     ap.add_argument("--text", default=DEFAULT_TEXT)
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--spill", action=argparse.BooleanOptionalAction, default=None,
-                    help="force the prompt spill on or off (default: the engine's default)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="full", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -98,7 +95,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--tokens", str(n),
                    "--budget", str(args.budget), "--kv-mem", str(args.kv_mem), "--text", args.text,
                    "--threads", str(args.threads)]
-            cmd += [] if args.spill is None else ["--spill" if args.spill else "--no-spill"] + (["--model", args.model] if args.model else [])
+            cmd += ["--model", args.model] if args.model else []
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{mode} at {n} tokens failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -110,7 +107,7 @@ def main() -> None:
             target = f"{(full['rss_peak'] - full['full_kv'] / 2) / mib:7.0f}" if full and mode != "full" else "      -"
             print(f"{n:6d} {mode:9s} model {r['rss_model'] / mib:6.0f} MiB  peak {r['rss_peak'] / mib:6.0f} MiB"
                   f"  (target {target})  KV held {r['kv_held'] / mib:6.1f} MiB  full KV {r['full_kv'] / mib:6.1f} MiB"
-                  f"  spill {r['spill_peak'] / mib:5.1f} MiB  compress {r['compress_s']:6.2f} s in {r['compressions']}  prefill {r['prefill_s']:6.1f} s",
+                  f"  compress {r['compress_s']:6.2f} s in {r['compressions']}  prefill {r['prefill_s']:6.1f} s",
                   flush=True)
     print(json.dumps(rows))
 

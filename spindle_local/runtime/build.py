@@ -42,7 +42,7 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 STAMP_NAME = "spindle_build.json"
 BACKENDS = ("cpu", "cuda", "metal")
 
-# Flags that keep the build to what spindle-local uses: the llama library only.
+# Flags that keep the build to what spindle-local uses: the llama library and ggml's RPC backend.
 _BASE_CMAKE_ARGS = [
     "-DLLAVA_BUILD=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
@@ -50,6 +50,7 @@ _BASE_CMAKE_ARGS = [
     "-DLLAMA_BUILD_TOOLS=OFF",
     "-DLLAMA_BUILD_SERVER=OFF",
     "-DLLAMA_CURL=OFF",
+    "-DGGML_RPC=ON",  # layers on other machines (spindle-local rpc-server, --rpc)
 ]
 _BACKEND_CMAKE_ARGS = {
     "cpu": [],
