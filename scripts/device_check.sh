@@ -46,8 +46,8 @@ try:
 except Exception as e:  # noqa: BLE001
     print(f"  no speed result ({e})")
     sys.exit(0)
-for k in ("decode_tok_s", "decode_tok_s_stock", "decode_ratio", "prefill_tok_s", "prefill_tok_s_stock",
-          "prefill_ratio", "compress_share"):
+for k in ("decode_tps", "decode_tps_stock", "decode_ratio", "prefill_tps", "prefill_tps_stock",
+          "prefill_ratio", "compress_fraction_of_prefill", "reserve_ratio", "stock_library"):
     if k in r:
         print(f"  {k:24s} {r[k]}")
 EOF

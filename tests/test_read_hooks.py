@@ -99,34 +99,30 @@ def test_read_after_seq_rm(smollm: LlamaModel) -> None:
         np.testing.assert_array_equal(v, v_all[4:])
 
 
-def test_eval_callback_on_and_off(smollm: LlamaModel) -> None:
-    """set_eval_enabled(False) removes the callback (no call at all, reused graphs included);
-    turning it back on brings it back, and the logits do not depend on it."""
-    calls = []
-
-    def count(ptr: int, ask: bool) -> bool:
-        calls.append(ask)
-        return False
-
+def test_query_capture_on_and_off(smollm: LlamaModel) -> None:
+    """The patch's query capture: rows only while armed (reused graphs included), the last
+    ubatch's last rows, and logits that do not depend on it."""
     tokens = smollm.tokenize("one two three four five six seven eight nine ten")
-    with LlamaContext(smollm, n_ctx=256, cb_eval=count) as ctx:
+    lg = native.get_geometry
+    with LlamaContext(smollm, n_ctx=256) as ctx:
+        geo = lg(ctx).layers[0]
+        native.capture(ctx, 4)
         ctx.decode(tokens)
-        assert len(calls) > 100  # asked about every node of the graph
+        rows = native.capture_read(ctx, 3, 4, geo.n_head, geo.head_dim_k)
+        assert rows.shape == (4, geo.n_head, geo.head_dim_k) and np.abs(rows).sum() > 0
         seen = []
-        for i, on in enumerate([False, False, True, False, True]):
-            ctx.set_eval_enabled(on)
-            before = len(calls)
-            ctx.decode([tokens[i]])  # one-token graphs: reused from the second on
-            seen.append(len(calls) - before)
-            if i == 1:
-                off_logits = ctx.logits().copy()
-        assert seen[0] == seen[1] == seen[3] == 0
-        assert seen[2] > 100 and seen[4] > 100
-    with LlamaContext(smollm, n_ctx=256) as ref:  # no callback ever
+        for i, on in enumerate([False, False, True, True, False]):
+            native.capture(ctx, 4 if on else 0)
+            ctx.decode([tokens[i]])  # one-token graphs: reused while the setting stays
+            seen.append(native.capture_read(ctx, 3, 4, geo.n_head, geo.head_dim_k).shape[0])
+            if i == 3:
+                on_logits = ctx.logits().copy()
+        assert seen == [0, 0, 1, 1, 0]
+    with LlamaContext(smollm, n_ctx=256) as ref:  # never captured
         ref.decode(tokens)
-        ref.decode([tokens[0]])
-        ref.decode([tokens[1]])
-        np.testing.assert_array_equal(ref.logits(), off_logits)
+        for t in tokens[:4]:
+            ref.decode([t])
+        np.testing.assert_array_equal(ref.logits(), on_logits)
 
 
 def test_bad_layer_is_a_clear_error(smollm: LlamaModel) -> None:

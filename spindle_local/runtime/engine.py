@@ -99,6 +99,7 @@ class Engine:
                  *, model: LlamaModel | None = None) -> None:
         self.config = config or EngineConfig()
         self.config.validate()
+        self._owns_model = model is None  # close() frees only what this engine created
         self.model = model or self.config.load_model(model_path)
         cfg = self.config
         self.layout: MemoryLayout | None = None  # set when a KV memory cap (kv_mem) sizes everything
@@ -256,8 +257,10 @@ class Engine:
         return True
 
     def close(self) -> None:
+        """Free the context, and the model when this engine loaded it (a model passed in stays open)."""
         self.ctx.close()
-        self.model.close()
+        if self._owns_model:
+            self.model.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -639,13 +642,20 @@ class Engine:
         k_rec, v_rec, p_rec = k[~old], v[~old], pos[~old]
         del k, v
         avail_old = np.ones((len(p_old), self.pgeo.n_head_kv), dtype=bool)
+        # pre-RoPE keys only where a codebook may be built (they cost a third of a plan's input)
+        wants_pre = self.rope_ok and il < self.policy.config.codebook_candidates(self.geometry.n_layer)
+        k_pre = self._unrope(il, k_old, p_old) if wants_pre else None
         if il in self._store_layers:
-            ks, vs, ps, avail = self._store_vectors(il)
+            ks, vs, ps, avail, ks_pre, pre_known = self._store_vectors(il)
+            if wants_pre:
+                # codebook keys are stored before RoPE: only the raw store rows are turned back
+                for h in range(self.pgeo.n_head_kv):
+                    raw = ~pre_known[:, h]
+                    if raw.any():
+                        ks_pre[raw, h] = self._unrope(il, ks[raw, h:h + 1], ps[raw])[:, 0]
+                k_pre = np.concatenate([ks_pre, k_pre])
             k_old, v_old, p_old, avail_old = (np.concatenate(x) for x in
                                               zip((ks, vs, ps, avail), (k_old, v_old, p_old, avail_old)))
-        # pre-RoPE keys only where a codebook may be built (they cost a third of a plan's input)
-        wants_pre = il < self.policy.config.codebook_candidates(self.geometry.n_layer)
-        k_pre = self._unrope(il, k_old, p_old) if self.rope_ok and wants_pre else None
         q, q_pos = self.window(il, lookahead)
         salient = self._salient_flags()[p_old] if self.policy.wants_salience() else None
         return pin.LayerInput(layer=il, k=k_old, k_pre=k_pre, v=v_old, positions=p_old.astype(np.int32),
@@ -711,11 +721,13 @@ class Engine:
     def _unrope(self, il: int, k: np.ndarray, pos: np.ndarray) -> np.ndarray:
         return roper.rotate(k, pos, inverse=True, **self._rope_args(il))
 
-    def _store_vectors(self, il: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The store of layer ``il`` as dense arrays over the union of its slots' positions.
+    def _store_vectors(self, il: int) -> tuple[np.ndarray, ...]:
+        """The store of layer ``il`` as dense arrays over the union of its slots' positions:
+        ``(k, v, positions, available, k_pre, pre_known)``.
 
         KV heads keep different tokens; a (token, head) pair a head does not hold is
-        marked unavailable (zeros in the arrays) so the policy never selects it.
+        marked unavailable (zeros in the arrays) so the policy never selects it. Codebook
+        keys are kept before RoPE: ``k_pre`` holds them where ``pre_known`` is True.
         """
         store: LayerStore = self.ctx.store_get(il)
         hkv, dk, dv = self.pgeo.n_head_kv, self.pgeo.head_dim_k, self.pgeo.head_dim_v
@@ -724,16 +736,20 @@ class Engine:
         k = np.zeros((m, hkv, dk), np.float32)
         v = np.zeros((m, hkv, dv), np.float32)
         avail = np.zeros((m, hkv), bool)
+        k_pre = np.zeros((m, hkv, dk), np.float32)
+        pre_known = np.zeros((m, hkv), bool)
         for h, hs in enumerate(store.heads):
             rows = np.searchsorted(union, hs.positions)
             if hs.k_codebook is not None:
-                kp = hs.k_codebook.reconstruct()[:, None, :]
-                k[rows, h] = roper.rotate(kp, hs.positions, **self._rope_args(il))[:, 0]
+                kp = hs.k_codebook.reconstruct()
+                k_pre[rows, h] = kp
+                pre_known[rows, h] = True
+                k[rows, h] = roper.rotate(kp[:, None, :], hs.positions, **self._rope_args(il))[:, 0]
             else:
                 k[rows, h] = hs.k_raw
             v[rows, h] = hs.v_codebook.reconstruct() if hs.v_codebook is not None else hs.v_raw
             avail[rows, h] = True
-        return k, v, union.astype(np.int32), avail
+        return k, v, union.astype(np.int32), avail, k_pre, pre_known
 
     # -- generation ---------------------------------------------------------------------------
 
