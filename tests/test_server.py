@@ -310,7 +310,8 @@ def test_ten_concurrent_streams_each_get_their_own_answer(server: LiveServer) ->
     assert stats["queue"] == {"busy": False, "waiting": 0}
     mem = stats["memory"]  # what the conversation holds, per part
     assert mem["regular_cache_bytes"] >= stats["regular_bytes"] > 0
-    assert mem["store_bytes"] >= 0 and mem["host_copies_bytes"] == 0  # no prompt being read
+    # host copies between plans: the window queries (w x layers x heads x d floats) and slot positions
+    assert mem["store_bytes"] >= 0 and 0 < mem["host_copies_bytes"] < mem["regular_cache_bytes"] / 4
     assert stats["kv_allocated_bytes"] == mem["regular_cache_bytes"] + mem["store_bytes"]
 
 
