@@ -7,7 +7,7 @@ each configuration (EngineConfig fields as JSON; `policy_options` for PolicyConf
 One JSON line per configuration: which prompts found their key.
 
     .venv/bin/python scripts/needle_ab.py --cells 3500:0.1,6000:0.1,6000:0.5 --budget 0.25 \\
-        '{}' '{"spill": false}' '{"policy_options": {"anchor_span": 0}}' '{"policy": "full", "n_cells": 6100}'
+        '{}' '{"policy_options": {"anchor_span": 0}}' '{"policy": "full", "n_cells": 6100}'
 """
 
 import argparse

@@ -51,7 +51,7 @@ def _tokens(model, text: str) -> list[int]:
 
 
 ENGINE_FIELDS = ("window", "sinks", "codebook_layers", "theta_k", "theta_v", "recent", "chunk", "decode_slack",
-                 "lookahead", "eager_compress", "spill", "lazy_plans")
+                 "lookahead", "eager_compress", "lazy_plans")
 
 
 def _engine_config(policy: str, budget: float, opts: dict, threads: int = 1, engine_kw: dict | None = None):
