@@ -1,7 +1,7 @@
 """Ctrl-C that is safe by construction: a flag, checked between native calls.
 
-While the engine decodes, llama.cpp calls back into Python (the eval callback that
-captures window queries, the log callback). A ``KeyboardInterrupt`` raised there is
+While the engine decodes, llama.cpp may call back into Python (the log callback). A
+``KeyboardInterrupt`` raised there is
 swallowed by ctypes (a traceback is printed, the decode runs on) or leaves a batch
 half decoded. So while the engine works, SIGINT only sets a :class:`CancelFlag`; the
 engine looks at the flag where stopping is clean — before a prompt chunk, before a

@@ -405,7 +405,8 @@ class _GgmlTensor(ctypes.Structure):
 
 
 class TensorView:
-    """Read a ``ggml_tensor *`` seen by the eval callback (CPU/host buffers only)."""
+    """Read a ``ggml_tensor *`` seen by an eval callback (CPU/host buffers only; tests use it
+    to check the read hooks against llama.cpp's own tensors, the engine never does)."""
 
     def __init__(self, ptr: int) -> None:
         self.t = _GgmlTensor.from_address(ptr)
