@@ -11,6 +11,13 @@ ARCH="${1:-90}"
 WORK="${WORK:-${TMPDIR:-/tmp}/spindle-cuda-build}"
 JOBS="${JOBS:-$(nproc)}"
 command -v nvcc >/dev/null || { echo "error: nvcc not found on PATH" >&2; exit 2; }
+# ggml's CUDA backend links cuBLAS: a toolkit with nvcc alone does not configure
+cuda_root="${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}"
+if ! ls "$cuda_root"/include/cublas_v2.h /usr/local/cuda/include/cublas_v2.h /usr/include/cublas_v2.h >/dev/null 2>&1 \
+        && ! ls "$cuda_root"/targets/*/include/cublas_v2.h >/dev/null 2>&1; then
+    echo "error: no cuBLAS headers next to nvcc ($cuda_root); ggml's CUDA backend needs the CUDA toolkit's cuBLAS" >&2
+    exit 2
+fi
 VPY="${VPY:-.venv/bin/python}"
 
 src=$("$VPY" - "$WORK" <<'EOF'
