@@ -39,6 +39,7 @@ from spindle_local.errors import SpindleError, UsageError
 from spindle_local.policy import inputs as pin
 from spindle_local.policy.plan import LayerStore, full_cache_bytes
 from spindle_local.policy.policies import make_policy
+from spindle_local.runtime import native
 from spindle_local.runtime import rope as roper
 from spindle_local.runtime.config import MIN_SLACK, POLICIES, EngineConfig, budget_geometry  # noqa: F401
 from spindle_local.runtime.interrupt import CancelFlag, Interrupted, sigint_sets  # noqa: F401  (re-exported)
@@ -104,7 +105,7 @@ class Engine:
         cfg = self.config
         self.layout: MemoryLayout | None = None  # set when a KV memory cap (kv_mem) sizes everything
         cells, self.chunk = self._allocation(model_path)
-        self._n_layer_hint()  # checks the runtime is patched before a context is created
+        native.native()  # the runtime is patched (one-line error otherwise) before a context exists
         self.ctx = LlamaContext(self.model, n_ctx=cells, n_batch=self.chunk, n_ubatch=self.chunk,
                                 n_threads=cfg.n_threads, flash_attn=cfg.flash_attn,
                                 type_k=cfg.cache_type, type_v=cfg.cache_type)
@@ -192,21 +193,12 @@ class Engine:
         """Bytes of each part of what the conversation holds: llama.cpp's regular cache
         allocation, the store's buffers, and what compression keeps on the host between
         plans (the window queries and the store's slot positions)."""
-        from spindle_local.runtime import native
-
         host = self.queries.nbytes() + sum(a.nbytes + b.nbytes for a, b in self._store_meta.values())
         return {
             "regular_cache_bytes": int(self.ctx.cache_bytes()[1]),
             "store_bytes": int(native.store_buffer_bytes(self.ctx)) if self._store_layers else 0,
             "host_copies_bytes": int(host),
         }
-
-    def _n_layer_hint(self) -> int:
-        from spindle_local.runtime import native  # noqa: F401  (checks the runtime is patched)
-
-        import llama_cpp.llama_cpp as C
-
-        return int(C.llama_model_n_layer(self.model.model))
 
     # -- state ---------------------------------------------------------------------------
 
@@ -304,8 +296,6 @@ class Engine:
         once, so the state is kept across decodes that want the same)."""
         if on == self._capturing:
             return
-        from spindle_local.runtime import native
-
         native.capture(self.ctx, self.config.window if on else 0)
         self._capturing = on
 
@@ -591,7 +581,6 @@ class Engine:
                   lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None, keep: int = 0) -> None:
         """Move every regular token older than the newest ``max(recent, keep)`` into the store (re-planned)."""
         t0 = time.perf_counter()
-        cfg = self.config
         cut = self.n_past - max(self._recent(), keep)
         if cut <= 0:
             if force:
@@ -673,8 +662,6 @@ class Engine:
         for h, hs in enumerate(heads):
             pos[h, :hs.n_slots] = hs.positions
         if S and all(h.source is not None for h in heads):
-            from spindle_local.runtime import native
-
             g = self.pgeo.g
             src = np.zeros((len(heads), S), dtype=np.int32)
             qmask = np.zeros((len(heads) * g, S), dtype=np.uint8)
