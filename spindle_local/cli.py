@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from spindle_local import __version__
-from spindle_local.errors import SpindleError, UsageError
+from spindle_local.errors import ModelError, SpindleError, UsageError
 
 MODEL_ARG_HELP = "GGUF model file (default: SmolLM2-135M-Instruct, fetched on first use)."
 
@@ -111,6 +111,8 @@ def info(model: Path | None, as_json: bool) -> None:
     from spindle_local.runtime.gguf_meta import read_meta
     from spindle_local.runtime.model_files import resolve_model
 
+    from spindle_local.runtime.support import model_support
+
     meta = read_meta(resolve_model(model))
     if as_json:
         click.echo(json.dumps(meta.as_dict(), indent=2))
@@ -129,7 +131,7 @@ def info(model: Path | None, as_json: bool) -> None:
         ("sliding window", meta.sliding_window or "none"),
         ("KV bytes/token (f16)", f"{meta.kv_bytes_per_token_f16:,}"),
         ("full KV cache at trained ctx", _mib(meta.kv_bytes_per_token_f16 * meta.n_ctx_train)),
-        ("KV compression", "supported" if meta.compressible else "not yet (full cache only)"),
+        ("KV compression", model_support(meta).describe()),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -237,12 +239,34 @@ def conversation_setup(model: Path | None, n_ctx: int | None, engine_kw: dict[st
     meta = read_meta(path)
     if n_ctx and meta.n_ctx_train and n_ctx > meta.n_ctx_train:
         raise UsageError(f"--ctx {n_ctx} exceeds the model's trained context ({meta.n_ctx_train} tokens)")
+    engine_kw = supported_policy(meta, engine_kw)
     full = engine_kw["policy"] == "full"
     sized = full and engine_kw.get("kv_mem") is None  # --kv-mem sizes a full cache itself
     cfg = engine_config(**engine_kw, max_tokens=n_ctx or (4096 if full else None),
                         n_cells=(n_ctx or 4096) if sized else None)
     check_memory(cfg, meta)
     return path, cfg
+
+
+def supported_policy(meta: Any, engine_kw: dict[str, Any]) -> dict[str, Any]:
+    """``engine_kw`` for a model the store cannot compress: refused models raise one line; a
+    full-cache-only model runs with ``--policy full`` (one warning line), unless a policy
+    was asked for on the command line (then the one-line error says why not)."""
+    from click.core import ParameterSource
+
+    from spindle_local.runtime.support import model_support
+
+    support = model_support(meta)
+    if support.kind == "refused":
+        raise ModelError(support.refusal())
+    if support.kind == "full" and engine_kw["policy"] != "full":
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None and ctx.get_parameter_source("policy") == ParameterSource.COMMANDLINE:
+            raise UsageError(support.full_only())
+        click.echo(f"warning: {support.architecture} runs with the full KV cache ({support.reason}; "
+                   "the compressed store does not handle it yet)", err=True)
+        engine_kw = dict(engine_kw, policy="full")
+    return engine_kw
 
 
 def check_memory(cfg: Any, meta: Any) -> None:

@@ -19,6 +19,51 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _start_rpc_server() -> tuple[subprocess.Popen, str]:
+    """A ``spindle-local rpc-server`` on a free loopback port, once it accepts connections."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    proc = subprocess.Popen([sys.executable, "-m", "spindle_local.cli", "rpc-server", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, f"127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"rpc-server did not start: {proc.stderr.read() if proc.stderr else ''}")
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def layers_on_rpc():
+    """With ``SPINDLE_TEST_RPC=1``, every model this process loads has all its layers on an RPC
+    server on loopback (registering a server is process-wide in llama.cpp): the store,
+    engine and session suites then run on the RPC backend unchanged
+    (``SPINDLE_TEST_RPC=1 pytest tests/test_store.py tests/test_engine.py tests/test_session.py``)."""
+    if os.environ.get("SPINDLE_TEST_RPC") != "1":
+        yield None
+        return
+    from spindle_local.runtime import rpc
+
+    proc, endpoint = _start_rpc_server()
+    try:
+        rpc.add_servers([endpoint])
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     from spindle_local.runtime.model_files import default_model_path

@@ -21,6 +21,7 @@ from spindle_local.policy.budgets import (
     pyramid_weights,
     raw_slot_bytes,
 )
+from spindle_local.policy.roles import RoleMemory
 from spindle_local.policy.rope import infer_rope
 from spindle_local.policy.synthetic import apply_rope, make_layer, make_layers
 
@@ -325,11 +326,10 @@ def test_empty_window_falls_back_to_recency():
     assert list(st.heads[0].positions) == [0, 1, 2, 3, 44, 45, 46, 47, 48, 49]
 
 
-def test_auto_picks_codebook_for_redundant_broad_layer_only():
-    """Layer 0: values from 3 prototypes, flat attention -> codebook; layer 1: sharp -> evict."""
-    geo = Geometry(n_layer=2, n_head=2, n_head_kv=1, head_dim_k=16, head_dim_v=16)
-    rng = np.random.default_rng(11)
-    n, w = 200, 8
+def _broad_and_sharp_layers(n: int, seed: int = 11) -> list[LayerInput]:
+    """Layer 0: values from 3 prototypes, flat attention; layer 1: attention sharp on token 50."""
+    rng = np.random.default_rng(seed)
+    w = 8
     pos = np.arange(n + w, dtype=np.int32)
 
     def layer(idx, redundant, sharp):
@@ -345,7 +345,14 @@ def test_auto_picks_codebook_for_redundant_broad_layer_only():
             q[:, :, :] += k[50, 0] * 3
         return LayerInput(idx, k[:n], k_pre[:n], v[:n], pos[:n], q, pos[n:], k[n:], pos[n:], v[n:])
 
-    layers = [layer(0, True, False), layer(1, False, True)]
+    return [layer(0, True, False), layer(1, False, True)]
+
+
+def test_auto_picks_codebook_for_redundant_broad_layer_only():
+    """Layer 0: values from 3 prototypes, flat attention -> codebook; layer 1: sharp -> evict."""
+    geo = Geometry(n_layer=2, n_head=2, n_head_kv=1, head_dim_k=16, head_dim_v=16)
+    n = 200
+    layers = _broad_and_sharp_layers(n)
     target = int(full_cache_bytes(n, 2, 1, 16, 16) * 0.25)
     pol = make_policy("spindle", PolicyConfig(codebook_layers="auto", auto_max_layers=2, pooling=None))
     stores = pol.plan(layers, geo, target)
@@ -354,6 +361,36 @@ def test_auto_picks_codebook_for_redundant_broad_layer_only():
     assert stores[1].role == "evict"
     assert pol.last_report[0]["err_codebook"] < pol.last_report[0]["err_evict"]
     assert total_bytes(stores, geo) <= target
+
+
+def test_role_memory_reuses_roles_until_a_layer_doubles(monkeypatch):
+    """With a role memory, a later plan of a layer that grew less than twofold keeps the
+    decided role without deciding again (same stores as deciding afresh here); once the
+    layer holds twice the tokens, the role is decided again."""
+    import spindle_local.policy.policies as policies
+
+    geo = Geometry(n_layer=2, n_head=2, n_head_kv=1, head_dim_k=16, head_dim_v=16)
+    calls = []
+    real = policies.decide_role
+    monkeypatch.setattr(policies, "decide_role", lambda *a, **k: calls.append(a[0].n) or real(*a, **k))
+    cfg = dict(codebook_layers="auto", auto_max_layers=2, pooling=None)
+    pol = make_policy("spindle", PolicyConfig(**cfg))
+    pol.role_memory = RoleMemory()
+    for n in (200, 300):
+        layers = _broad_and_sharp_layers(n)
+        target = int(full_cache_bytes(n, 2, 1, 16, 16) * 0.25)
+        stores = pol.plan(layers, geo, target)
+        fresh = make_policy("spindle", PolicyConfig(**cfg)).plan(layers, geo, target)
+        assert [s.role for s in stores] == [s.role for s in fresh]
+        assert stores[0].role in ("codebook", "evict+codebook") and stores[1].role == "evict"
+        assert total_bytes(stores, geo) <= target
+    assert pol.last_report[0].get("role_reused") is True
+    # the fresh policies decided on their own; the remembering one decided at 200 only
+    assert calls.count(200) == 2 + 2 and calls.count(300) == 2  # two layers each
+    pol.plan(_broad_and_sharp_layers(400), geo, int(full_cache_bytes(400, 2, 1, 16, 16) * 0.25))
+    assert calls.count(400) >= 1 and not pol.last_report[0].get("role_reused")
+    pol.role_memory.clear()
+    assert pol.role_memory.get(0, 450) is None
 
 
 @pytest.mark.parametrize("name,cb_layers", CASES)

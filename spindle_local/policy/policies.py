@@ -31,7 +31,7 @@ from .inputs import Geometry, LayerInput, PolicyConfig
 from .layer_plans import evict_layer, fit_codebook_layer, head_store, layer_gains, protect
 from .parallel import pmap
 from .plan import LayerStore, layer_store_bytes
-from .roles import decide_role
+from .roles import RoleMemory, decide_role
 from .salience import salient_positions
 from .scores import attn_scale, layer_logits, pool_window_scores, raw_window_scores, window_scores
 from .sources import LayerMeta, LayerSource, ListSource
@@ -67,6 +67,9 @@ class Policy(ABC):
         self.config = config or PolicyConfig()
         self.last_report: list[dict] = []
         self._extra_report: dict[int, dict] = {}
+        # Roles decided by earlier plans of the same conversation (the engine owns one per
+        # conversation; None: every plan decides afresh, as for independent plan() calls).
+        self.role_memory: RoleMemory | None = None
 
     def wants_salience(self) -> bool:
         """Whether plans read ``LayerInput.salient`` (the engine computes it only then)."""
@@ -340,12 +343,25 @@ class SpindlePolicy(Policy):
 
         if cfg.codebook_layers == "auto":
             scale = attn_scale(geometry, cfg)
+            memory = self.role_memory
             for i in range(min(cfg.codebook_candidates(geometry.n_layer), len(metas))):
+                layer = metas[i].layer
+                prev = memory.get(layer, metas[i].n) if memory is not None else None
+                if prev is not None:  # decided on at least half of these tokens: keep the role
+                    self._extra_report[layer].update(err_evict=prev.err_evict, err_codebook=prev.err_codebook,
+                                                     role_reused=True)
+                    if prev.codebook:
+                        fit(i, source.load(i), layout=prev.layout)
+                    if i not in planned:
+                        break
+                    continue
                 inp = source.load(i)
                 lg = layer_logits(inp, geometry, cfg)
                 dec = decide_role(inp, geometry, cfg, lg, int(budgets[i]), int(slots[i]), int(n_min[i]), scale)
                 del lg
                 self._extra_report[metas[i].layer].update(err_evict=dec.err_evict, err_codebook=dec.err_codebook)
+                if memory is not None:
+                    memory.put(layer, metas[i].n, dec)
                 if dec.codebook:
                     fit(i, inp, dec.cache, dec.layout)
                 del inp, dec

@@ -161,6 +161,36 @@ class RoleDecision:
     cache: dict = field(default_factory=dict)  # codebooks built while deciding, for reuse
 
 
+@dataclass
+class RoleMemory:
+    """Roles decided by earlier plans of one conversation, reused while a layer grows less than ``regrow``-fold.
+
+    Whether a codebook beats eviction in a layer depends on how broadly that layer attends,
+    which changes slowly as a document grows; deciding costs a codebook build and two
+    attention-error measurements per candidate layer, the largest part of a plan. A layer
+    is decided again once it holds ``regrow`` times the tokens it held when last decided,
+    so a document of n tokens pays for O(log n) decisions instead of one per compression.
+    Only decisions that compared the two roles are kept (a layer that fit raw had none).
+    """
+
+    regrow: float = 2.0
+    decided: dict[int, tuple[int, RoleDecision]] = field(default_factory=dict)
+
+    def get(self, layer: int, n: int) -> RoleDecision | None:
+        """The decision for ``layer`` if it was made on more than ``n / regrow`` tokens."""
+        hit = self.decided.get(layer)
+        if hit is None or n >= hit[0] * self.regrow or n < hit[0]:
+            return None
+        return hit[1]
+
+    def put(self, layer: int, n: int, dec: RoleDecision) -> None:
+        if dec.err_evict is not None:
+            self.decided[layer] = (n, replace(dec, cache={}))
+
+    def clear(self) -> None:
+        self.decided.clear()
+
+
 def _split_window(inp: LayerInput, logits: tuple[np.ndarray, np.ndarray]):
     """(older half, newer half) of the window, each as (LayerInput, logits).
 

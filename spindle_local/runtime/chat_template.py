@@ -29,7 +29,7 @@ class ChatTemplate:
     def __init__(self, model: LlamaModel) -> None:
         self.model = model
         raw = C.llama_model_chat_template(model.model, None)
-        self.template: bytes | None = raw if raw else None
+        self.template: bytes | None = raw if raw else _template_from_vocab(model)
         self._specials: tuple[re.Pattern[str] | None, dict[str, int]] | None = None
 
     def tokens(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
@@ -128,6 +128,21 @@ class ChatTemplate:
         fmt = Jinja2ChatFormatter(template=self.template.decode("utf-8", "replace"), eos_token="", bos_token="",
                                   add_generation_prompt=add_generation_prompt)
         return fmt(messages=messages).prompt
+
+
+# Turn markers that name the template a GGUF without one was trained with (a name
+# llama.cpp's built-in templates know).
+_MARKER_TEMPLATES = ((b"<start_of_turn>", b"gemma"), (b"<|im_start|>", b"chatml"))
+
+
+def _template_from_vocab(model: LlamaModel) -> bytes | None:
+    """A built-in template for a GGUF that carries none, chosen by the turn markers in its
+    vocabulary (e.g. Gemma's ``<start_of_turn>``); None when it has none of them."""
+    for marker, name in _MARKER_TEMPLATES:
+        ids = model.tokenize(marker.decode(), add_special=False, parse_special=True)
+        if len(ids) == 1 and C.llama_vocab_get_attr(model.vocab, ids[0]) & C.LLAMA_TOKEN_ATTR_CONTROL:
+            return name
+    return None
 
 
 class Detokenizer:

@@ -35,10 +35,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from spindle_local.errors import SpindleError, UsageError
+from spindle_local.errors import ModelError, SpindleError, UsageError
 from spindle_local.policy import inputs as pin
 from spindle_local.policy.plan import LayerStore, full_cache_bytes
 from spindle_local.policy.policies import make_policy
+from spindle_local.policy.roles import RoleMemory
 from spindle_local.runtime import native
 from spindle_local.runtime import rope as roper
 from spindle_local.runtime.config import MIN_SLACK, POLICIES, EngineConfig, budget_geometry  # noqa: F401
@@ -93,6 +94,9 @@ class _Checkpoint:
     snapshot: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
 
 
+STORE_UBATCH = 256  # largest ubatch of a context that may hold a store
+
+
 class Engine:
     """A model, one context, one conversation's tokens, and the compression schedule."""
 
@@ -101,12 +105,15 @@ class Engine:
         self.config = config or EngineConfig()
         self.config.validate()
         self._owns_model = model is None  # close() frees only what this engine created
-        self.model = model or self.config.load_model(model_path)
         cfg = self.config
         self.layout: MemoryLayout | None = None  # set when a KV memory cap (kv_mem) sizes everything
-        cells, self.chunk = self._allocation(model_path)
+        cells, self.chunk = self._allocation(model_path)  # refuses what cannot run before loading
+        self.model = model or self.config.load_model(model_path)
         native.native()  # the runtime is patched (one-line error otherwise) before a context exists
-        self.ctx = LlamaContext(self.model, n_ctx=cells, n_batch=self.chunk, n_ubatch=self.chunk,
+        # Prompt chunks with a store attend over slots + cells through a per-query-head mask
+        # of (slots + cells) x ubatch x heads: a smaller ubatch bounds that transient.
+        self.ubatch = self.chunk if cfg.policy == "full" else min(self.chunk, STORE_UBATCH)
+        self.ctx = LlamaContext(self.model, n_ctx=cells, n_batch=self.chunk, n_ubatch=self.ubatch,
                                 n_threads=cfg.n_threads, flash_attn=cfg.flash_attn,
                                 type_k=cfg.cache_type, type_v=cfg.cache_type)
         self.geometry = self.ctx.geometry()
@@ -115,7 +122,8 @@ class Engine:
         self._capturing = False  # whether the patch copies window queries during decodes
         if len(set((lg.n_head, lg.n_head_kv, lg.head_dim_k, lg.head_dim_v) for lg in g.layers)) != 1:
             raise SpindleError("models whose layers differ in attention shape are not supported yet")
-        if g.swa_layers() and cfg.policy != "full":
+        self._windowed = bool(g.swa_layers())  # llama.cpp's interleaved sliding-window cache (full only)
+        if self._windowed and cfg.policy != "full":
             raise SpindleError("sliding-window models (such as Gemma 3) run with --policy full only for now")
         lg0 = g.layers[0]
         self.pgeo = pin.Geometry(n_layer=g.n_layer, n_head=lg0.n_head, n_head_kv=lg0.n_head_kv,
@@ -126,6 +134,7 @@ class Engine:
         self.policy = make_policy(cfg.policy, pin.PolicyConfig(
             window=cfg.window, sinks=cfg.sinks, theta_k=cfg.theta_k, theta_v=cfg.theta_v,
             codebook_layers=cfg.codebook_layers, **cfg.policy_options))
+        self.policy.role_memory = RoleMemory()
         self.cells = self.ctx.n_ctx
         if self.layout is not None:
             alloc = self.ctx.cache_bytes()[1]
@@ -147,12 +156,18 @@ class Engine:
 
     def _allocation(self, model_path: str | Path) -> tuple[int, int]:
         """(regular-cache cells, prompt chunk) for this configuration; sets ``self.layout`` under kv_mem."""
+        from spindle_local.runtime.gguf_meta import read_meta
+        from spindle_local.runtime.support import model_support
+
         cfg = self.config
+        meta = read_meta(model_path)
+        support = model_support(meta)
+        if support.kind == "refused":
+            raise ModelError(support.refusal())
+        if support.kind == "full" and cfg.policy != "full":
+            raise UsageError(support.full_only())
         if cfg.kv_mem is None and cfg.policy == "full":
             return cfg.n_cells or cfg.max_tokens or 4096, cfg.chunk
-        from spindle_local.runtime.gguf_meta import read_meta
-
-        meta = read_meta(model_path)
         if cfg.kv_mem is None:
             # The same cells whatever the budget (config.cells); a budget that no plan can
             # meet within the longest context is refused before the context is created.
@@ -195,7 +210,7 @@ class Engine:
         plans (the window queries and the store's slot positions)."""
         host = self.queries.nbytes() + sum(a.nbytes + b.nbytes for a, b in self._store_meta.values())
         return {
-            "regular_cache_bytes": int(self.ctx.cache_bytes()[1]),
+            "regular_cache_bytes": self._regular_alloc_bytes(),
             "store_bytes": int(native.store_buffer_bytes(self.ctx)) if self._store_layers else 0,
             "host_copies_bytes": int(host),
         }
@@ -207,7 +222,20 @@ class Engine:
         return len(self.tokens)
 
     def regular_count(self) -> int:
+        if self._windowed:
+            return self.n_past  # full cache only: nothing ever leaves the global layers
         return self.ctx.kv_used()
+
+    def _regular_alloc_bytes(self) -> int:
+        """Bytes llama.cpp allocated for the regular cache. A sliding-window model (full cache
+        only) has llama.cpp's two caches, which the patch does not read: the global layers hold
+        every cell, the window layers ``n_swa + ubatch`` of them, padded as llama.cpp pads."""
+        if not self._windowed:
+            return int(self.ctx.cache_bytes()[1])
+        g = self.geometry
+        swa_cells = min(self.cells, -(-(g.n_swa + self.ubatch) // 256) * 256)
+        per_cell = [lg.n_head_kv * (lg.head_dim_k + lg.head_dim_v) * 2 for lg in g.layers]
+        return int(sum(c * (swa_cells if lg.is_swa else self.cells) for c, lg in zip(per_cell, g.layers)))
 
     def refresh_stats(self) -> EngineStats:
         s = self.stats
@@ -225,6 +253,7 @@ class Engine:
             self.ctx.store_clear()
             self._store_layers.clear()
         self._store_meta.clear()
+        self.policy.role_memory.clear()
         self.queries.reset()
         self.tokens = []
         self.stats = EngineStats()
@@ -286,9 +315,16 @@ class Engine:
         start = self.n_past
         pos = np.arange(start, start + len(tokens), dtype=np.int32)
         self._capture(capture)
-        self.ctx.decode(tokens, pos, logits="all" if all_logits else "last")
-        if capture:
-            self.queries.collect(self.ctx, pos)
+        if capture and not all_logits and len(tokens) > self.ubatch:
+            # one decode per ubatch, so that each one's captured rows are read before the next
+            # overwrites them (the window may span two ubatches)
+            for a in range(0, len(tokens), self.ubatch):
+                self.ctx.decode(tokens[a:a + self.ubatch], pos[a:a + self.ubatch], logits="last")
+                self.queries.collect(self.ctx, pos[a:a + self.ubatch])
+        else:
+            self.ctx.decode(tokens, pos, logits="all" if all_logits else "last")
+            if capture:
+                self.queries.collect(self.ctx, pos)
         self.tokens.extend(int(t) for t in tokens)
 
     def _capture(self, on: bool) -> None:

@@ -14,13 +14,6 @@ from typing import Any
 from spindle_local.errors import ModelError
 from spindle_local.runtime.model_files import check_gguf_path
 
-# Architectures whose attention runs through the hooks of our llama.cpp patch
-# (llama-style attention with a regular, non-sliding KV cache).
-SUPPORTED_ARCHS = frozenset({"llama"})
-# Architectures that load and chat, but whose KV cache spindle-local cannot compress yet.
-FULL_CACHE_ONLY_ARCHS = frozenset({"gemma3", "qwen2", "qwen3", "mistral3", "phi3", "gemma2"})
-
-
 @dataclass
 class ModelMeta:
     """Attention geometry and identity of a GGUF model, read from its metadata."""
@@ -46,7 +39,9 @@ class ModelMeta:
 
     @property
     def compressible(self) -> bool:
-        return self.architecture in SUPPORTED_ARCHS
+        from spindle_local.runtime.support import model_support
+
+        return model_support(self).kind == "compressed"
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -181,6 +176,11 @@ def read_meta(path: str | Path) -> ModelMeta:
     arch = kv.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelError(f"GGUF file has no general.architecture: {p}")
+    from spindle_local.runtime.support import model_support
+
+    support = model_support(ModelMeta(str(p), arch, "", 0, 0, 0, 0, 0, 0, 0, None, None, None))
+    if support.kind == "refused":
+        raise ModelError(support.refusal())
 
     def get(name: str, default: Any = None) -> Any:
         v = kv.get(f"{arch}.{name}")
