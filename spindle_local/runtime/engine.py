@@ -42,6 +42,7 @@ from spindle_local.policy.policies import make_policy
 from spindle_local.policy.roles import RoleMemory
 from spindle_local.runtime import native
 from spindle_local.runtime import rope as roper
+from spindle_local.runtime.gguf_meta import read_rope_factors
 from spindle_local.runtime.config import MIN_SLACK, POLICIES, EngineConfig, budget_geometry  # noqa: F401
 from spindle_local.runtime.interrupt import CancelFlag, Interrupted, sigint_sets  # noqa: F401  (re-exported)
 from spindle_local.runtime.lowlevel import LlamaContext, LlamaModel
@@ -130,6 +131,8 @@ class Engine:
                                  head_dim_k=lg0.head_dim_k, head_dim_v=lg0.head_dim_v)
         self.bytes_per_token = full_cache_bytes(1, g.n_layer, lg0.n_head_kv, lg0.head_dim_k, lg0.head_dim_v)
         self.rope_ok = roper.rope_supported(g.rope_type, g.ext_factor)
+        # per-frequency factors the graph's RoPE divides by (Llama 3.1 style); host RoPE too
+        self.rope_factors = read_rope_factors(model_path) if self.meta.rope_factors else None
         self.max_tokens = cfg.max_tokens or g.n_ctx_train or 1 << 30
         self.policy = make_policy(cfg.policy, pin.PolicyConfig(
             window=cfg.window, sinks=cfg.sinks, theta_k=cfg.theta_k, theta_v=cfg.theta_v,
@@ -160,7 +163,7 @@ class Engine:
         from spindle_local.runtime.support import model_support
 
         cfg = self.config
-        meta = read_meta(model_path)
+        meta = self.meta = read_meta(model_path)
         support = model_support(meta)
         if support.kind == "refused":
             raise ModelError(support.refusal())
@@ -739,7 +742,8 @@ class Engine:
 
     def _rope_args(self, il: int) -> dict:
         lg = self.geometry.layers[il]
-        return dict(base=lg.freq_base, n_rot=lg.n_rot, rope_type=self.geometry.rope_type, freq_scale=lg.freq_scale)
+        return dict(base=lg.freq_base, n_rot=lg.n_rot, rope_type=self.geometry.rope_type, freq_scale=lg.freq_scale,
+                    factors=self.rope_factors)
 
     def _unrope(self, il: int, k: np.ndarray, pos: np.ndarray) -> np.ndarray:
         return roper.rotate(k, pos, inverse=True, **self._rope_args(il))

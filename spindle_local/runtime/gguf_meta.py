@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from spindle_local.errors import ModelError
 from spindle_local.runtime.model_files import check_gguf_path
 
@@ -31,6 +33,9 @@ class ModelMeta:
     rope_freq_base: float | None
     sliding_window: int | None
     file_type: int | None
+    # per-frequency RoPE factors (``rope_freqs.weight``, Llama 3.1 style scaling), which the
+    # host-side RoPE of runtime/rope.py does not apply
+    rope_factors: bool = False
 
     @property
     def kv_bytes_per_token_f16(self) -> int:
@@ -129,14 +134,17 @@ class _HeaderReader:
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
         end = 0
+        self.tensor_names: list[str] = []
         for _ in range(self.n_tensors):
-            self._string()
+            self.tensor_names.append(self._string())
             n_dims = self._unpack("<I")
             if n_dims > 8:
                 raise ValueError("implausible tensor rank")
             shape = [self._unpack("<Q") for _ in range(n_dims)]
             ttype = self._unpack("<I")
             offset = self._unpack("<Q")
+            if self.tensor_names[-1] == ROPE_FACTORS and ttype == 0:  # F32
+                self.rope_factors_at = (offset, int(np.prod(shape)))
             try:
                 block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
             except (ValueError, KeyError):
@@ -146,11 +154,31 @@ class _HeaderReader:
                 n *= d
             end = max(end, offset + n // block * size)
         start = -(-self.f.tell() // alignment) * alignment
+        self.data_start = start
         return start + end
 
 
+TENSOR_NAMES = "spindle.tensor_names"  # key under which read_header lists the tensors' names
+ROPE_FACTORS = "rope_freqs.weight"
+
+
+def read_rope_factors(path: str | Path) -> np.ndarray | None:
+    """The model's per-frequency RoPE factors (F32 ``rope_freqs.weight``), or None without them."""
+    p = check_gguf_path(path)
+    with open(p, "rb") as f:
+        reader = _HeaderReader(f)
+        kv = reader.read()
+        reader.data_end(kv.get("general.alignment") or 32)
+        at = getattr(reader, "rope_factors_at", None)
+        if at is None:
+            return None
+        f.seek(reader.data_start + at[0])
+        return np.frombuffer(f.read(4 * at[1]), dtype="<f4").astype(np.float32)
+
+
 def read_header(path: str | Path) -> dict[str, Any]:
-    """The metadata key/values of a GGUF file (long arrays such as the vocabulary omitted)."""
+    """The metadata key/values of a GGUF file (long arrays such as the vocabulary omitted),
+    and the tensors' names under :data:`TENSOR_NAMES`."""
     p = check_gguf_path(path)
     try:
         with open(p, "rb") as f:
@@ -162,6 +190,7 @@ def read_header(path: str | Path) -> dict[str, Any]:
             need, size = reader.data_end(alignment), p.stat().st_size
             if size < need:
                 raise ModelError(f"truncated GGUF file ({size:,} bytes; its tensors need {need:,}): {p}")
+            kv[TENSOR_NAMES] = reader.tensor_names
             return kv
     except _Truncated:
         raise ModelError(f"truncated GGUF file (header ends early): {p}") from None
@@ -212,4 +241,5 @@ def read_meta(path: str | Path) -> ModelMeta:
         rope_freq_base=get("rope.freq_base"),
         sliding_window=get("attention.sliding_window"),
         file_type=kv.get("general.file_type"),
+        rope_factors=ROPE_FACTORS in kv.get(TENSOR_NAMES, ()),
     )

@@ -143,16 +143,7 @@ def write_tiny_llama(
     w.add_vocab_size(n_vocab)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
 
-    tokens, scores, types = _vocab(n_vocab)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_add_eos_token(False)
+    add_vocab(w, *_vocab(n_vocab))
 
     # numpy shape = reversed ggml ne: a [out, in] array is a ggml {in, out} matrix.
     w.add_tensor("token_embd.weight", normal((n_vocab, n_embd), 1.0))
@@ -171,22 +162,27 @@ def write_tiny_llama(
     w.add_tensor("output_norm.weight", norm_weight(n_embd))
     w.add_tensor("output.weight", normal((n_vocab, n_embd), 3.0 / np.sqrt(n_embd)))
 
+    write_and_close(w)
+    return TinySpec(path, n_layer, n_embd, n_head, n_head_kv, head_dim, n_ff, n_vocab, n_ctx_train,
+                    float(rope_base), float(rms_eps), seed)
+
+
+def add_vocab(w, tokens: list[bytes], scores: list[float], types: list[int]) -> None:
+    """Write a SentencePiece-style vocabulary (unk 0, bos 1, eos 2; no BOS or EOS added)."""
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+
+
+def write_and_close(w) -> None:
+    """Write a ``gguf.GGUFWriter``'s header, metadata and tensors, and close it."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-
-    return TinySpec(
-        path=path,
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_head=n_head,
-        n_head_kv=n_head_kv,
-        head_dim=head_dim,
-        n_ff=n_ff,
-        n_vocab=n_vocab,
-        n_ctx_train=n_ctx_train,
-        rope_base=float(rope_base),
-        rms_eps=float(rms_eps),
-        seed=seed,
-    )
