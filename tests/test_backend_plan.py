@@ -45,9 +45,9 @@ def _engine(path: Path, **kw) -> Engine:
 
 
 def _compare_scores(eng: Engine, cut: int) -> None:
-    """Patch scores of every layer equal the numpy reference on the host-read layer."""
+    """Patch scores of every layer the store serves equal the numpy reference on the host-read layer."""
     cfg = pin.PolicyConfig(pooling=None)
-    for il in range(eng.geometry.n_layer):
+    for il in eng.store_layer_ids:
         ref_inp = eng.host_layer_input(il, cut)
         ref = raw_window_scores(ref_inp, eng.pgeo, cfg, use_numba=False)
         ref_vw = raw_window_scores(ref_inp, eng.pgeo, cfg, use_numba=False, value_weight=True)

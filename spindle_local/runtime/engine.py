@@ -27,6 +27,7 @@ the one kept when the prompt has been read.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -119,17 +120,28 @@ class Engine:
                                 type_k=cfg.cache_type, type_v=cfg.cache_type)
         self.geometry = self.ctx.geometry()
         g = self.geometry
-        self.queries = WindowQueries(g.n_layer, cfg.window, g.layers[0].n_head, g.layers[0].head_dim_k)
+        # The layers the store serves: every layer of a plain KV cache; with llama.cpp's
+        # interleaved sliding-window cache, the global layers (the window layers keep a
+        # bounded cache that llama.cpp manages). Plans see these layers as 0..len-1.
+        self.store_layer_ids = [il for il, lg in enumerate(g.layers) if lg.has_kv]
+        self._windowed = bool(g.swa_layers())
+        if self._windowed and (not self.store_layer_ids or
+                               any(not lg.has_kv for lg in g.layers if not lg.is_swa)):
+            raise SpindleError("internal: the runtime does not expose the global layers' cache of this "
+                               "sliding-window model")
+        self.queries = WindowQueries(g.n_layer, cfg.window, g.layers[0].n_head, g.layers[0].head_dim_k,
+                                     layers=self.store_layer_ids)
         self._capturing = False  # whether the patch copies window queries during decodes
         if len(set((lg.n_head, lg.n_head_kv, lg.head_dim_k, lg.head_dim_v) for lg in g.layers)) != 1:
             raise SpindleError("models whose layers differ in attention shape are not supported yet")
-        self._windowed = bool(g.swa_layers())  # llama.cpp's interleaved sliding-window cache (full only)
-        if self._windowed and cfg.policy != "full":
-            raise SpindleError("sliding-window models (such as Gemma 3) run with --policy full only for now")
         lg0 = g.layers[0]
-        self.pgeo = pin.Geometry(n_layer=g.n_layer, n_head=lg0.n_head, n_head_kv=lg0.n_head_kv,
+        n_store = len(self.store_layer_ids)
+        self.pgeo = pin.Geometry(n_layer=n_store, n_head=lg0.n_head, n_head_kv=lg0.n_head_kv,
                                  head_dim_k=lg0.head_dim_k, head_dim_v=lg0.head_dim_v)
-        self.bytes_per_token = full_cache_bytes(1, g.n_layer, lg0.n_head_kv, lg0.head_dim_k, lg0.head_dim_v)
+        # bytes per token of the layers the store serves, and the window layers' cache: held
+        # alike by every policy (and by a full cache), it counts on both sides of the ratio
+        self.bytes_per_token = full_cache_bytes(1, n_store, lg0.n_head_kv, lg0.head_dim_k, lg0.head_dim_v)
+        self.fixed_bytes = self._window_layers_bytes()
         self.rope_ok = roper.rope_supported(g.rope_type, g.ext_factor)
         # per-frequency factors the graph's RoPE divides by (Llama 3.1 style); host RoPE too
         self.rope_factors = read_rope_factors(model_path) if self.meta.rope_factors else None
@@ -138,6 +150,7 @@ class Engine:
             window=cfg.window, sinks=cfg.sinks, theta_k=cfg.theta_k, theta_v=cfg.theta_v,
             codebook_layers=cfg.codebook_layers, **cfg.policy_options))
         self.policy.role_memory = RoleMemory()
+        self._user_attn_scale = "attn_scale" in self.policy.config.extra
         self.cells = self.ctx.n_ctx
         if self.layout is not None:
             alloc = self.ctx.cache_bytes()[1]
@@ -177,6 +190,9 @@ class Engine:
             longest = cfg.max_tokens or meta.n_ctx_train or 1 << 30
             cfg.check_budget(longest=longest, model_name=meta.name or Path(model_path).name, **budget_geometry(meta))
             return cfg.cells(longest), cfg.chunk
+        if meta.sliding_window:
+            raise UsageError(f"--kv-mem is not supported for sliding-window models ({meta.architecture}) yet; "
+                             "use --kv-budget")
         t = meta.kv_bytes_per_token_f16
         longest = cfg.max_tokens or meta.n_ctx_train or 4096
         if cfg.policy == "full":
@@ -225,27 +241,30 @@ class Engine:
         return len(self.tokens)
 
     def regular_count(self) -> int:
-        if self._windowed:
-            return self.n_past  # full cache only: nothing ever leaves the global layers
+        """Tokens in the regular cache of the layers the store serves."""
         return self.ctx.kv_used()
 
     def _regular_alloc_bytes(self) -> int:
-        """Bytes llama.cpp allocated for the regular cache. A sliding-window model (full cache
-        only) has llama.cpp's two caches, which the patch does not read: the global layers hold
-        every cell, the window layers ``n_swa + ubatch`` of them, padded as llama.cpp pads."""
-        if not self._windowed:
-            return int(self.ctx.cache_bytes()[1])
+        """Bytes llama.cpp allocated for the regular cache (a sliding-window model's window
+        layers included)."""
+        return int(self.ctx.cache_bytes()[1]) + self.fixed_bytes
+
+    def _window_layers_bytes(self) -> int:
+        """Bytes of the window layers' cache of a sliding-window model (0 otherwise): llama.cpp
+        gives those layers ``n_swa + ubatch`` cells, padded to 256, at most the context's."""
         g = self.geometry
-        swa_cells = min(self.cells, -(-(g.n_swa + self.ubatch) // 256) * 256)
-        per_cell = [lg.n_head_kv * (lg.head_dim_k + lg.head_dim_v) * 2 for lg in g.layers]
-        return int(sum(c * (swa_cells if lg.is_swa else self.cells) for c, lg in zip(per_cell, g.layers)))
+        if not self._windowed:
+            return 0
+        cells = min(self.ctx.n_ctx, -(-(g.n_swa + self.ubatch) // 256) * 256)
+        return int(sum(cells * lg.n_head_kv * (lg.head_dim_k + lg.head_dim_v) * 2
+                       for lg in g.layers if not lg.has_kv))
 
     def refresh_stats(self) -> EngineStats:
         s = self.stats
         s.tokens_seen = self.n_past
         s.store_bytes = self.ctx.store_bytes() if self._store_layers else 0
-        s.regular_bytes = self.regular_count() * self.bytes_per_token
-        s.full_bytes = self.n_past * self.bytes_per_token
+        s.regular_bytes = self.regular_count() * self.bytes_per_token + self.fixed_bytes
+        s.full_bytes = self.n_past * self.bytes_per_token + self.fixed_bytes
         return s
 
     def reset(self) -> None:
@@ -557,7 +576,7 @@ class Engine:
         _, rows = self.queries.snapshot()
         self.queries.restore(*saved)
         shift = np.full(len(tail), final_pos - start, dtype=np.int64)
-        rows = [roper.rotate(q, shift, **self._rope_args(il)) for il, q in enumerate(rows)]
+        rows = [None if q is None else roper.rotate(q, shift, **self._rope_args(il)) for il, q in enumerate(rows)]
         return np.arange(final_pos, final_pos + len(tail), dtype=np.int32), rows
 
     # -- compression -------------------------------------------------------------------------
@@ -567,7 +586,7 @@ class Engine:
         cfg = self.config
         return Schedule(n_past=self.n_past, kv_budget=cfg.kv_budget, bytes_per_token=self.bytes_per_token,
                         window=cfg.window, recent=cfg.recent, sinks=cfg.sinks, keep_start=cfg.keep_start,
-                        decode_slack=cfg.decode_slack, prompt_end=self._prompt_end,
+                        decode_slack=cfg.decode_slack, prompt_end=self._prompt_end, fixed_bytes=self.fixed_bytes,
                         layout_recent=self.layout.recent if self.layout else None,
                         layout_store_cap=self.layout.store_cap if self.layout else None)
 
@@ -614,7 +633,7 @@ class Engine:
         # every layer and KV head, plus per-slot bookkeeping.
         lg = self.geometry.layers[0]
         per_slot = lg.n_head_kv * (4 + lg.n_head // lg.n_head_kv + 2 * (lg.head_dim_k + lg.head_dim_v))
-        return self.geometry.n_layer * max(self.policy.config.sinks, self.config.sinks, 1) * per_slot
+        return len(self.store_layer_ids) * max(self.policy.config.sinks, self.config.sinks, 1) * per_slot
 
     def _compress(self, *, growth: int, force: bool,
                   lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None, keep: int = 0) -> None:
@@ -632,16 +651,26 @@ class Engine:
                 return
             self.stats.over_budget_compressions += 1
             target = self._min_store_bytes()
+        # host-side scores (codebook candidates) use the graph's softmax scale too
+        self.policy.config.extra["attn_scale"] = self.attn_scale(self.store_layer_ids[0])
         source = PlanSource(self, cut, lookahead)
         self.policy.plan_into(source, self.pgeo, target, source.install)
-        p_min, _ = self.ctx.pos_range()
-        if 0 <= p_min < cut:
-            self.ctx.seq_rm(p_min, cut)
+        native.seq_rm(self.ctx, 0, cut)  # the store's cache only: window layers keep their window
         self.ctx.compact()
         self._allowance = self.n_past - cut + growth  # regular tokens the plan leaves room for
         _release_heap()
         self.stats.compressions += 1
         self.stats.compress_seconds += time.perf_counter() - t0
+
+    def attn_scale(self, il: int) -> float:
+        """The softmax scale of layer ``il``'s attention as the model graph applies it to the
+        captured queries (1 for models that scale q beforehand, e.g. Gemma 3 and Phi-3); the
+        usual ``1/sqrt(dk)`` until a graph has reported it, or what ``--set attn_scale=`` says."""
+        user = self.policy.config.extra.get("attn_scale") if self._user_attn_scale else None
+        if user is not None:
+            return float(user)
+        s = native.attn_scale(self.ctx, il)
+        return s if s > 0 else 1.0 / math.sqrt(self.pgeo.head_dim_k)
 
     def window(self, il: int, lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -671,7 +700,8 @@ class Engine:
         del k, v
         avail_old = np.ones((len(p_old), self.pgeo.n_head_kv), dtype=bool)
         # pre-RoPE keys only where a codebook may be built (they cost a third of a plan's input)
-        wants_pre = self.rope_ok and il < self.policy.config.codebook_candidates(self.geometry.n_layer)
+        wants_pre = self.rope_ok and il in self.store_layer_ids[:self.policy.config.codebook_candidates(
+            len(self.store_layer_ids))]
         k_pre = self._unrope(il, k_old, p_old) if wants_pre else None
         if il in self._store_layers:
             ks, vs, ps, avail, ks_pre, pre_known = self._store_vectors(il)

@@ -20,7 +20,7 @@ from spindle_local.errors import RuntimeNotPatchedError, SpindleError
 from spindle_local.policy.plan import Codebook, HeadStore, LayerStore
 
 #: The ``LLAMA_SPINDLE_API_VERSION`` this module was written against.
-API_VERSION = 5
+API_VERSION = 6
 
 ERR_ARG = -1
 ERR_UNSUPPORTED = -2
@@ -135,6 +135,8 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "llama_spindle_store_buffer_bytes": ([_P, _I32, _I32], _I64),
     "llama_spindle_cache_bytes": ([_P, _I32, ctypes.POINTER(_I64), ctypes.POINTER(_I64)], _I32),
     "llama_spindle_compact": ([_P, _I32], _I32),
+    "llama_spindle_seq_rm": ([_P, _I32, _I32, _I32], _I32),
+    "llama_spindle_attn_scale": ([_P, _I32], ctypes.c_float),
     "llama_spindle_capture": ([_P, _I32, _I32], _I32),
     "llama_spindle_capture_read": ([_P, _I32, _FP, _I32], _I32),
     "llama_spindle_layer_scores": ([_P, _I32, _I32, _FP, _IP, _I32, ctypes.c_float, _FP, _FP, _FP, _FP, _IP, _I32], _I32),
@@ -541,6 +543,19 @@ def compact(ctx: Any, seq: int = 0) -> int:
     """Move the sequence's regular-cache cells to the front (see llama_spindle_compact)."""
     n = native()
     return n.check(n.spindle_compact(ctx_ptr(ctx), seq), "compact the KV cache")
+
+
+def seq_rm(ctx: Any, p0: int, p1: int, seq: int = 0) -> None:
+    """Remove positions [p0, p1) from the cache that holds the store only (a sliding-window
+    model's window layers keep theirs; see llama_spindle_seq_rm)."""
+    n = native()
+    n.check(n.spindle_seq_rm(ctx_ptr(ctx), seq, int(p0), int(p1)), "remove positions from the KV cache")
+
+
+def attn_scale(ctx: Any, layer: int) -> float:
+    """The softmax scale layer ``layer``'s attention applies to q·k as the model graph sets it
+    (1 for models that scale q beforehand); 0 before a graph with a store input was built."""
+    return float(native().spindle_attn_scale(ctx_ptr(ctx), int(layer)))
 
 
 def cache_bytes(ctx: Any) -> tuple[int, int]:

@@ -24,7 +24,6 @@ import numpy as np
 
 from spindle_local.policy import inputs as pin
 from spindle_local.policy.plan import LayerStore
-from spindle_local.policy.scores import attn_scale
 from spindle_local.runtime import native
 
 if TYPE_CHECKING:
@@ -82,23 +81,28 @@ class PlanSource:
         self.engine, self.cut, self.lookahead = engine, cut, lookahead
         self.lock = threading.Lock()
         self.scored: dict[int, pin.LayerInput] = {}
+        # the policy's layer i is the model's layer ids[i] (all layers, or a sliding-window
+        # model's global ones)
+        self.ids = engine.store_layer_ids
         # only spindle builds codebooks, in its first codebook_candidates layers at most
-        self.host_layers = (engine.policy.config.codebook_candidates(engine.geometry.n_layer)
+        self.host_layers = (engine.policy.config.codebook_candidates(len(self.ids))
                             if engine.config.policy == "spindle" else 0)
         self.host_bytes_read = 0  # K/V bytes read to the host by this plan (tests check it)
 
     def __len__(self) -> int:
-        return self.engine.geometry.n_layer
+        return len(self.ids)
 
     def load(self, i: int) -> pin.LayerInput:
         with self.lock:
             if i < self.host_layers:
-                inp = self.engine.host_layer_input(i, self.cut, self.lookahead)
+                inp = self.engine.host_layer_input(self.ids[i], self.cut, self.lookahead)
                 self.host_bytes_read += inp.k.nbytes + inp.v.nbytes
+                inp.layer = i
                 return inp
             inp = self.scored.get(i)
             if inp is None:
-                inp = self.scored[i] = self._score(i)
+                inp = self.scored[i] = self._score(self.ids[i])
+                inp.layer = i
             return inp
 
     def _score(self, il: int) -> pin.LayerInput:
@@ -106,8 +110,7 @@ class PlanSource:
         q, q_pos = e.window(il, self.lookahead)
         n_slot_head, slot_pos = e._store_meta.get(
             il, (np.zeros(e.pgeo.n_head_kv, np.int32), np.zeros((e.pgeo.n_head_kv, 0), np.int32)))
-        sc = native.layer_scores(e.ctx, il, q, q_pos, attn_scale(e.pgeo, e.policy.config),
-                                 slot_pos.shape[1], e.cells)
+        sc = native.layer_scores(e.ctx, il, q, q_pos, e.attn_scale(il), slot_pos.shape[1], e.cells)
         inp = assemble_scored_input(il, sc, n_slot_head, slot_pos, self.cut, e.pgeo.g, q, q_pos)
         if e.policy.wants_salience():
             inp.salient = e._salient_flags()[inp.positions]
@@ -116,4 +119,4 @@ class PlanSource:
     def install(self, i: int, st: LayerStore) -> None:
         with self.lock:
             self.scored.pop(i, None)
-            self.engine.install_store(st.layer, st)
+            self.engine.install_store(self.ids[i], st)

@@ -8,7 +8,9 @@ With ``b`` the KV budget, ``t`` bytes per token of the full f16 cache, ``n`` tok
 and ``R`` recent tokens left regular, a plan made for ``growth`` more tokens keeps the
 store at ``b·n·t - R·t - (1 - b)·growth·t`` bytes: after ``j`` more tokens the reserve
 ratio is ``(store + (R + j)·t) / ((n + j)·t)``, which grows with ``j`` when ``b < 1``, so
-that store keeps it within ``b`` up to ``j = growth``. Under a byte cap (``--kv-mem``,
+that store keeps it within ``b`` up to ``j = growth``. Bytes ``F`` that every policy holds
+alike (a sliding-window model's window layers) count on both sides of the ratio, so the
+store gives up ``(1 - b)·F`` more. Under a byte cap (``--kv-mem``,
 :mod:`.memory`) the layout fixes the recent part and the store instead.
 """
 
@@ -34,6 +36,7 @@ class Schedule:
     prompt_end: int | None = None  # while a prompt is read: the position after it
     layout_recent: int | None = None  # under --kv-mem: the layout's recent part ...
     layout_store_cap: int | None = None  # ... and store bytes
+    fixed_bytes: int = 0  # held alike by every policy and the full cache (window layers' cache)
 
     @property
     def capped(self) -> bool:
@@ -73,7 +76,7 @@ class Schedule:
             return int(self.layout_store_cap)  # type: ignore[arg-type]
         b, t = self.kv_budget, self.bytes_per_token
         n = max(self.n_past, self.prompt_end or 0)
-        return int(b * n * t - self.recent_tokens() * t - (1.0 - b) * growth * t)
+        return int(b * n * t - self.recent_tokens() * t - (1.0 - b) * growth * t - (1.0 - b) * self.fixed_bytes)
 
 
 def needs_compress(*, regular: int, incoming: int, allowance: int | None, capped: bool) -> bool:

@@ -5,7 +5,8 @@ Decided from the GGUF metadata before anything loads (``spindle-local info`` pri
 regular KV cache, and the family is covered by the structural tests (tiny random models
 of its exact tensor layout: lossless move, codebook, budget). *Full cache only*: the model
 loads and chats, but its attention has something the store path does not reproduce yet
-(sliding windows, soft-capping, sinks, compressed latent KV) or the family is not covered
+(soft-capping, sinks, chunked or compressed latent attention, sliding windows outside the
+interleaved layout of Gemma 3) or the family is not covered
 by those tests. *Refused*: the model keeps a recurrent state instead of (or besides) a KV
 cache; spindle-local has nothing to compress there and does not run it.
 """
@@ -16,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 # Tested through tests/test_families.py (llama also covers Mistral GGUFs, written as llama).
-COMPRESSED_ARCHS = frozenset({"llama", "qwen2", "qwen3", "phi3"})
+# gemma3: the global layers are compressed, the sliding-window layers keep llama.cpp's window.
+COMPRESSED_ARCHS = frozenset({"llama", "qwen2", "qwen3", "phi3", "gemma3"})
 
 # Known attention variants the store path does not handle yet, with the reason shown.
 _FULL_ONLY = {
-    "gemma3": "interleaved sliding-window attention",
     "gemma3n": "interleaved sliding-window attention",
     "gemma2": "sliding-window attention with soft-capping",
     "cohere2": "interleaved sliding-window attention",
@@ -82,8 +83,8 @@ def model_support(meta: Any) -> Support:
         return Support(arch, "refused", _REFUSED[arch])
     if arch in _FULL_ONLY:
         return Support(arch, "full", _FULL_ONLY[arch])
-    if getattr(meta, "sliding_window", None):
-        return Support(arch, "full", "sliding-window attention")
     if arch in COMPRESSED_ARCHS:
         return Support(arch, "compressed")
+    if getattr(meta, "sliding_window", None):
+        return Support(arch, "full", "sliding-window attention")
     return Support(arch, "full", "an architecture the structural tests do not cover")

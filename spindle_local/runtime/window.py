@@ -22,8 +22,10 @@ from spindle_local.runtime import native
 class WindowQueries:
     """Keeps the last ``window`` query rows of each layer, with their positions."""
 
-    def __init__(self, n_layer: int, window: int, n_head: int = 0, head_dim: int = 0) -> None:
+    def __init__(self, n_layer: int, window: int, n_head: int = 0, head_dim: int = 0,
+                 layers: list[int] | None = None) -> None:
         self.n_layer = n_layer
+        self.layers = list(range(n_layer)) if layers is None else list(layers)  # those captured
         self.window = window
         self.n_head = n_head
         self.head_dim = head_dim
@@ -35,7 +37,7 @@ class WindowQueries:
         the newest ``window`` of each layer."""
         positions = np.asarray(positions, dtype=np.int32)
         new_pos = None
-        for il in range(self.n_layer):
+        for il in self.layers:
             rows = native.capture_read(ctx, il, self.window, self.n_head, self.head_dim)
             if rows.shape[0] == 0:
                 continue
@@ -87,4 +89,4 @@ class WindowQueries:
 
     @property
     def ready(self) -> bool:
-        return all(q is not None for q in self._q) and len(self._pos) > 0
+        return all(self._q[il] is not None for il in self.layers) and len(self._pos) > 0
