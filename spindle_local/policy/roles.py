@@ -190,6 +190,16 @@ class RoleMemory:
     def clear(self) -> None:
         self.decided.clear()
 
+    def to_json(self) -> list[list]:
+        """The decisions as JSON-safe rows (a saved session keeps them: a resumed conversation
+        plans as the uninterrupted one would)."""
+        return [[layer, n, d.codebook, list(d.layout) if d.layout else None, d.err_evict, d.err_codebook]
+                for layer, (n, d) in sorted(self.decided.items())]
+
+    def load_json(self, rows: list[list]) -> None:
+        self.decided = {int(layer): (int(n), RoleDecision(int(layer), bool(cb), tuple(lay) if lay else None, ee, ec))
+                        for layer, n, cb, lay, ee, ec in rows}
+
 
 def _split_window(inp: LayerInput, logits: tuple[np.ndarray, np.ndarray]):
     """(older half, newer half) of the window, each as (LayerInput, logits).

@@ -151,6 +151,7 @@ class Engine:
             codebook_layers=cfg.codebook_layers, **cfg.policy_options))
         self.policy.role_memory = RoleMemory()
         self._user_attn_scale = "attn_scale" in self.policy.config.extra
+        self.graph_attn_scale: float | None = None  # the model graph's softmax scale, once a graph reported it
         self.cells = self.ctx.n_ctx
         if self.layout is not None:
             alloc = self.ctx.cache_bytes()[1]
@@ -669,8 +670,10 @@ class Engine:
         user = self.policy.config.extra.get("attn_scale") if self._user_attn_scale else None
         if user is not None:
             return float(user)
-        s = native.attn_scale(self.ctx, il)
-        return s if s > 0 else 1.0 / math.sqrt(self.pgeo.head_dim_k)
+        if self.graph_attn_scale is None:
+            s = native.attn_scale(self.ctx, il)
+            self.graph_attn_scale = s if s > 0 else None  # kept (and saved with a session) once seen
+        return self.graph_attn_scale or 1.0 / math.sqrt(self.pgeo.head_dim_k)
 
     def window(self, il: int, lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:

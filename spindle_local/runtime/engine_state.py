@@ -92,6 +92,8 @@ def state_dict(engine) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         "next_pos": engine.ctx.next_pos,
         "allowance": engine._allowance,
         "stores": stores,
+        "roles": engine.policy.role_memory.to_json(),
+        "attn_scale": engine.graph_attn_scale,
         "stats": {k: v for k, v in asdict(engine.stats).items() if k != "extra"},
     }
     return info, arrays
@@ -123,6 +125,8 @@ def load_state_dict(engine, info: dict[str, Any], a: dict[str, np.ndarray]) -> N
     engine.tokens = [int(t) for t in a["tokens"]]
     engine.ctx.next_pos = int(info["next_pos"])
     engine._allowance = info["allowance"]
+    engine.policy.role_memory.load_json(info.get("roles", []))
+    engine.graph_attn_scale = info.get("attn_scale")
     engine.queries.restore(a["q_pos"], [a.get(f"q{il}") for il in range(engine.queries.n_layer)])
     known = {f.name for f in fields(EngineStats)}
     engine.stats = EngineStats(**{k: v for k, v in info["stats"].items() if k in known})
