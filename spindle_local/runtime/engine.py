@@ -230,7 +230,8 @@ class Engine:
         plans (the window queries and the store's slot positions)."""
         host = self.queries.nbytes() + sum(a.nbytes + b.nbytes for a, b in self._store_meta.values())
         return {
-            "regular_cache_bytes": self._regular_alloc_bytes(),
+            "regular_cache_bytes": self._regular_alloc_bytes(),  # the window layers' cache included
+            "window_cache_bytes": self.fixed_bytes,
             "store_bytes": int(native.store_buffer_bytes(self.ctx)) if self._store_layers else 0,
             "host_copies_bytes": int(host),
         }

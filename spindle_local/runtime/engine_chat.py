@@ -194,7 +194,16 @@ class EngineChatModel:
         return (f"tokens seen: {s.tokens_seen}  KV now: {s.kv_bytes / 2**20:.2f} MiB  "
                 f"full cache: {s.full_bytes / 2**20:.2f} MiB  reserve ratio: {s.reserve_ratio:.3f}  "
                 f"allocated: {held / 2**20:.1f} MiB{limit}  "
-                f"policy: {self.engine.config.policy}  compressions: {s.compressions}")
+                f"policy: {self.engine.config.policy}  compressions: {s.compressions}"
+                + self._layers_note())
+
+    def _layers_note(self) -> str:
+        """Which layers the store compresses, when not all of them (sliding-window models)."""
+        e = self.engine
+        ids, n = e.store_layer_ids, e.geometry.n_layer
+        if len(ids) == n:
+            return ""
+        return f"  compressed layers: {len(ids)} of {n} ({', '.join(map(str, ids))}; the others keep a window)"
 
     def turn_notice(self) -> str | None:
         """After a long prompt, the memory picture (shown by the chat without asking)."""
@@ -376,6 +385,7 @@ class ServingChatModel(EngineChatModel):
             "full_bytes": s.full_bytes,
             "reserve_ratio": s.reserve_ratio,
             "compressions": s.compressions,
+            "compressed_layers": list(self.engine.store_layer_ids),
             "memory": self.engine.memory_parts(),
             "context_limit": self.context_limit(),
             "reuse": {
