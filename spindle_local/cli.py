@@ -130,7 +130,9 @@ def info(model: Path | None, as_json: bool) -> None:
         ("RoPE base", meta.rope_freq_base),
         ("sliding window", meta.sliding_window or "none"),
         ("KV bytes/token (f16)", f"{meta.kv_bytes_per_token_f16:,}"),
-        ("full KV cache at trained ctx", _mib(meta.kv_bytes_per_token_f16 * meta.n_ctx_train)),
+        ("full KV cache at trained ctx", _mib(meta.kv_bytes_per_token_f16 * meta.n_ctx_train)
+         + (" if every layer held every token (window layers hold at most their window)"
+            if meta.sliding_window else "")),
         ("KV compression", model_support(meta).describe()),
     ]
     width = max(len(k) for k, _ in rows)
