@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from spindle_local import __version__
-from spindle_local.errors import ModelError, SpindleError, UsageError
+from spindle_local.errors import SpindleError, UsageError
 
 MODEL_ARG_HELP = "GGUF model file (default: SmolLM2-135M-Instruct, fetched on first use)."
 
@@ -251,16 +251,13 @@ def conversation_setup(model: Path | None, n_ctx: int | None, engine_kw: dict[st
 
 
 def supported_policy(meta: Any, engine_kw: dict[str, Any]) -> dict[str, Any]:
-    """``engine_kw`` for a model the store cannot compress: refused models raise one line; a
-    full-cache-only model runs with ``--policy full`` (one warning line), unless a policy
+    """``engine_kw`` for a model the store cannot compress: a full-cache-only model runs with ``--policy full`` (one warning line), unless a policy
     was asked for on the command line (then the one-line error says why not)."""
     from click.core import ParameterSource
 
     from spindle_local.runtime.support import model_support
 
-    support = model_support(meta)
-    if support.kind == "refused":
-        raise ModelError(support.refusal())
+    support = model_support(meta)  # read_meta has refused what cannot run at all
     if support.kind == "full" and engine_kw["policy"] != "full":
         ctx = click.get_current_context(silent=True)
         if ctx is not None and ctx.get_parameter_source("policy") == ParameterSource.COMMANDLINE:

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from spindle_local.errors import ModelError, SpindleError, UsageError
+from spindle_local.errors import SpindleError, UsageError
 from spindle_local.policy import inputs as pin
 from spindle_local.policy.plan import LayerStore, full_cache_bytes
 from spindle_local.policy.policies import make_policy
@@ -178,9 +178,7 @@ class Engine:
 
         cfg = self.config
         meta = self.meta = read_meta(model_path)
-        support = model_support(meta)
-        if support.kind == "refused":
-            raise ModelError(support.refusal())
+        support = model_support(meta)  # read_meta has refused what cannot run at all
         if support.kind == "full" and cfg.policy != "full":
             raise UsageError(support.full_only())
         if cfg.kv_mem is None and cfg.policy == "full":

@@ -205,11 +205,9 @@ def read_meta(path: str | Path) -> ModelMeta:
     arch = kv.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelError(f"GGUF file has no general.architecture: {p}")
-    from spindle_local.runtime.support import model_support
+    from spindle_local.runtime.support import check_not_refused
 
-    support = model_support(ModelMeta(str(p), arch, "", 0, 0, 0, 0, 0, 0, 0, None, None, None))
-    if support.kind == "refused":
-        raise ModelError(support.refusal())
+    check_not_refused(arch)
 
     def get(name: str, default: Any = None) -> Any:
         v = kv.get(f"{arch}.{name}")

@@ -76,6 +76,15 @@ class Support:
                 f"the compressed store does not handle it yet)")
 
 
+def check_not_refused(arch: str) -> None:
+    """One-line ModelError for an architecture spindle-local does not run (read_meta calls it,
+    so every command refuses such a file before anything loads)."""
+    if arch in _REFUSED:
+        from spindle_local.errors import ModelError
+
+        raise ModelError(Support(arch, "refused", _REFUSED[arch]).refusal())
+
+
 def model_support(meta: Any) -> Support:
     """The :class:`Support` of a model from its metadata (``gguf_meta.ModelMeta``)."""
     arch = str(meta.architecture)
