@@ -12,21 +12,18 @@ from __future__ import annotations
 import numpy as np
 
 from .inputs import Geometry, LayerInput
+from .rope import rotate
 
 SMOLLM2 = Geometry(n_layer=30, n_head=9, n_head_kv=3, head_dim_k=64, head_dim_v=64)
 
 
 def apply_rope(x: np.ndarray, positions: np.ndarray, base: float = 10000.0) -> np.ndarray:
-    """Adjacent-pair (llama NORM) RoPE of ``x`` [n, H, d] at ``positions``."""
-    n, h, d = x.shape
-    freqs = base ** (-np.arange(0, d, 2) / d)
-    ang = positions[:, None].astype(np.float64) * freqs[None, :]
-    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
-    a, b = x[..., 0::2].astype(np.float64), x[..., 1::2].astype(np.float64)
-    out = np.empty_like(x, dtype=np.float64)
-    out[..., 0::2] = a * c - b * s
-    out[..., 1::2] = a * s + b * c
-    return out.astype(np.float32)
+    """Adjacent-pair (llama NORM) RoPE of ``x`` [n, H, d] at ``positions``, float32.
+
+    Exact float64 angles (:func:`.rope.rope_angles` with ``float32_steps=False``): the
+    inputs need a real rotation, not ggml's, and plans recorded on them stay valid.
+    """
+    return rotate(x, positions, base=base, float32_steps=False)
 
 
 def make_layer(

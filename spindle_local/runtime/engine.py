@@ -41,8 +41,8 @@ from spindle_local.policy import inputs as pin
 from spindle_local.policy.plan import LayerStore, full_cache_bytes
 from spindle_local.policy.policies import make_policy
 from spindle_local.policy.roles import RoleMemory
+from spindle_local.policy import rope as roper
 from spindle_local.runtime import native
-from spindle_local.runtime import rope as roper
 from spindle_local.runtime.gguf_meta import read_rope_factors
 from spindle_local.runtime.config import MIN_SLACK, POLICIES, EngineConfig, budget_geometry  # noqa: F401
 from spindle_local.runtime.interrupt import CancelFlag, Interrupted, sigint_sets  # noqa: F401  (re-exported)
@@ -132,15 +132,14 @@ class Engine:
         self.queries = WindowQueries(g.n_layer, cfg.window, g.layers[0].n_head, g.layers[0].head_dim_k,
                                      layers=self.store_layer_ids)
         self._capturing = False  # whether the patch copies window queries during decodes
-        if len(set((lg.n_head, lg.n_head_kv, lg.head_dim_k, lg.head_dim_v) for lg in g.layers)) != 1:
-            raise SpindleError("models whose layers differ in attention shape are not supported yet")
-        lg0 = g.layers[0]
-        n_store = len(self.store_layer_ids)
-        self.pgeo = pin.Geometry(n_layer=n_store, n_head=lg0.n_head, n_head_kv=lg0.n_head_kv,
-                                 head_dim_k=lg0.head_dim_k, head_dim_v=lg0.head_dim_v)
+        try:  # the policy's geometry: the layers the store serves
+            self.pgeo = g.attention(n_layer=len(self.store_layer_ids))
+        except ValueError:
+            raise SpindleError("models whose layers differ in attention shape are not supported yet") from None
+        pg = self.pgeo
         # bytes per token of the layers the store serves, and the window layers' cache: held
         # alike by every policy (and by a full cache), it counts on both sides of the ratio
-        self.bytes_per_token = full_cache_bytes(1, n_store, lg0.n_head_kv, lg0.head_dim_k, lg0.head_dim_v)
+        self.bytes_per_token = full_cache_bytes(1, pg.n_layer, pg.n_head_kv, pg.head_dim_k, pg.head_dim_v)
         self.fixed_bytes = self._window_layers_bytes()
         self.rope_ok = roper.rope_supported(g.rope_type, g.ext_factor)
         # per-frequency factors the graph's RoPE divides by (Llama 3.1 style); host RoPE too

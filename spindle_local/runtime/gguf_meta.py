@@ -33,8 +33,8 @@ class ModelMeta:
     rope_freq_base: float | None
     sliding_window: int | None
     file_type: int | None
-    # per-frequency RoPE factors (``rope_freqs.weight``, Llama 3.1 style scaling), which the
-    # host-side RoPE of runtime/rope.py does not apply
+    # per-frequency RoPE factors (``rope_freqs.weight``, Llama 3.1 style scaling): the engine
+    # reads them (read_rope_factors) for the host-side RoPE of policy/rope.py
     rope_factors: bool = False
 
     @property

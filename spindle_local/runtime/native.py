@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from spindle_local.errors import RuntimeNotPatchedError, SpindleError
+from spindle_local.policy.inputs import Geometry as AttentionShape
 from spindle_local.policy.plan import Codebook, HeadStore, LayerStore
 
 #: The ``LLAMA_SPINDLE_API_VERSION`` this module was written against.
@@ -223,7 +224,7 @@ def ctx_ptr(ctx: Any) -> int | None:
 
 @dataclass(frozen=True)
 class LayerGeometry:
-    """Attention geometry of one layer."""
+    """One layer as the context lays it out: attention shape, RoPE, sliding window, cache."""
 
     n_head: int
     n_head_kv: int
@@ -236,6 +237,11 @@ class LayerGeometry:
     freq_scale: float
 
     @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(n_head, n_head_kv, head_dim_k, head_dim_v)``."""
+        return self.n_head, self.n_head_kv, self.head_dim_k, self.head_dim_v
+
+    @property
     def group_size(self) -> int:
         """Query heads per KV head (1 for MHA)."""
         return self.n_head // self.n_head_kv if self.n_head_kv else 0
@@ -243,7 +249,11 @@ class LayerGeometry:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Model attention geometry and the RoPE parameters the context's graph uses."""
+    """What the context's graph uses: per-layer layout and the RoPE and cache parameters.
+
+    The model's attention shape, as the policy sees it, is :meth:`attention` (a
+    :class:`spindle_local.policy.inputs.Geometry`), derived from the layers.
+    """
 
     n_layer: int
     n_ctx_train: int
@@ -268,27 +278,35 @@ class Geometry:
         """Layers that use a sliding window of ``n_swa`` tokens."""
         return [i for i, lg in enumerate(self.layers) if lg.is_swa]
 
-    def _uniform(self, attr: str) -> int:
-        values = {getattr(lg, attr) for lg in self.layers}
-        if len(values) != 1:
-            raise ValueError(f"{attr} varies across layers; use geometry.layers[i].{attr}")
-        return int(values.pop())
+    def attention(self, n_layer: int | None = None) -> AttentionShape:
+        """The attention shape every layer shares, over ``n_layer`` layers (default: all).
+
+        The engine passes the number of layers its store serves (the global layers of a
+        sliding-window model). Raises ValueError when the layers differ in shape.
+        """
+        shapes = {lg.shape for lg in self.layers}
+        if len(shapes) != 1:
+            raise ValueError(f"layers differ in attention shape (n_head, n_head_kv, head_dim_k, head_dim_v): "
+                             f"{sorted(shapes)}")
+        n_head, n_head_kv, head_dim_k, head_dim_v = shapes.pop()
+        return AttentionShape(n_layer=self.n_layer if n_layer is None else n_layer, n_head=n_head,
+                              n_head_kv=n_head_kv, head_dim_k=head_dim_k, head_dim_v=head_dim_v)
 
     @property
     def n_head(self) -> int:
-        return self._uniform("n_head")
+        return self.attention().n_head
 
     @property
     def n_head_kv(self) -> int:
-        return self._uniform("n_head_kv")
+        return self.attention().n_head_kv
 
     @property
     def head_dim_k(self) -> int:
-        return self._uniform("head_dim_k")
+        return self.attention().head_dim_k
 
     @property
     def head_dim_v(self) -> int:
-        return self._uniform("head_dim_v")
+        return self.attention().head_dim_v
 
 
 def get_geometry(ctx: Any) -> Geometry:

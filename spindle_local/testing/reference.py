@@ -33,13 +33,14 @@ from typing import Sequence
 
 import numpy as np
 
+from spindle_local.policy.rope import rotate
+
 __all__ = [
     "LayerWeights",
     "PrefixKV",
     "ReferenceModel",
     "ReferenceOutput",
     "rope",
-    "rope_angles",
     "unrope",
 ]
 
@@ -47,58 +48,18 @@ __all__ = [
 # --------------------------------------------------------------------------- RoPE
 
 
-def rope_angles(positions: np.ndarray, base: float, n_rot: int) -> np.ndarray:
-    """Rotation angles ``theta[n, n_rot/2]`` for RoPE NORM, computed like ggml.
-
-    ggml builds the angles in float32 by repeated multiplication
-    (``theta = pos; theta *= base^(-2/n_rot)`` per pair), so we do the same: at large
-    positions this differs from the exact ``pos * base^(-2i/n_rot)`` by ~1e-4 rad,
-    which is above f16 precision of the roped keys.
-    """
-    pos = np.asarray(positions, dtype=np.float32).reshape(-1)
-    theta_scale = np.float32(np.power(np.float32(base), np.float32(-2.0) / np.float32(n_rot)))
-    theta = np.empty((pos.shape[0], n_rot // 2), dtype=np.float32)
-    cur = pos.copy()
-    for i in range(n_rot // 2):
-        theta[:, i] = cur
-        cur = (cur * theta_scale).astype(np.float32)
-    return theta.astype(np.float64)
-
-
-def _rotate(x: np.ndarray, positions: np.ndarray, base: float, n_rot: int | None, sign: float) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 3:
-        raise ValueError(f"expected x of shape [n, heads, d], got {x.shape}")
-    n, _, d = x.shape
-    n_rot = d if n_rot is None else n_rot
-    if n_rot % 2 or n_rot > d:
-        raise ValueError(f"n_rot={n_rot} must be even and <= head dim {d}")
-    positions = np.asarray(positions).reshape(-1)
-    if positions.shape[0] != n:
-        raise ValueError(f"{positions.shape[0]} positions for {n} rows")
-    theta = rope_angles(positions, base, n_rot)  # [n, n_rot/2]
-    cos = np.cos(theta)[:, None, :]
-    sin = sign * np.sin(theta)[:, None, :]
-    out = np.array(x, dtype=np.float64, copy=True)
-    x0 = out[..., 0:n_rot:2].copy()
-    x1 = out[..., 1:n_rot:2].copy()
-    out[..., 0:n_rot:2] = x0 * cos - x1 * sin
-    out[..., 1:n_rot:2] = x0 * sin + x1 * cos
-    return out
-
-
 def rope(x: np.ndarray, positions: np.ndarray | Sequence[int], base: float, n_rot: int | None = None) -> np.ndarray:
-    """Apply RoPE NORM to ``x[n, heads, d]`` at ``positions[n]`` (float64 result).
+    """RoPE NORM of ``x[n, heads, d]`` at ``positions[n]`` in float64 (:func:`~spindle_local.policy.rope.rotate`).
 
-    Pairs ``(2i, 2i+1)`` for ``2i < n_rot`` (default: all of ``d``) are rotated by
-    ``pos · base^(-2i/n_rot)``; dims ``>= n_rot`` pass through.
+    Pairs ``(2i, 2i+1)`` for ``2i < n_rot`` (default: all of ``d``) are rotated by ggml's
+    angles ``pos · base^(-2i/n_rot)``; dims ``>= n_rot`` pass through.
     """
-    return _rotate(x, np.asarray(positions), base, n_rot, +1.0)
+    return rotate(x, positions, base=base, n_rot=n_rot, dtype=np.float64)
 
 
 def unrope(x: np.ndarray, positions: np.ndarray | Sequence[int], base: float, n_rot: int | None = None) -> np.ndarray:
     """Inverse of :func:`rope`: rotate back by the same angles (exact up to float64)."""
-    return _rotate(x, np.asarray(positions), base, n_rot, -1.0)
+    return rotate(x, positions, base=base, n_rot=n_rot, dtype=np.float64, inverse=True)
 
 
 # --------------------------------------------------------------------------- data
