@@ -7,11 +7,8 @@ import pytest
 
 from spindle_local.policy.codebook import (
     _greedy_cover_nb,
-    _join_nb,
     build_codebook,
     greedy_cover_ref,
-    join_ref,
-    reconstruct,
     split_magnitude,
 )
 from spindle_local.policy.inputs import Geometry, PolicyConfig
@@ -135,23 +132,6 @@ def test_greedy_cover_agree(block):
         b_assign, b_centres = greedy_cover_ref(u, 0.95)
         assert np.array_equal(a_assign, b_assign)
         assert np.array_equal(a_centres, b_centres)
-
-
-def test_join_agree():
-    rng = np.random.default_rng(6)
-    x = clustered(rng, 200, 16, 12, 0.1)
-    cb = build_codebook(x[:100], 0.95)
-    _, u = split_magnitude(x[100:])
-    a = _join_nb(cb.entries, u, 0.95)
-    b = join_ref(cb.entries, u, 0.95)
-    np.testing.assert_allclose(a[0], b[0])
-    assert np.array_equal(a[1], b[1])
-
-
-def test_reconstruct_agree():
-    rng = np.random.default_rng(7)
-    cb = build_codebook(clustered(rng, 150, 16, 8, 0.1), 0.9)
-    np.testing.assert_allclose(reconstruct(cb), cb.reconstruct(), rtol=1e-6)
 
 
 def test_attn_out_agree():

@@ -8,7 +8,7 @@ vectors per planning thread, see :mod:`.sources`).
 The plan types and the byte accounting shared with the C++ store are in :mod:`.plan`.
 """
 
-from .codebook import build_codebook, codebook_join
+from .codebook import build_codebook
 from .inputs import Geometry, LayerInput, PolicyConfig
 from .plan import Codebook, HeadStore, LayerStore, full_cache_bytes, layer_store_bytes
 from .policies import POLICY_NAMES, Policy, make_policy
@@ -27,7 +27,6 @@ __all__ = [
     "Policy",
     "PolicyConfig",
     "build_codebook",
-    "codebook_join",
     "full_cache_bytes",
     "layer_store_bytes",
     "make_policy",

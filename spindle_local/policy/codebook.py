@@ -21,9 +21,8 @@ not an approximation, and give the same cover.
 (floating-point cosines of distinct but very close directions can round to 1.0, so a
 graph at ``theta = 1`` would not be exact).
 
-:func:`codebook_join` adds new vectors to an existing codebook during generation: each
-joins its most similar entry when the cosine exceeds ``theta``, else opens a new entry
-(which later new vectors may join).
+A codebook's vectors come back with :meth:`.plan.Codebook.reconstruct` (also reachable as
+:func:`reconstruct`).
 """
 
 from __future__ import annotations
@@ -232,98 +231,8 @@ def build_codebook(x: np.ndarray, theta: float, block: int = 256, use_numba: boo
     return Codebook(np.ascontiguousarray(u[centres]), assign.astype(np.int32), m)
 
 
-@njit(cache=True, fastmath=True, nogil=True)
-def _join_nb(
-    entries: np.ndarray, new_u: np.ndarray, theta: float
-) -> tuple[np.ndarray, np.ndarray]:
-    e0, d = entries.shape
-    k = new_u.shape[0]
-    th = np.float32(theta)
-    out = np.empty((e0 + k, d), dtype=np.float32)
-    out[:e0] = entries
-    ne = e0
-    idx = np.empty(k, dtype=np.int64)
-    for i in range(k):
-        best = -1
-        bs = np.float32(-2.0)
-        for e in range(ne):
-            s = _dot(new_u, i, out, e)
-            if s > bs:
-                bs = s
-                best = e
-        if best >= 0 and bs > th:
-            idx[i] = best
-        else:
-            out[ne] = new_u[i]
-            idx[i] = ne
-            ne += 1
-    return out[:ne].copy(), idx
-
-
-def join_ref(entries: np.ndarray, new_u: np.ndarray, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """Numpy reference of ``_join_nb``: (entries with new ones appended, entry of each new vector)."""
-    ents = [e for e in entries.astype(np.float32)]
-    idx = np.empty(len(new_u), dtype=np.int64)
-    for i, u in enumerate(new_u.astype(np.float32)):
-        if ents:
-            sims = np.array(ents) @ u
-            best = int(np.argmax(sims))
-            if sims[best] > np.float32(theta):
-                idx[i] = best
-                continue
-        ents.append(u)
-        idx[i] = len(ents) - 1
-    d = new_u.shape[1] if new_u.ndim == 2 else entries.shape[1]
-    return (np.array(ents, dtype=np.float32).reshape(-1, d), idx)
-
-
-def codebook_join(
-    codebook: Codebook, new_vectors: np.ndarray, theta: float, use_numba: bool = True
-) -> Codebook:
-    """A new codebook: ``codebook``'s slots followed by ``new_vectors`` [k, d] joined or added.
-
-    ``theta >= 1`` never joins (lossless). Existing entries and slots are unchanged, so the
-    runtime can append rather than rebuild.
-    """
-    m, u = split_magnitude(new_vectors)
-    entries = np.asarray(codebook.entries, dtype=np.float32)
-    if theta >= 1.0:
-        new_entries = np.concatenate([entries, u]) if len(u) else entries
-        idx = np.arange(entries.shape[0], entries.shape[0] + len(u))
-    elif use_numba:
-        new_entries, idx = _join_nb(np.ascontiguousarray(entries), np.ascontiguousarray(u), float(theta))
-    else:
-        new_entries, idx = join_ref(entries, u, theta)
-    return Codebook(
-        np.ascontiguousarray(new_entries, dtype=np.float32),
-        np.concatenate([codebook.index.astype(np.int32), idx.astype(np.int32)]),
-        np.concatenate([codebook.magnitude.astype(np.float32), m]),
-    )
-
-
-@njit(cache=True, nogil=True)
-def _reconstruct_nb(entries: np.ndarray, index: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
-    s = index.shape[0]
-    d = entries.shape[1]
-    out = np.empty((s, d), dtype=np.float32)
-    for i in range(s):
-        e = index[i]
-        for t in range(d):
-            out[i, t] = entries[e, t] * magnitude[i]
-    return out
-
-
-def reconstruct(codebook: Codebook, use_numba: bool = True) -> np.ndarray:
-    """``entries[index] * magnitude`` as float32 [S, d] (numba, or ``Codebook.reconstruct``)."""
-    if not use_numba:
-        return codebook.reconstruct()
-    if codebook.index.shape[0] == 0:
-        return np.zeros((0, codebook.entries.shape[1]), np.float32)
-    return _reconstruct_nb(
-        np.ascontiguousarray(codebook.entries, dtype=np.float32),
-        np.ascontiguousarray(codebook.index, dtype=np.int64),
-        np.ascontiguousarray(codebook.magnitude, dtype=np.float32),
-    )
+#: ``entries[index] * magnitude`` as float32 [S, d]: the one reconstruction, the plan type's own.
+reconstruct = Codebook.reconstruct
 
 
 def subset_codebook(codebook: Codebook, rows: np.ndarray) -> Codebook:
