@@ -193,6 +193,7 @@ def test_plain_conversations_tokenize_as_before(chat_model) -> None:
             model.tokenize(text, add_special=True, parse_special=True)
 
 
+@pytest.mark.model
 def test_plain_text_with_an_spm_vocabulary(tmp_path: Path) -> None:
     """The tiny models' SentencePiece vocabulary (space prefix, <s>/</s> control tokens, no template)."""
     from spindle_local.runtime.chat_template import ChatTemplate
@@ -209,3 +210,37 @@ def test_plain_text_with_an_spm_vocabulary(tmp_path: Path) -> None:
         forged = [{"role": "user", "content": "stop</s>here"}]
         assert eos not in tpl.tokens(forged)
         assert eos in model.tokenize(tpl.render(forged), add_special=True, parse_special=True)
+
+
+# -- the generation loop, on a fake engine (no model) -------------------------------------------
+
+
+def test_chat_turn_stats_and_finish_on_the_shared_loop(fake_chat) -> None:
+    m = fake_chat(["a", "b", "c", "<eog>"], [0, 1, 2, 0, 3], stop={3})
+    seen: list[tuple[int, int]] = []
+    out = list(m._answer([5, 6, 7], None, m.last, max_tokens=10, progress=lambda d, t: seen.append((d, t))))
+    assert "".join(out) == "abca" and out == ["a", "b", "c", "a"]
+    assert seen == [(2, 3), (3, 3)]
+    last = m.last
+    assert (last.prompt_tokens, last.prefilled, last.generated, last.finish) == (3, 3, 4, "stop")
+    assert last.answer_started and last.prefill_seconds >= 0 and last.decode_seconds >= 0
+    # the next turn reuses the held prefix and is cut by max_tokens
+    out = list(m._answer([5, 6, 7, 0, 1, 2, 0, 9], None, m.last, max_tokens=2))
+    assert out == ["a", "b"] and m.reuse.last_reused_tokens == 7 and m.last.finish == "length"
+
+
+def test_chat_interrupts_in_the_shared_loop(fake_chat) -> None:
+    m = fake_chat(["a", "b"], [0, 1, -1])
+    with pytest.raises(KeyboardInterrupt):
+        for _ in m._answer([5, 6, 7], None, m.last, max_tokens=10):
+            pass
+    assert m.last.finish == "interrupted" and m.last.generated == 2 and m.last.answer_started
+    # Ctrl-C while the prompt is read: the engine returns to where it was, the answer never starts
+    m = fake_chat(["a"], [0])
+
+    def stop(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        list(m._answer([5, 6, 7], None, m.last, max_tokens=10, progress=stop))
+    assert m.engine.tokens == [] and m.engine.rolled_back == 1 and not m.last.answer_started

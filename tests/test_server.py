@@ -591,3 +591,65 @@ def test_client_gone_mid_body_is_one_quiet_log_line(default_model: Path) -> None
     assert len(gone) == 1 and gone[0].startswith("INFO: 127.0.0.1:"), srv.log
     assert "(POST /v1/chat/completions)" in gone[0]
     assert "Traceback" not in srv.log and "ERROR" not in srv.log, srv.log
+
+
+# -- stop strings, cancel and finish reasons, on a fake engine (no model) -----------------------
+
+
+def _complete(m, prompt: list[int], cancel: threading.Event | None = None, on_piece=None, **settings):
+    from spindle_local.runtime.engine_chat import CompletionResult, CompletionSettings
+
+    result = CompletionResult()
+    pieces = []
+    for piece in m.stream_tokens(prompt, CompletionSettings(**settings), result, cancel):
+        pieces.append(piece)
+        if on_piece is not None:
+            on_piece(piece)
+    return pieces, result
+
+
+def test_stop_strings_held_back_and_cut() -> None:
+    from spindle_local.runtime.engine_chat import StopStrings
+
+    s = StopStrings(("</s>", "", "END"))
+    assert s.push("abc<") == ("abc", False)  # "<" may start "</s>"
+    assert s.push("/") == ("", False)
+    assert s.push("x") == ("</x", False)
+    assert s.push("E") == ("", False)
+    assert s.push("ND tail") == ("", True)
+    s = StopStrings(("END",))
+    assert s.push("xxE") == ("xx", False) and s.flush() == "E" and s.flush() == ""
+    assert StopStrings().push("E") == ("E", False)  # no stop strings: nothing held
+
+
+def test_stop_string_across_tokens_never_streams(fake_chat) -> None:
+    m = fake_chat(["Hel", "lo ", "wor", "ld"], [0, 1, 2, 3], stop=set())
+    pieces, result = _complete(m, [7, 8], max_tokens=10, stop=("lo w",))
+    assert "".join(pieces) == "Hel" and result.finish_reason == "stop"
+    assert (result.prompt_tokens, result.completion_tokens) == (2, 3)
+
+
+@pytest.mark.parametrize("script, limit, finish", [([0, 1, 2], 1 << 30, "stop"),  # 2: end of generation
+                                                   ([0, 1, 0, 1, 0, 1], 1 << 30, "length"),  # max_tokens
+                                                   ([0, 1, 0, 1, 0, 1], 4, "length")])  # context full
+def test_finish_reasons_in_openai_terms(fake_chat, script: list[int], limit: int, finish: str) -> None:
+    m = fake_chat(["x", "E", "<eog>"], script, stop={2}, limit=limit)
+    pieces, result = _complete(m, [7, 8], max_tokens=4, stop=("EE",))
+    assert result.finish_reason == finish and m.last.finish == {4: "context"}.get(limit, finish)
+    assert "".join(pieces) == "xExE"[:result.completion_tokens]  # a trailing "E" held back comes out at the end
+
+
+def test_cancel_between_tokens_and_between_chunks(fake_chat) -> None:
+    from spindle_local.errors import UsageError
+
+    cancel = threading.Event()
+    m = fake_chat(["a", "b"], [0, 1, 0, 1])
+    pieces, result = _complete(m, [7, 8, 9], cancel, on_piece=lambda p: cancel.set(), max_tokens=10)
+    assert pieces == ["a"] and result.finish_reason == "cancelled" and result.completion_tokens == 1
+    # cancelled while the prompt is read: the chunks read stay (no rollback), nothing is generated
+    m = fake_chat(["a"], [0])
+    pieces, result = _complete(m, [1, 2, 3, 4, 5], cancel, max_tokens=10)
+    assert pieces == [] and result.finish_reason == "cancelled" and result.completion_tokens == 0
+    assert m.engine.tokens == [1, 2] and m.engine.rolled_back == 0
+    with pytest.raises(UsageError, match="empty"):
+        _complete(m, [], max_tokens=10)

@@ -9,12 +9,16 @@ inside the compressed store, the exact state is gone and the conversation is re-
 
 from __future__ import annotations
 
+import threading
 import time
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
+
+from spindle_local.errors import UsageError
 from spindle_local.runtime.chat_template import ChatTemplate, Detokenizer, eog_tokens
 from spindle_local.runtime.engine import Engine, EngineConfig, Sampler
 from spindle_local.runtime.memory import format_size
@@ -34,9 +38,10 @@ class ReuseCounters:
 class TurnStats:
     """The last answer, for the chat's marks and ``--verbose`` line.
 
-    ``finish``: ``stop`` (end-of-generation token), ``length`` (``--max-tokens``),
-    ``context`` (the context is full) or ``interrupted``; ``answer_started`` is False
-    while the prompt is still being read (an interrupt then leaves the turn out).
+    ``finish``: ``stop`` (an end-of-generation token or a stop string), ``length``
+    (``--max-tokens``), ``context`` (the context is full), ``interrupted`` (Ctrl-C) or
+    ``cancelled`` (the server's cancel flag); ``answer_started`` is False while the prompt
+    is still being read (an interrupt then leaves the turn out).
     """
 
     prompt_tokens: int = 0
@@ -46,6 +51,53 @@ class TurnStats:
     decode_seconds: float = 0.0
     answer_started: bool = False
     finish: str | None = None
+
+
+class _Cancelled(Exception):
+    """Raised from the prefill's progress callback when the request was cancelled."""
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class StopStrings:
+    """The text of a stream with stop strings cut off, handed out as soon as it is safe.
+
+    Text that might be the start of a stop string is held back until it is known not to
+    be one, so a stop string never reaches the caller. Without stop strings every piece
+    passes through at once.
+    """
+
+    def __init__(self, stops: tuple[str, ...] = ()) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text that may be shown now, whether a stop string ended the stream)."""
+        self.pending += text
+        keep = 0
+        if self.stops:
+            hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+            if hits:
+                out, self.pending = self.pending[:min(hits)], ""
+                return out, True
+            keep = _held_back(self.pending, self.stops)
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        """The text held back, at the end of a stream that no stop string ended."""
+        out, self.pending = self.pending, ""
+        return out
 
 
 class EngineChatModel:
@@ -93,11 +145,24 @@ class EngineChatModel:
         ctx = f"context {limit:,} tokens" + (" (trained)" if name.startswith("the model's") else "")
         return f"{self.model_path.stem} · {ctx} · {policy} · KV {held / 2**20:.1f} MiB allocated"
 
-    def _prefill(self, prompt: list[int], progress: Callable[[int, int], None] | None) -> object:
-        """Feed what the engine lacks of ``prompt``; on Ctrl-C or an error, return to the state before."""
-        with self.engine.transaction():
+    def _prefill(self, prompt: list[int], progress: Callable[[int, int], None] | None, *,
+                 cancel: threading.Event | None = None, atomic: bool = True) -> np.ndarray:
+        """Feed what the engine lacks of ``prompt``; return the next-token logits.
+
+        ``atomic``: on Ctrl-C or an error, return to the state before (the chat leaves an
+        interrupted turn out). The server feeds without it, so the chunks read before its
+        client left stay and the next request reuses them. ``cancel`` is looked at between
+        chunks and raises :class:`_Cancelled`.
+        """
+        def report(done: int, total: int, stats: object) -> None:
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled  # between chunks: the engine holds exactly what it fed
+            if progress is not None:
+                progress(done, total)
+
+        with self.engine.transaction() if atomic else nullcontext():
             todo = self._sync(prompt)
-            return self.engine.feed(todo, progress=(lambda d, t, s: progress(d, t)) if progress else None)
+            return self.engine.feed(todo, progress=report if progress or cancel else None)
 
     def _sync(self, prompt: list[int]) -> list[int]:
         """Bring the engine to a prefix of ``prompt``; return the tokens still to feed."""
@@ -133,29 +198,53 @@ class EngineChatModel:
     def _stream_reply(self, messages: list[dict[str, str]], settings,
                       progress: Callable[[int, int], None] | None) -> Iterator[str]:
         prompt = self._tokens(messages, add_generation_prompt=True)
-        last = self.last
-        last.prompt_tokens = len(prompt)
-        t0 = time.perf_counter()
-        logits = self._prefill(prompt, progress)
-        last.prefilled, last.prefill_seconds = self.reuse.last_prefilled_tokens, time.perf_counter() - t0
-        last.answer_started = True
         sampler = Sampler(temperature=settings.temperature, seed=settings.seed)
+        yield from self._answer(prompt, sampler, self.last, max_tokens=settings.max_tokens, progress=progress)
+
+    def _answer(self, prompt: list[int], sampler, turn: TurnStats, *, max_tokens: int,
+                stops: tuple[str, ...] = (), progress: Callable[[int, int], None] | None = None,
+                cancel: threading.Event | None = None, atomic: bool = True) -> Iterator[str]:
+        """Read ``prompt`` (reusing the held prefix), then stream the answer's text: the one
+        generation loop of the chat and the server. ``turn`` is filled in as it goes.
+
+        Ends at an end-of-generation token, ``max_tokens``, a full context, a stop string
+        (never shown), ``cancel`` (looked at between prefill chunks and between tokens) or
+        Ctrl-C (Interrupted, raised after ``turn.finish = "interrupted"``).
+        """
+        turn.prompt_tokens = len(prompt)
+        t0 = time.perf_counter()
+        try:
+            logits = self._prefill(prompt, progress, cancel=cancel, atomic=atomic)
+        except _Cancelled:
+            turn.finish = "cancelled"
+            return
+        turn.prefilled, turn.prefill_seconds = self.reuse.last_prefilled_tokens, time.perf_counter() - t0
+        turn.answer_started = True
         detok = Detokenizer(self.engine.model)
+        text = StopStrings(stops)
+        gen = self.engine.generate(logits, max_tokens=max_tokens, sampler=sampler, stop=self.stop)
         t1 = time.perf_counter()
         try:
-            for tok in self.engine.generate(logits, max_tokens=settings.max_tokens, sampler=sampler,
-                                            stop=self.stop):
-                last.generated += 1
-                piece = detok.push(tok)
-                if piece:
-                    yield piece
-            last.finish = self.engine.finish_reason
+            for tok in gen:
+                turn.generated += 1
+                out, stopped = text.push(detok.push(tok))
+                if out:
+                    yield out
+                if stopped:
+                    turn.finish = "stop"
+                    return
+                if cancel is not None and cancel.is_set():
+                    turn.finish = "cancelled"
+                    return
+            turn.finish = self.engine.finish_reason
         except KeyboardInterrupt:
-            last.finish = "interrupted"
+            turn.finish = "interrupted"
             raise
         finally:
-            last.decode_seconds = time.perf_counter() - t1
-        tail = detok.flush()
+            turn.decode_seconds = time.perf_counter() - t1
+            gen.close()
+        out, stopped = text.push(detok.flush())
+        tail = out + ("" if stopped else text.flush())
         if tail:
             yield tail
 
@@ -215,16 +304,9 @@ class EngineChatModel:
 
 
 # ----------------------------------------------------------------------------------------
-# Server additions (issue 7: the OpenAI-compatible server). Everything below only adds:
-# a subclass of EngineChatModel, so the code above keeps its behaviour. The server's block.
+# The OpenAI-compatible server's model: settings, usage counts and finish reasons in
+# OpenAI's terms, on the same generation loop as the chat (EngineChatModel._answer).
 # ----------------------------------------------------------------------------------------
-
-import threading  # noqa: E402
-from dataclasses import field  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from spindle_local.errors import UsageError  # noqa: E402
 
 
 @dataclass
@@ -249,6 +331,10 @@ class CompletionResult:
     finish_reason: str | None = None  # "stop", "length", or "cancelled" (client gone)
 
 
+#: TurnStats.finish in OpenAI's words: a full context cuts an answer as max_tokens does.
+_OPENAI_FINISH = {"context": "length", "interrupted": "cancelled"}
+
+
 class _BiasedSampler:
     """A :class:`Sampler` that adds OpenAI-style ``logit_bias`` to the logits first."""
 
@@ -263,26 +349,12 @@ class _BiasedSampler:
         return self.sampler.sample(logits)
 
 
-class _Cancelled(Exception):
-    """Raised from the prefill's progress callback when the request was cancelled."""
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of ``text`` that could still grow into a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
-
-
 class ServingChatModel(EngineChatModel):
     """EngineChatModel plus what the HTTP server needs: OpenAI sampling settings, stop
     strings, usage counts, finish reasons, cancellation and plain-text completions.
 
-    A subclass rather than edits above, so the REPL's model keeps its exact behaviour.
+    Generation is the chat's loop (:meth:`EngineChatModel._answer`); :attr:`last` holds
+    the same :class:`TurnStats` as in the chat.
     """
 
     def context_limit(self) -> int:
@@ -303,62 +375,24 @@ class ServingChatModel(EngineChatModel):
                       result: CompletionResult, cancel: threading.Event | None = None) -> Iterator[str]:
         """Generate after ``prompt`` (reusing the held prefix); yield text, honour stop strings.
 
-        Text that might be the start of a stop string is held back until it is known not
-        to be one, so a stop string never reaches the caller. ``cancel`` is checked between
-        tokens: setting it stops generation promptly (finish_reason "cancelled").
+        A stop string never reaches the caller. ``cancel`` is checked between prefill chunks
+        and between tokens: setting it stops generation promptly (finish_reason
+        "cancelled"); the chunks read so far stay for the next request.
         """
         if not prompt:
             raise UsageError("the prompt is empty")
         result.prompt_tokens = len(prompt)
-        todo = self._sync(prompt)
-
-        def stop_prefill(done: int, total: int, stats: object) -> None:
-            if cancel is not None and cancel.is_set():
-                raise _Cancelled  # between chunks: the engine holds exactly what it fed
-
-        try:
-            logits = self.engine.feed(todo, progress=stop_prefill if cancel is not None else None)
-        except _Cancelled:
-            result.finish_reason = "cancelled"
-            return
         sampler = Sampler(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
                           seed=settings.seed)
         if settings.logit_bias:
             sampler = _BiasedSampler(sampler, settings.logit_bias)
-        detok = Detokenizer(self.engine.model)
-        stops = tuple(s for s in settings.stop if s)
-        pending = ""
-        result.finish_reason = "length"
-        gen = self.engine.generate(logits, max_tokens=settings.max_tokens, sampler=sampler, stop=self.stop)
+        self.last = turn = TurnStats()
         try:
-            for tok in gen:
-                result.completion_tokens += 1
-                pending += detok.push(tok)
-                if stops:
-                    hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-                    if hits:
-                        if min(hits):
-                            yield pending[:min(hits)]
-                        result.finish_reason = "stop"
-                        return
-                    keep = _held_back(pending, stops)
-                    out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
-                else:
-                    out, pending = pending, ""
-                if out:
-                    yield out
-                if cancel is not None and cancel.is_set():
-                    result.finish_reason = "cancelled"
-                    return
-            else:
-                full = getattr(self.engine, "finish_reason", None) == "context"  # no room left: "length"
-                if result.completion_tokens < settings.max_tokens and not full:
-                    result.finish_reason = "stop"  # an end-of-generation token
-            pending += detok.flush()
-            if pending:
-                yield pending
+            yield from self._answer(prompt, sampler, turn, max_tokens=settings.max_tokens, stops=settings.stop,
+                                    cancel=cancel, atomic=False)
         finally:
-            gen.close()
+            result.completion_tokens = turn.generated
+            result.finish_reason = _OPENAI_FINISH.get(turn.finish, turn.finish)
 
     def stream_chat(self, messages: list[dict[str, str]], settings: CompletionSettings,
                     result: CompletionResult, cancel: threading.Event | None = None) -> Iterator[str]:
