@@ -12,6 +12,8 @@ from spindle_local.eval.runner import greedy_answer
 from spindle_local.eval.texts import pydoc_text
 from spindle_local.runtime.engine import Engine, EngineConfig
 
+pytestmark = pytest.mark.model  # every test here loads a model (or the patched library)
+
 
 @pytest.mark.parametrize("policy", ["streaming", "snapkv", "pyramidkv", "spindle"])
 @pytest.mark.parametrize("budget", [0.4, 0.25, 0.15])

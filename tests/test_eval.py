@@ -119,6 +119,7 @@ def test_invalid_arguments_exit_2(default_model: Path, args: list[str], phrase: 
     assert len(lines) == 1 and lines[0].startswith("error:") and phrase in lines[0]
 
 
+@pytest.mark.model
 def test_kld_text_too_short(tmp_path: Path) -> None:
     short = tmp_path / "short.txt"
     short.write_text("just a few words\n")

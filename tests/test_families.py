@@ -259,6 +259,7 @@ def _codebook_all(eng: Engine, il: int, p1: int) -> None:
 # -- lossless store ------------------------------------------------------------------------------
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["nofa", "fa"])
 @pytest.mark.parametrize("i", range(len(CASES)), ids=IDS)
 def test_store_of_every_token_keeps_the_logits(models: _Models, i: int, flash_attn: bool) -> None:
@@ -268,6 +269,7 @@ def test_store_of_every_token_keeps_the_logits(models: _Models, i: int, flash_at
 # -- codebooks ---------------------------------------------------------------------------------
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("i", range(len(CASES)), ids=IDS)
 def test_codebook_of_every_token_keeps_the_logits(models: _Models, i: int) -> None:
     """The patch rebuilds each key from its entry and re-ropes it at the slot's position;
@@ -275,6 +277,7 @@ def test_codebook_of_every_token_keeps_the_logits(models: _Models, i: int) -> No
     _store_then_compare(models, i, False, _codebook_all, CODEBOOK_ATOL)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("i", range(len(CASES)), ids=IDS)
 def test_codebook_layer_scores_match_the_reference(models: _Models, i: int) -> None:
     """Layer 0 kept as a codebook by the engine's plans: the window scores the patch computes
@@ -305,6 +308,7 @@ def test_codebook_layer_scores_match_the_reference(models: _Models, i: int) -> N
 # -- budgets -----------------------------------------------------------------------------------
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("i", range(len(CASES)), ids=IDS)
 def test_budget_holds_through_compressions(models: _Models, i: int) -> None:
     """Small ``recent``/``chunk`` so that 400 prompt tokens and 100 generated ones plan
@@ -344,6 +348,7 @@ def gemma(models: _Models) -> tuple[FamilySpec, LlamaModel]:
     return models.get("gemma3", "gemma3", **GEMMA)
 
 
+@pytest.mark.model
 def test_gemma3_full_policy_runs(gemma) -> None:
     """Interleaved sliding-window layers load as such, and ``--policy full`` reads past the
     window with the plain context's logits."""

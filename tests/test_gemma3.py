@@ -18,6 +18,8 @@ from spindle_local.runtime import session as S
 from spindle_local.runtime.config import EngineConfig
 from spindle_local.runtime.engine import Engine
 
+pytestmark = pytest.mark.model  # every test here loads a model (or the patched library)
+
 BUDGET = 0.7
 REACHABLE = 2600  # tokens from which BUDGET holds at every step (see the module docstring)
 

@@ -21,6 +21,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.model  # every test here loads a model (or the patched library)
+
 CFG = dict(policy="spindle", kv_budget=0.5, window=8, recent=16, chunk=16, sinks=2, n_threads=1)
 VOCAB = 512
 

@@ -12,6 +12,8 @@ from spindle_local.eval.kld import compare_logits
 from spindle_local.eval.texts import pydoc_text
 from spindle_local.runtime.engine import Engine, EngineConfig
 
+pytestmark = pytest.mark.model  # every test here loads a model (or the patched library)
+
 CELLS, N = 600, 900
 
 

@@ -16,6 +16,8 @@ import pytest
 from spindle_local.eval.texts import pydoc_text
 from spindle_local.runtime.engine import Engine, EngineConfig
 
+pytestmark = pytest.mark.model  # every test here loads a model (or the patched library)
+
 
 @pytest.fixture(scope="module")
 def text_tokens(default_model: Path) -> list[int]:

@@ -56,6 +56,7 @@ def test_recurrent_model_is_refused_in_one_line(tmp_path: Path) -> None:
         assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.model
 def test_full_only_model_warns_or_refuses_in_one_line(tmp_path: Path) -> None:
     path = _write_header_only(tmp_path / "g2.gguf", "gemma2", block_count=2, embedding_length=64,
                               **{"attention.head_count": 4, "attention.sliding_window": 64})
@@ -75,6 +76,7 @@ def test_full_only_model_warns_or_refuses_in_one_line(tmp_path: Path) -> None:
     assert lines[0].startswith("warning: gemma2 runs with the full KV cache") and lines[1].startswith("error:")
 
 
+@pytest.mark.model
 def test_gemma3_info_and_chat(gemma3: Path) -> None:
     r = run_cli("info", "gemma3")
     assert r.returncode == 0, r.stderr
@@ -85,6 +87,7 @@ def test_gemma3_info_and_chat(gemma3: Path) -> None:
     assert r.stdout.strip()
 
 
+@pytest.mark.model
 def test_gemma3_without_template_gets_gemma_turns(gemma3: Path) -> None:
     """The bundled Gemma 3 GGUF carries no chat template: its turn markers select llama.cpp's
     built-in Gemma template, and the markers are control tokens in the rendered ids."""

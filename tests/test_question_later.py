@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.model  # every test here loads a model (or the patched library)
+
 SMALL = dict(recent=64, chunk=128)
 VAULT = ("The combination of the vault is {key}. Nobody else knows it.",
          "What is the combination of the vault? The combination of the vault is ")

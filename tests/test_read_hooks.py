@@ -60,6 +60,7 @@ def _check_all_layers(model: LlamaModel, tokens: list[int], positions: np.ndarra
             np.testing.assert_allclose(v, _f16(v_ref), rtol=1e-3, atol=1e-6, err_msg=f"V layer {il}")
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("flash_attn", [False, True])
 def test_read_hooks_smollm2(smollm: LlamaModel, flash_attn: bool) -> None:
     tokens = smollm.tokenize("The quick brown fox jumps over the lazy dog, again and again.")
@@ -67,6 +68,7 @@ def test_read_hooks_smollm2(smollm: LlamaModel, flash_attn: bool) -> None:
     _check_all_layers(smollm, tokens, positions, flash_attn)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("flash_attn", [False, True])
 def test_read_hooks_tiny_gqa(tiny_gqa: LlamaModel, flash_attn: bool) -> None:
     rng = np.random.default_rng(0)
@@ -76,6 +78,7 @@ def test_read_hooks_tiny_gqa(tiny_gqa: LlamaModel, flash_attn: bool) -> None:
     _check_all_layers(tiny_gqa, tokens, positions, flash_attn)
 
 
+@pytest.mark.model
 def test_geometry_smollm2(smollm: LlamaModel) -> None:
     with LlamaContext(smollm, n_ctx=256) as ctx:
         geo = ctx.geometry()
@@ -87,6 +90,7 @@ def test_geometry_smollm2(smollm: LlamaModel) -> None:
     assert geo.type_k == 1 and geo.type_v == 1  # f16
 
 
+@pytest.mark.model
 def test_read_after_seq_rm(smollm: LlamaModel) -> None:
     tokens = smollm.tokenize("one two three four five six seven eight nine ten")
     with LlamaContext(smollm, n_ctx=256) as ctx:
@@ -99,6 +103,7 @@ def test_read_after_seq_rm(smollm: LlamaModel) -> None:
         np.testing.assert_array_equal(v, v_all[4:])
 
 
+@pytest.mark.model
 def test_query_capture_on_and_off(smollm: LlamaModel) -> None:
     """The patch's query capture: rows only while armed (reused graphs included), the last
     ubatch's last rows, and logits that do not depend on it."""
@@ -125,6 +130,7 @@ def test_query_capture_on_and_off(smollm: LlamaModel) -> None:
         np.testing.assert_array_equal(ref.logits(), on_logits)
 
 
+@pytest.mark.model
 def test_bad_layer_is_a_clear_error(smollm: LlamaModel) -> None:
     with LlamaContext(smollm, n_ctx=256) as ctx:
         with pytest.raises(native.NativeError, match="layer 30 out of range"):

@@ -20,6 +20,8 @@ import pytest
 
 from spindle_local.runtime import rpc
 
+pytestmark = pytest.mark.model  # every test here loads a model (or the patched library)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -99,6 +99,7 @@ def test_verify_rebuilds_until_a_tier_runs(tmp_path, monkeypatch: pytest.MonkeyP
                smoke=lambda: run_smoke(next(always)), log=lambda m: None)
 
 
+@pytest.mark.model
 def test_smoke_test_passes_on_installed_runtime() -> None:
     pytest.importorskip("llama_cpp")
     result = run_smoke()
@@ -106,6 +107,7 @@ def test_smoke_test_passes_on_installed_runtime() -> None:
     assert "smoke test passed" in result.detail
 
 
+@pytest.mark.model
 def test_native_crash_is_one_line() -> None:
     """A fatal signal in native code after the runtime is loaded: one line and exit 128+N."""
     pytest.importorskip("llama_cpp")

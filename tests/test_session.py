@@ -20,6 +20,8 @@ import pytest
 from spindle_local.runtime import session as S
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.model  # every test here loads a model (or the patched library)
+
 
 def _config():
     from spindle_local.runtime.config import EngineConfig

@@ -26,6 +26,8 @@ from spindle_local.runtime.model_files import default_model_path
 from spindle_local.testing.reference import PrefixKV, ReferenceModel, rope, unrope
 from spindle_local.testing.tiny_gguf import write_tiny_llama
 
+pytestmark = pytest.mark.model  # every test here loads a model (or the patched library)
+
 TINY = {
     "mha": dict(n_layer=2, n_embd=64, n_head=4, n_head_kv=4, head_dim=16, seed=11),
     "gqa": dict(n_layer=2, n_embd=96, n_head=6, n_head_kv=2, head_dim=32, seed=12),
