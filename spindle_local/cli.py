@@ -17,6 +17,7 @@ import click
 
 from spindle_local import __version__
 from spindle_local.errors import SpindleError, UsageError
+from spindle_local.options import engine_config, engine_options
 
 MODEL_ARG_HELP = "GGUF model file (default: SmolLM2-135M-Instruct, fetched on first use)."
 
@@ -144,90 +145,6 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def _codebook_layers(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise click.BadParameter("must be a number of layers or 'auto'") from None
-    if n < 0:
-        raise click.BadParameter("must be >= 0")
-    return n
-
-
-def engine_options(f):
-    """The compression options every model-running command shares."""
-    options = [
-        click.option("--policy", type=click.Choice(["full", "streaming", "snapkv", "pyramidkv", "spindle"]),
-                     default="spindle", show_default=True, help="KV-cache policy; 'full' keeps everything."),
-        click.option("--kv-budget", type=float, default=None,
-                     help="Reserve ratio: KV bytes held / full f16 cache bytes, in (0, 1].  [default: 0.25]"),
-        click.option("--kv-mem", default=None, metavar="SIZE",
-                     help="KV memory cap instead of --kv-budget, e.g. 64MiB (KiB/MiB/GiB): llama.cpp's "
-                          "regular cache and the compressed store together never allocate more."),
-        click.option("--window", type=click.IntRange(min=1), default=32, show_default=True,
-                     help="Observation window: recent queries that score older tokens."),
-        click.option("--sinks", type=click.IntRange(min=0), default=4, show_default=True,
-                     help="First tokens that are never evicted (attention sinks)."),
-        click.option("--recent", type=click.IntRange(min=1), default=256, show_default=True,
-                     help="Newest tokens kept uncompressed in the regular cache."),
-        click.option("--codebook-layers", default="auto", show_default=True,
-                     help="Shallow layers that use codebook replacement: a number, or 'auto' to measure."),
-        click.option("--theta-k", type=click.FloatRange(0, 1, min_open=True), default=0.98, show_default=True,
-                     help="Cosine threshold for sharing a key codebook entry."),
-        click.option("--theta-v", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
-                     help="Cosine threshold for sharing a value codebook entry."),
-        click.option("--chunk", type=click.IntRange(min=16), default=512, show_default=True,
-                     help="Prefill chunk size in tokens (compression runs between chunks)."),
-        click.option("--lookahead/--no-lookahead", default=True, show_default=True,
-                     help="Plans made while a long prompt is read also score with the prompt's last "
-                          "--window tokens (its question), probed ahead of time."),
-        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)."),
-        click.option("--rpc", default=None, metavar="HOST:PORT[,...]",
-                     help="Place layers on ggml RPC servers (started with `spindle-local rpc-server`)."),
-        click.option("--gpu-layers", type=click.IntRange(min=0), default=None,
-                     help="Layers on GPUs or RPC servers (default: all of them when there are any)."),
-        click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
-                     help="Use llama.cpp's flash-attention kernels."),
-        click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-                     help="Any engine or policy setting by name (repeatable), e.g. --set salient_share=0.2."),
-    ]
-    for opt in reversed(options):
-        f = opt(f)
-    return f
-
-
-def engine_config(*, policy: str, kv_budget: float | None, window: int, sinks: int, recent: int,
-                  codebook_layers: str, theta_k: float, theta_v: float, chunk: int, threads: int | None,
-                  flash_attn: bool, kv_mem: str | None = None, max_tokens: int | None = None,
-                  n_cells: int | None = None, lookahead: bool = True, rpc: str | None = None,
-                  gpu_layers: int | None = None, settings: tuple[str, ...] = ()):
-    from spindle_local.runtime.config import EngineConfig, apply_settings
-    from spindle_local.runtime.memory import parse_size
-
-    if kv_mem is not None and kv_budget is not None:
-        raise UsageError("give either --kv-budget (a share of the full cache) or --kv-mem (bytes), not both")
-    mem = parse_size(kv_mem) if kv_mem is not None else None
-    kv_budget = 0.25 if kv_budget is None else kv_budget
-
-    try:
-        cb = _codebook_layers(codebook_layers)
-    except click.BadParameter as e:
-        raise click.BadParameter(str(e), param_hint="'--codebook-layers'") from None
-    cfg = EngineConfig(policy=policy, kv_budget=kv_budget, window=window, sinks=sinks, recent=recent,
-                       codebook_layers=cb, theta_k=theta_k, theta_v=theta_v, chunk=chunk, n_threads=threads,
-                       flash_attn=flash_attn, max_tokens=max_tokens, n_cells=n_cells, kv_mem=mem,
-                       lookahead=lookahead, gpu_layers=gpu_layers)
-    if rpc:
-        from spindle_local.runtime.rpc import parse_endpoints
-
-        cfg.rpc = tuple(parse_endpoints(rpc))
-    apply_settings(cfg, settings)
-    cfg.validate()
-    return cfg
-
-
 def conversation_setup(model: Path | None, n_ctx: int | None, engine_kw: dict[str, Any]):
     """Model path and engine settings for a conversation (chat, serve), checked before loading.
 
@@ -242,12 +159,19 @@ def conversation_setup(model: Path | None, n_ctx: int | None, engine_kw: dict[st
     if n_ctx and meta.n_ctx_train and n_ctx > meta.n_ctx_train:
         raise UsageError(f"--ctx {n_ctx} exceeds the model's trained context ({meta.n_ctx_train} tokens)")
     engine_kw = supported_policy(meta, engine_kw)
-    full = engine_kw["policy"] == "full"
+    full = _policy(engine_kw) == "full"
     sized = full and engine_kw.get("kv_mem") is None  # --kv-mem sizes a full cache itself
     cfg = engine_config(**engine_kw, max_tokens=n_ctx or (4096 if full else None),
                         n_cells=(n_ctx or 4096) if sized else None)
     check_memory(cfg, meta)
     return path, cfg
+
+
+def _policy(engine_kw: dict[str, Any]) -> str:
+    """The policy the options name (the EngineConfig default when --policy is not given)."""
+    from spindle_local.runtime.config import EngineConfig
+
+    return engine_kw.get("policy") or EngineConfig.policy
 
 
 def supported_policy(meta: Any, engine_kw: dict[str, Any]) -> dict[str, Any]:
@@ -258,7 +182,7 @@ def supported_policy(meta: Any, engine_kw: dict[str, Any]) -> dict[str, Any]:
     from spindle_local.runtime.support import model_support
 
     support = model_support(meta)  # read_meta has refused what cannot run at all
-    if support.kind == "full" and engine_kw["policy"] != "full":
+    if support.kind == "full" and _policy(engine_kw) != "full":
         ctx = click.get_current_context(silent=True)
         if ctx is not None and ctx.get_parameter_source("policy") == ParameterSource.COMMANDLINE:
             raise UsageError(support.full_only())
@@ -397,8 +321,8 @@ def _warn_resume_overrides(click_ctx: click.Context, cfg: Any, *, n_ctx: int | N
 
 
 #: chat options a resumed session's own settings replace (see _warn_resume_overrides).
-_SESSION_SETTINGS = {"n_ctx", "policy", "kv_budget", "kv_mem", "window", "sinks", "recent", "codebook_layers",
-                     "theta_k", "theta_v", "chunk", "lookahead", "flash_attn"}
+_SESSION_SETTINGS = {"n_ctx", "policy", "kv_budget", "kv_mem", "window", "sinks", "recent", "codebooks__layers",
+                     "codebooks__theta_k", "codebooks__theta_v", "chunk", "lookahead", "flash_attn", "settings"}
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -416,16 +340,103 @@ def _csv_numbers(kind: type, name: str):
     return convert
 
 
+def _parse_cells(ctx: click.Context, param: click.Parameter, value: str | None) -> list[tuple[int, float]] | None:
+    """``--cells 3500:0.1,6000:0.5``: (length, depth) pairs."""
+    if value is None:
+        return None
+    cells = []
+    for item in (x.strip() for x in value.split(",")):
+        if not item:
+            continue
+        length, _, depth = item.partition(":")
+        try:
+            cell = (int(length), float(depth))
+        except ValueError:
+            raise click.BadParameter(f"expected LENGTH:DEPTH pairs such as 3500:0.1, got {item!r}") from None
+        if cell[0] < 1 or not 0.0 <= cell[1] <= 1.0:
+            raise click.BadParameter(f"{item!r}: the length must be positive and the depth in [0, 1]")
+        cells.append(cell)
+    if not cells:
+        raise click.BadParameter("empty list")
+    return cells
+
+
+def _given(name: str) -> bool:
+    """Whether the option ``name`` of the running command was given (not its default)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def _output_options(f):
+    """--json and --out, shared by the evaluation commands."""
+    f = click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     metavar="FILE.jsonl",
+                     help="Append one JSON line per configuration (result and provenance); its folder is made.")(f)
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print JSON: one document for one configuration, one line per configuration "
+                             "for a grid.")(f)
+
+
 def _emit(result: dict, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result, indent=2, default=str))
         return
     for k, v in result.items():
-        if isinstance(v, float):
+        if k == "provenance":
+            src = v["source"]
+            commit = (src["commit"] or "unknown")[:12] + (" (uncommitted changes)" if src["dirty"] else "")
+            v = f"{commit}, patches {(v['patch_hash'] or 'unknown')[:12]}, {v['date']}"
+        elif isinstance(v, float):
             v = f"{v:.4g}"
         elif isinstance(v, list):
             v = f"[{len(v)} items]"
         click.echo(f"{k:<28} {v}")
+
+
+class _Report:
+    """Where an evaluation's rows go: stdout (text or JSON) and, with --out, a JSON-lines file."""
+
+    def __init__(self, cfgs: list, as_json: bool, out: Path | None, show=None) -> None:
+        from spindle_local.eval.grid import check_out, labels
+
+        self.labels = dict(zip(map(id, cfgs), labels(cfgs)))
+        self.many, self.as_json, self.out = len(cfgs) > 1, as_json, out
+        self.show = show or (lambda row: _emit(row, False))
+        if out is not None:
+            check_out(out)
+
+    def add(self, result: dict, cfg: Any) -> None:
+        from spindle_local.eval.grid import append_row, result_row
+
+        row = result_row(result, cfg, self.labels[id(cfg)])
+        if self.out is not None:
+            append_row(self.out, row)
+        if self.as_json:
+            click.echo(json.dumps(row, default=str) if self.many else json.dumps(row, indent=2, default=str))
+            return
+        if self.many:
+            click.echo(f"== {row['label']}")
+        self.show(row)
+        if self.many:
+            click.echo("")
+
+
+def _progress(label: str, steps: int):
+    """A progress bar over a whole grid; ``bar.step()`` gives each run its ``progress(done, total)``."""
+    bar = click.progressbar(length=steps, label=label, file=sys.stderr)
+
+    def step():
+        last = {"n": 0}
+
+        def progress(done: int, total: int) -> None:
+            bar.update(done - last["n"])
+            last["n"] = done
+        return progress
+
+    bar.step = step  # type: ignore[attr-defined]
+    return bar
 
 
 def _eval_model(model: Path | None, meta_check: bool = True):
@@ -441,7 +452,12 @@ def _eval_model(model: Path | None, meta_check: bool = True):
 
 @main.group(name="eval", cls=_Group)
 def eval_group() -> None:
-    """Measure fidelity, retrieval and speed of a policy against the full cache."""
+    """Measure fidelity, retrieval and speed of a policy against the full cache.
+
+    \b
+    Lists make a grid, run in one process (model loaded once, the full cache's results
+    computed once): --policy snapkv,spindle --kv-budget 0.25,0.15 --set salient.share=0,0.25.
+    """
 
 
 @eval_group.command("kld")
@@ -452,23 +468,43 @@ def eval_group() -> None:
               help="Tokens read (and compressed) before scoring.")
 @click.option("--continuation", type=click.IntRange(min=1), default=256, show_default=True,
               help="Tokens scored against the full cache.")
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Tokens of the text skipped before the context (another passage of the same text).")
 @click.option("--cache-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
               help="Regular-cache type; q8_0/q4_0 measure llama.cpp's own KV quantization (policy full).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@engine_options
-def eval_kld(model: Path | None, text: Path | None, context: int, continuation: int, cache_type: str,
-             as_json: bool, **engine_kw: Any) -> None:
+@click.option("--base", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.npz",
+              help="The full cache's logits: computed and saved to FILE when it does not exist, read from it "
+                   "when it does (refused unless model, text, --context, --continuation and --offset match).")
+@_output_options
+@engine_options(grid=True)
+def eval_kld(model: Path | None, text: Path | None, context: int, continuation: int, offset: int, cache_type: str,
+             base: Path | None, as_json: bool, out: Path | None, **engine_kw: Any) -> None:
     """Next-token KL divergence, top-1 agreement and perplexity vs the full cache."""
-    from spindle_local.eval.kld import run_kld
+    from spindle_local.eval.grid import SharedModels
+    from spindle_local.eval.kld import reference, run_kld
     from spindle_local.eval.texts import load_text
+    from spindle_local.options import engine_grid
 
-    cfg = engine_config(**engine_kw)
-    path, meta = _eval_model(model)
+    cfgs = engine_grid(**engine_kw)
     if cache_type != "f16":
-        cfg.policy = "full"
-    result = run_kld(str(path), text=load_text(text), context=context, continuation=continuation,
-                     engine_config=cfg, cache_type=cache_type)
-    _emit(result, as_json)
+        if len(cfgs) > 1:
+            raise UsageError(f"--cache-type {cache_type} measures llama.cpp's own cache with the full policy: "
+                             "give one configuration")
+        cfgs[0].policy, cfgs[0].stages, cfgs[0].cache_type = "full", {}, cache_type
+    report = _Report(cfgs, as_json, out)
+    path, meta = _eval_model(model)
+    if meta.n_ctx_train and context + continuation > meta.n_ctx_train:
+        raise UsageError(f"--context + --continuation = {context + continuation} exceeds the model's trained "
+                         f"context ({meta.n_ctx_train})")
+    words = load_text(text)
+    with SharedModels(str(path)) as models:
+        for cfg in cfgs:
+            loaded, memo = models.get(cfg), models.memo(cfg)
+            if "kld" not in memo:
+                memo["kld"] = reference(str(path), loaded, text=words, context=context, continuation=continuation,
+                                        engine_config=cfg, offset=offset, base=base)
+            report.add(run_kld(str(path), text=words, context=context, continuation=continuation, engine_config=cfg,
+                               cache_type=cache_type, offset=offset, model=loaded, ref=memo["kld"], base=base), cfg)
 
 
 @eval_group.command("needle")
@@ -477,6 +513,9 @@ def eval_kld(model: Path | None, text: Path | None, context: int, continuation: 
               help="Prompt lengths in tokens, comma-separated.")
 @click.option("--depths", default="0.1,0.5,0.9", show_default=True, callback=_csv_numbers(float, "depths"),
               help="Needle depths in [0, 1], comma-separated.")
+@click.option("--cells", default=None, callback=_parse_cells, metavar="LENGTH:DEPTH,...",
+              help="Run these (length, depth) cells instead of --lengths × --depths, e.g. 3500:0.1,6000:0.1. "
+                   "Keys are drawn cell after cell in the order given, as for the product.")
 @click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True, help="Prompts per cell.")
 @click.option("--haystack", type=click.Path(path_type=Path), default=None,
               help="Filler text (default: Python's pydoc topics).")
@@ -489,40 +528,49 @@ def eval_kld(model: Path | None, text: Path | None, context: int, continuation: 
                    "multi: one named needle per depth in one document, asked in turn in one conversation "
                    "without re-reading (--needle/--question must then contain {name}).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the keys.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@engine_options
-def eval_needle(model: Path | None, lengths: list[int], depths: list[float], samples: int, haystack: Path | None,
-                needle_tmpl: str | None, question: str | None, protocol: str, seed: int, as_json: bool,
-                **engine_kw: Any) -> None:
+@_output_options
+@engine_options(grid=True)
+def eval_needle(model: Path | None, lengths: list[int], depths: list[float], cells: list[tuple[int, float]] | None,
+                samples: int, haystack: Path | None, needle_tmpl: str | None, question: str | None, protocol: str,
+                seed: int, as_json: bool, out: Path | None, **engine_kw: Any) -> None:
     """Pass-key retrieval in completion form, compressed vs full cache on the same prompts."""
+    from spindle_local.eval.grid import SharedModels
     from spindle_local.eval.needle import run_needle
     from spindle_local.eval.texts import load_text
+    from spindle_local.options import engine_grid
 
+    if cells is not None:
+        if _given("lengths") or _given("depths"):
+            raise UsageError("give either --cells or --lengths/--depths, not both")
+        if protocol == "multi":
+            raise UsageError("--cells is for the in-prompt and later protocols (multi puts every depth in one "
+                             "document: use --lengths and --depths)")
+        lengths, depths = sorted({n for n, _ in cells}), sorted({d for _, d in cells})
     if any(not 0.0 <= d <= 1.0 for d in depths):
         raise UsageError("--depths must lie in [0, 1]")
     if needle_tmpl is not None and "{key}" not in needle_tmpl:
         raise UsageError("--needle must contain {key}")
     if protocol == "multi" and any(t is not None and "{name}" not in t for t in (needle_tmpl, question)):
         raise UsageError("--protocol multi needs {name} in --needle and --question (to tell the needles apart)")
-    cfg = engine_config(**engine_kw)
+    cfgs = engine_grid(**engine_kw)
+    report = _Report(cfgs, as_json, out)
     path, meta = _eval_model(model)
     if meta.n_ctx_train and max(lengths) > meta.n_ctx_train:
         raise UsageError(f"--lengths {max(lengths)} exceeds the model's trained context ({meta.n_ctx_train})")
-    steps = len(lengths) * samples * (1 if protocol == "multi" else len(depths))
-    with click.progressbar(length=steps, label="needle", file=sys.stderr) as bar:
-        last = {"n": 0}
-
-        def progress(done: int, total: int) -> None:
-            bar.update(done - last["n"])
-            last["n"] = done
-
-        try:
-            result = run_needle(str(path), lengths=lengths, depths=depths, samples=samples, seed=seed,
-                                engine_config=cfg, haystack=load_text(haystack), needle=needle_tmpl,
-                                question=question, protocol=protocol, progress=progress)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    _emit({"model": str(path), **result}, as_json)
+    text = load_text(haystack)
+    per_cfg = samples * (len(lengths) if protocol == "multi" else len(cells) if cells else len(lengths) * len(depths))
+    with SharedModels(str(path)) as models:
+        for cfg in cfgs:
+            with _progress("needle", per_cfg) as bar:
+                try:
+                    result = run_needle(str(path), lengths=lengths, depths=depths, cells=cells, samples=samples,
+                                        seed=seed, engine_config=cfg, haystack=text, needle=needle_tmpl,
+                                        question=question, protocol=protocol, progress=bar.step(),
+                                        full_results=models.memo(cfg).setdefault("needle", {}),
+                                        model=models.get(cfg))
+                except ValueError as e:
+                    raise UsageError(str(e)) from None
+            report.add({"model": str(path), **result}, cfg)
 
 
 @eval_group.command("ruler")
@@ -540,43 +588,42 @@ def eval_needle(model: Path | None, lengths: list[int], depths: list[float], sam
 @click.option("--haystack", type=click.Path(path_type=Path), default=None,
               help="UTF-8 filler text (default: Python's pydoc topics).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the prompts.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@engine_options
+@_output_options
+@engine_options(grid=True)
 def eval_ruler(model: Path | None, tasks: str, lengths: list[int], samples: int, protocol: str,
-               haystack: Path | None, seed: int, as_json: bool, **engine_kw: Any) -> None:
+               haystack: Path | None, seed: int, as_json: bool, out: Path | None, **engine_kw: Any) -> None:
     """RULER-style tasks generated locally, compressed vs full cache on the same prompts."""
+    from spindle_local.eval.grid import SharedModels
     from spindle_local.eval.ruler import PROTOCOLS, TASKS, run_ruler
     from spindle_local.eval.texts import load_text
+    from spindle_local.options import engine_grid
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     bad = [t for t in names if t not in TASKS]
     if bad or not names:
         raise UsageError(f"unknown task {bad[0] if bad else ''!r} for --tasks; choose from {', '.join(TASKS)}")
     protocols = list(PROTOCOLS) if protocol == "both" else [protocol]
-    cfg = engine_config(**engine_kw)
+    cfgs = engine_grid(**engine_kw)
     text = load_text(haystack)
+    report = _Report(cfgs, as_json, out, show=_show_ruler)
     path, meta = _eval_model(model)
     if meta.n_ctx_train and max(lengths) + 256 > meta.n_ctx_train:
         raise UsageError(f"--lengths {max(lengths)} (plus the answer) exceeds the model's trained context "
                          f"({meta.n_ctx_train})")
-    with click.progressbar(length=len(names) * len(lengths) * samples * len(protocols), label="ruler",
-                           file=sys.stderr) as bar:
-        last = {"n": 0}
+    with SharedModels(str(path)) as models:
+        for cfg in cfgs:
+            with _progress("ruler", len(names) * len(lengths) * samples * len(protocols)) as bar:
+                try:
+                    result = run_ruler(str(path), tasks=names, lengths=lengths, samples=samples, seed=seed,
+                                       engine_config=cfg, haystack=text, protocols=protocols, progress=bar.step(),
+                                       full_results=models.memo(cfg).setdefault("ruler", {}), model=models.get(cfg))
+                except ValueError as e:
+                    raise UsageError(str(e)) from None
+            report.add({"model": str(path), "haystack": str(haystack) if haystack else "pydoc_data", **result}, cfg)
 
-        def progress(done: int, total: int) -> None:
-            bar.update(done - last["n"])
-            last["n"] = done
 
-        try:
-            result = run_ruler(str(path), tasks=names, lengths=lengths, samples=samples, seed=seed,
-                               engine_config=cfg, haystack=text, protocols=protocols, progress=progress)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    result = {"model": str(path), "haystack": str(haystack) if haystack else "pydoc_data", **result}
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    click.echo(f"policy {result['policy']} @ {result['kv_budget']}, {samples} samples per cell, "
+def _show_ruler(result: dict) -> None:
+    click.echo(f"policy {result['policy']} @ {result['kv_budget']}, {result['samples']} samples per cell, "
                f"haystack {result['haystack']}")
     click.echo(f"{'task':<16} {'protocol':<10} {'score':>6} {'full':>6} {'delta':>7} {'relative':>8} {'d logp':>7}")
     for task, by in result["summary"].items():
@@ -594,24 +641,34 @@ def eval_ruler(model: Path | None, tasks: str, lengths: list[int], samples: int,
 @click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True,
               help="Repetitions of each measurement (medians are reported).")
 @click.option("--text", type=click.Path(path_type=Path), default=None, help="Prompt text (default: pydoc topics).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@engine_options
+@_output_options
+@engine_options(grid=True)
 def eval_speed(model: Path | None, context: int, gen: int, reps: int, text: Path | None, as_json: bool,
-               **engine_kw: Any) -> None:
-    """Prefill/decode speed and peak RSS vs stock llama.cpp, same prompt, same run."""
+               out: Path | None, **engine_kw: Any) -> None:
+    """Prefill/decode speed and peak RSS vs stock llama.cpp, same prompt, same run.
+
+    Each measurement runs in a process of its own. In a grid, stock llama.cpp is measured
+    with the first configuration (alternating with it) and reused for the others
+    (``stock_reused``).
+    """
     from dataclasses import asdict
 
     from spindle_local.eval.speed import measure_speed
+    from spindle_local.options import engine_grid
 
-    cfg = engine_config(**engine_kw)
+    cfgs = engine_grid(**engine_kw)
     if text is not None and not Path(text).is_file():
         raise UsageError(f"text file not found: {text}")
+    report = _Report(cfgs, as_json, out)
     path, meta = _eval_model(model)
     if meta.n_ctx_train and context + gen > meta.n_ctx_train:
         raise UsageError(f"--context + --gen exceeds the model's trained context ({meta.n_ctx_train})")
-    result = measure_speed(model=str(path), context=context, gen=gen, engine=asdict(cfg), reps=reps,
-                           text=str(text) if text else None, threads=cfg.n_threads, flash_attn=cfg.flash_attn)
-    _emit({"model": str(path), "policy": cfg.policy, "kv_budget": cfg.kv_budget, **result}, as_json)
+    stock: dict[tuple, list[dict]] = {}
+    for cfg in cfgs:
+        result = measure_speed(model=str(path), context=context, gen=gen, engine=asdict(cfg), reps=reps,
+                               text=str(text) if text else None, threads=cfg.n_threads, flash_attn=cfg.flash_attn,
+                               stock_runs=stock.setdefault((cfg.n_threads, cfg.flash_attn), []))
+        report.add({"model": str(path), "policy": cfg.policy, "kv_budget": cfg.kv_budget, **result}, cfg)
 
 
 
@@ -669,6 +726,40 @@ def bench(model: Path | None, out_dir: Path, text: Path | None, policies: str, b
 
         run_bench(str(path), out_dir, grid, EngineConfig(n_threads=threads), load_text(text), progress=progress)
     click.echo(f"report: {out_dir / 'report.md'}")
+
+
+@main.command("policies")
+@click.argument("name", required=False)
+def policies(name: str | None) -> None:
+    """List the policies (presets of stages) and every setting --set accepts.
+
+    With NAME, show that policy's resolved stage settings.
+    """
+    from dataclasses import fields
+
+    from spindle_local.policy.presets import PRESETS, preset, setting_keys
+    from spindle_local.runtime.config import EngineConfig
+
+    if name is not None:
+        if name == "full":
+            click.echo("full: keeps every token (the reference run); no stages")
+            return
+        try:
+            st = preset(name)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        for key, value in st.settings().items():
+            click.echo(f"{key:<24} {value}")
+        return
+    click.echo("policies: full, " + ", ".join(PRESETS) + "   (spindle-local policies NAME shows one)")
+    click.echo("\nstage settings (--set stage=kind, --set stage.field=value):")
+    for key, text in setting_keys().items():
+        click.echo(f"  {key:<24} {text}")
+    click.echo("\nengine settings (--set name=value):")
+    for f in fields(EngineConfig):
+        if f.name != "stages":
+            flag = f.metadata.get("flag")
+            click.echo(f"  {f.name:<24} {f.metadata.get('help', '')}" + (f"  ({flag})" if flag else ""))
 
 
 @main.command("rpc-server")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from spindle_local.policy import inputs as pin
-from spindle_local.policy.scores import attn_scale, raw_window_scores
+from spindle_local.policy.scores import raw_window_scores
+from spindle_local.policy.stages import WindowScorer
 from spindle_local.runtime import native
 from spindle_local.runtime.config import EngineConfig
 from spindle_local.runtime.engine import Engine
@@ -48,15 +49,16 @@ def _engine(path: Path, **kw) -> Engine:
 
 def _compare_scores(eng: Engine, cut: int) -> None:
     """Patch scores of every layer the store serves equal the numpy reference on the host-read layer."""
-    cfg = pin.PolicyConfig(pooling=None)
+    plain, weighted = WindowScorer(pooling="none"), WindowScorer(pooling="none", value_weight=True)
+    scale = 1 / np.sqrt(eng.pgeo.head_dim_k)
     for il in eng.store_layer_ids:
         ref_inp = eng.host_layer_input(il, cut)
-        ref = raw_window_scores(ref_inp, eng.pgeo, cfg, use_numba=False)
-        ref_vw = raw_window_scores(ref_inp, eng.pgeo, cfg, use_numba=False, value_weight=True)
+        ref = raw_window_scores(ref_inp, eng.pgeo, plain, scale=scale, use_numba=False)
+        ref_vw = raw_window_scores(ref_inp, eng.pgeo, weighted, scale=scale, use_numba=False)
         q, q_pos = eng.window(il)
         meta = eng._store_meta.get(il, (np.zeros(eng.pgeo.n_head_kv, np.int32),
                                         np.zeros((eng.pgeo.n_head_kv, 0), np.int32)))
-        sc = native.layer_scores(eng.ctx, il, q, q_pos, attn_scale(eng.pgeo, cfg), meta[1].shape[1], eng.cells)
+        sc = native.layer_scores(eng.ctx, il, q, q_pos, scale, meta[1].shape[1], eng.cells)
         got = assemble_scored_input(il, sc, meta[0], meta[1], cut, eng.pgeo.g, q, q_pos)
         assert np.array_equal(got.positions, ref_inp.positions)
         assert np.array_equal(got.available, np.asarray(ref_inp.available, bool))
@@ -65,14 +67,14 @@ def _compare_scores(eng: Engine, cut: int) -> None:
         vn = np.linalg.norm(ref_inp.v, axis=2)
         ok = got.available
         np.testing.assert_allclose(got.v_norm[ok], vn[ok], rtol=2e-3, atol=1e-4)
-        got_vw = raw_window_scores(got, eng.pgeo, cfg, value_weight=True)
+        got_vw = raw_window_scores(got, eng.pgeo, weighted, scale=scale)
         np.testing.assert_allclose(got_vw, ref_vw, rtol=3e-2, atol=3e-3)
 
 
 @pytest.mark.parametrize("name", list(TINY))
 @pytest.mark.parametrize("flash_attn", [False, True])
 def test_patch_scores_match_numpy_reference_tiny(tiny_paths: dict[str, Path], name: str, flash_attn: bool) -> None:
-    eng = _engine(tiny_paths[name], flash_attn=flash_attn, codebook_layers=1)
+    eng = _engine(tiny_paths[name], flash_attn=flash_attn, stages={"codebooks.layers": 1})
     try:
         toks = _tokens(eng.model, 700)
         eng.feed(toks[:400])  # fits: no plan yet, the window queries are the prompt's last tokens
@@ -179,7 +181,7 @@ def test_gather_of_every_token_keeps_the_logits(tiny_paths: dict[str, Path]) -> 
 
 @pytest.mark.parametrize("policy,options,host_layers", [
     ("snapkv", {}, 0), ("pyramidkv", {}, 0), ("streaming", {}, 0),
-    ("spindle", {"codebook_layers": 0}, 0), ("spindle", {}, None),
+    ("spindle", {"stages": {"codebooks.layers": 0}}, 0), ("spindle", {}, None),
 ])
 def test_plans_read_no_eviction_layer_to_the_host(default_model: Path, pydoc_tokens: list[int], monkeypatch,
                                                   policy: str, options: dict, host_layers: int | None) -> None:
@@ -201,7 +203,7 @@ def test_plans_read_no_eviction_layer_to_the_host(default_model: Path, pydoc_tok
     try:
         eng.feed(pydoc_tokens[:1800])
         assert eng.stats.compressions >= 2
-        limit = eng.policy.config.codebook_candidates(eng.geometry.n_layer) if host_layers is None else host_layers
+        limit = eng.policy.codebook_candidates(eng.geometry.n_layer) if host_layers is None else host_layers
         assert all(il < limit for il in read), sorted(set(read))
         if host_layers == 0:
             assert read == []

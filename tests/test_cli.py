@@ -89,20 +89,80 @@ def test_bad_option_exits_2(default_model: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_set_reaches_engine_and_policy_fields() -> None:
+def test_set_reaches_engine_and_stage_settings() -> None:
     import pytest
 
     from spindle_local.errors import UsageError
     from spindle_local.runtime.config import EngineConfig, apply_settings
 
-    cfg = apply_settings(EngineConfig(), ["salient_share=0.2", "anchor-tokens=none", "keep_start=32",
-                                          "lazy_plans=off", "codebook_layers=2"])
-    assert cfg.policy_options == {"salient_share": 0.2, "anchor_tokens": None}
-    assert cfg.keep_start == 32 and cfg.lazy_plans is False and cfg.codebook_layers == 2
+    cfg = apply_settings(EngineConfig(), ["salient.share=0.2", "copy_spans.tokens=none", "keep_start=32",
+                                          "lazy_plans=off", "codebooks.layers=2", "allocator=pyramid"])
+    assert cfg.stages == {"salient.share": "0.2", "copy_spans.tokens": "none", "codebooks.layers": "2",
+                          "allocator": "pyramid"}
+    assert cfg.keep_start == 32 and cfg.lazy_plans is False
+    st = cfg.resolved_stages()
+    assert st.salient.share == 0.2 and st.copy_spans.tokens is None and st.codebooks.layers == 2
     for bad, words in (("no_such_knob=1", "unknown setting 'no_such_knob'"), ("sinks", "KEY=VALUE"),
                        ("sinks=four", "expected int"), ("lookahead=maybe", "expected bool")):
         with pytest.raises(UsageError, match=words):
             apply_settings(EngineConfig(), [bad])
+    # stage settings are checked against the policy's stages in one line
+    with pytest.raises(UsageError, match="salient stage is off"):
+        apply_settings(EngineConfig(policy="snapkv"), ["salient.share=0.1"]).validate()
+    with pytest.raises(UsageError, match="expected float"):
+        apply_settings(EngineConfig(), ["codebooks.theta_k=high"]).validate()
+
+
+def test_option_table_matches_the_config_dataclass() -> None:
+    """Every EngineConfig field is reachable (a flag or --set), and --help shows the dataclass defaults."""
+    from dataclasses import fields
+
+    from click.testing import CliRunner
+
+    from spindle_local.cli import main
+    from spindle_local.options import STAGE_FLAGS, flagged_fields
+    from spindle_local.policy.presets import preset
+    from spindle_local.runtime.config import EngineConfig, apply_settings
+
+    base = EngineConfig()
+    for f in fields(EngineConfig):
+        if f.name in ("stages", "rpc"):
+            continue  # stage settings have their own keys; --rpc parses endpoints
+        value = getattr(base, f.name)
+        shown = {True: "on", False: "off", None: "none"}.get(value, value) if not isinstance(value, (int, float)) \
+            or isinstance(value, bool) else value
+        cfg = apply_settings(EngineConfig(), [f"{f.name}={shown}"])
+        assert getattr(cfg, f.name) == value, f.name
+    import click
+
+    from spindle_local.cli import chat
+
+    assert CliRunner().invoke(main, ["chat", "--help"]).exit_code == 0
+    ctx = click.Context(chat)
+    lines = {p.opts[0]: " ".join(p.get_help_record(ctx)) for p in chat.params if isinstance(p, click.Option)}
+    for f in flagged_fields():
+        key = f.metadata["flag"]
+        value = getattr(base, f.name)
+        want = {True: "on", False: "off", None: "none", (): "none"}.get(value, value) \
+            if isinstance(value, (bool, type(None), tuple)) else value
+        assert f"[default: {want}]" in lines[key], (flag, lines[key])
+    cb = preset("spindle").codebooks
+    for key, (flag, _, default, _) in STAGE_FLAGS.items():
+        assert default == getattr(cb, key.split(".")[1])
+        assert f"[default: {default}]" in lines[flag]
+
+
+def test_set_unknown_key_is_one_line_error(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from spindle_local.cli import main
+
+    res = CliRunner().invoke(main, ["eval", "kld", "--set", "salient.bogus=1"])
+    assert res.exit_code != 0
+    text = res.output
+    assert "unknown setting 'salient.bogus'" in text and "Traceback" not in text
+    assert len([ln for ln in text.splitlines() if ln.strip()]) == 1
+
 
 
 def test_set_errors_are_one_line() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spindle_local.policy import Geometry, PolicyConfig, make_policy
+from spindle_local.policy import Geometry, make_policy
 from spindle_local.policy.anchors import (
     anchor_strength,
     boost,
@@ -14,7 +14,6 @@ from spindle_local.policy.anchors import (
     span_positions,
     span_positions_ref,
 )
-from spindle_local.policy.scores import layer_logits
 from spindle_local.policy.synthetic import make_layers
 
 GEO = Geometry(n_layer=6, n_head=6, n_head_kv=2, head_dim_k=16, head_dim_v=16)
@@ -73,14 +72,14 @@ def test_boost_ranks_spans_first_but_keeps_sinks_and_absent_pairs() -> None:
 
 def test_spindle_keeps_copy_spans_in_every_deep_head() -> None:
     layers = make_layers(GEO, n=400, w=8, r=12, seed=3)
-    cfg = dict(codebook_layers=0, anchor_span=12, anchor_share=0.3, anchor_from=3, anchor_min_share=0.0)
-    pol = make_policy("spindle", PolicyConfig(**cfg))
+    cfg = {"codebooks.layers": 0, "copy_spans.span": 12, "copy_spans.share": 0.3, "copy_spans.from_layer": 3,
+           "copy_spans.min_share": 0.0}
+    pol = make_policy("spindle", cfg)
     target = int(0.2 * sum(inp.n for inp in layers) * GEO.n_head_kv * 2 * (GEO.head_dim_k + GEO.head_dim_v))
     stores = pol.plan(layers, GEO, target)
     # the spans the policy protected, recomputed from its own scores
-    logits = [layer_logits(inp, GEO, pol.config) for inp in layers]
     # anchors come from window attention before pooling (max-pooling would move a span's start)
-    raw = [pol._raw_and_scores(inp, GEO, lg, value_weight=True)[0] for inp, lg in zip(layers, logits)]
+    raw = [pol._raw_and_scores(inp, GEO)[0] for inp in layers]
     # the greedy choice under the policy's cap equals the one under the count it reached
     used = pol.last_report[3]["copy_span_tokens"]
     slots = np.array([st.heads[0].n_slots for st in stores])
@@ -92,5 +91,5 @@ def test_spindle_keeps_copy_spans_in_every_deep_head() -> None:
         for hs in st.heads:
             assert set(kept.tolist()) <= set(hs.positions.tolist())
     # without copy spans the deep heads do not all hold them: the option changes the plan
-    off = make_policy("spindle", PolicyConfig(**{**cfg, "anchor_span": 0})).plan(layers, GEO, target)
+    off = make_policy("spindle", {"codebooks.layers": 0, "copy_spans": "off"}).plan(layers, GEO, target)
     assert any(not set(kept.tolist()) <= set(hs.positions.tolist()) for st in off[3:] for hs in st.heads)

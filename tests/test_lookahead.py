@@ -111,7 +111,7 @@ def test_lookahead_keeps_the_needle_through_mid_prompt_plans(default_model: Path
             # the mid-prompt plans alone decide what reaches the end; without salient runs,
             # which keep the key whatever the window (tests/test_question_later.py)
             cfg = EngineConfig(policy="spindle", kv_budget=0.25, n_cells=800, n_threads=2, lookahead=look,
-                               policy_options={"salient_share": 0.0})
+                               stages={"salient": "off"})
             eng = Engine(default_model, cfg, model=full.model)  # the model is shared: closed with `full`
             try:
                 found[look] = key_found(greedy_answer(eng, p.tokens), p.key)

@@ -11,7 +11,8 @@ from spindle_local.policy.codebook import (
     greedy_cover_ref,
     split_magnitude,
 )
-from spindle_local.policy.inputs import Geometry, PolicyConfig
+from spindle_local.policy.inputs import Geometry
+from spindle_local.policy.stages import WindowScorer
 from spindle_local.policy.roles import _attn_out_nb, attn_out_ref
 from spindle_local.policy.scores import (
     _pool_nb,
@@ -64,13 +65,17 @@ def test_pooling_agree(mode, kernel):
     np.testing.assert_allclose(_pool_nb(s, kernel, mode == "max"), pool_ref(s, kernel, mode), rtol=1e-6)
 
 
+CTX = {"sinks": 4, "scale": 0.25}  # 1/sqrt(16)
+
+
 def test_window_scores_numba_vs_numpy():
     geo = Geometry(4, 6, 2, 16, 16)
     inp = make_layer(geo, 3, n=80, w=8, r=12, seed=3)
-    for pooling in (None, "max", "avg"):
-        cfg = PolicyConfig(pooling=pooling, pool_kernel=5)
+    for pooling in ("none", "max", "avg"):
+        sc = WindowScorer(pooling=pooling, kernel=5)
         np.testing.assert_allclose(
-            window_scores(inp, geo, cfg), window_scores(inp, geo, cfg, use_numba=False), rtol=1e-5, atol=1e-8
+            window_scores(inp, geo, sc, **CTX), window_scores(inp, geo, sc, **CTX, use_numba=False),
+            rtol=1e-5, atol=1e-8
         )
 
 
@@ -81,9 +86,9 @@ def test_scores_one_group_at_a_time_equal_the_whole_layer():
     avail = np.ones((inp.n, 2), bool)
     avail[::3, 1] = False
     inp.available = avail
-    cfg = PolicyConfig(pooling=None)
-    by_group = raw_window_scores(inp, geo, cfg)
-    whole = raw_window_scores(inp, geo, cfg, logits=layer_logits(inp, geo, cfg))
+    sc = WindowScorer(pooling="none")
+    by_group = raw_window_scores(inp, geo, sc, scale=0.25)
+    whole = raw_window_scores(inp, geo, sc, scale=0.25, logits=layer_logits(inp, geo, sc, 0.25))
     assert np.array_equal(by_group, whole)
     assert (by_group[3:, ::3] == 0).all() and (by_group[:3, ::3] > 0).any()
 
@@ -92,15 +97,15 @@ def test_pooled_scores_are_pooled_raw_attention():
     # copy spans read the attention before pooling; the plan's scores are that, pooled
     geo = Geometry(4, 6, 2, 16, 16)
     inp = make_layer(geo, 3, n=80, w=8, r=12, seed=5)
-    cfg = PolicyConfig(pooling="max", pool_kernel=7)
-    raw = raw_window_scores(inp, geo, cfg)
-    pooled = pool_window_scores(raw, inp, cfg)
-    np.testing.assert_allclose(pooled, window_scores(inp, geo, cfg), rtol=1e-6)
-    assert np.array_equal(raw, raw_window_scores(inp, geo, cfg))  # pooling works on a copy
-    body = raw[:, np.asarray(inp.positions) >= cfg.sinks]
-    assert (pooled[:, np.asarray(inp.positions) >= cfg.sinks] >= body - 1e-7).all()  # max-pool never lowers
+    sc = WindowScorer(pooling="max", kernel=7)
+    raw = raw_window_scores(inp, geo, sc, scale=0.25)
+    pooled = pool_window_scores(raw, inp, sc, sinks=4)
+    np.testing.assert_allclose(pooled, window_scores(inp, geo, sc, **CTX), rtol=1e-6)
+    assert np.array_equal(raw, raw_window_scores(inp, geo, sc, scale=0.25))  # pooling works on a copy
+    body = raw[:, np.asarray(inp.positions) >= 4]
+    assert (pooled[:, np.asarray(inp.positions) >= 4] >= body - 1e-7).all()  # max-pool never lowers
     assert not np.allclose(pooled, raw)
-    np.testing.assert_allclose(raw.sum(axis=1), raw_window_scores(inp, geo, cfg, use_numba=False).sum(axis=1),
+    np.testing.assert_allclose(raw.sum(axis=1), raw_window_scores(inp, geo, sc, scale=0.25, use_numba=False).sum(axis=1),
                                rtol=1e-5)
 
 

@@ -9,12 +9,12 @@ from spindle_local.policy import (
     POLICY_NAMES,
     Geometry,
     LayerInput,
-    PolicyConfig,
     full_cache_bytes,
     layer_store_bytes,
     make_policy,
 )
-from spindle_local.policy.inputs import PAPER_SPINDLE
+from spindle_local.policy.scores import window_scores
+from spindle_local.policy.stages import PlanContext, WindowScorer
 from spindle_local.policy.budgets import (
     allocate_slots,
     codebook_layer_bytes,
@@ -32,6 +32,17 @@ N = 160
 @pytest.fixture(scope="module")
 def layers():
     return make_layers(GEO, n=N, w=8, r=12, seed=1)
+
+
+def policy(name: str = "spindle", *, sinks: int = 4, threads: int | None = None, **settings):
+    """make_policy with stage settings written ``stage__field`` (``codebooks__layers=0``)."""
+    return make_policy(name, {k.replace("__", "."): v for k, v in settings.items()},
+                       PlanContext(sinks=sinks, threads=threads))
+
+
+def scores_of(inp, geo=GEO, *, sinks: int = 4, **scorer):
+    """Window scores of one layer with a WindowScorer of ``scorer``'s fields."""
+    return window_scores(inp, geo, WindowScorer(**scorer), sinks=sinks, scale=1 / np.sqrt(geo.head_dim_k))
 
 
 def total_bytes(stores, geo=GEO):
@@ -61,14 +72,14 @@ def check_store(inp, st, geo=GEO):
         assert hs.qmask[:, sink_slots].all()
 
 
-CASES = [(name, "auto") for name in POLICY_NAMES] + [("spindle", 2), ("spindle", 0)]
+CASES = [(name, None) for name in POLICY_NAMES] + [("spindle", 2), ("spindle", 0), ("spindle-paper", 2)]
 
 
 @pytest.mark.parametrize("name,cb_layers", CASES)
 @pytest.mark.parametrize("frac", [0.4, 0.25, 0.15])
 def test_budget_respected_and_sinks_kept(layers, name, frac, cb_layers):
     target = int(full_cache_bytes(N, GEO.n_layer, GEO.n_head_kv, 16, 16) * frac)
-    pol = make_policy(name, PolicyConfig(codebook_layers=cb_layers))
+    pol = policy(name) if cb_layers is None else policy(name, codebooks__layers=cb_layers)
     stores = pol.plan(layers, GEO, target)
     assert len(stores) == len(layers)
     if name != "full":
@@ -124,13 +135,10 @@ def test_snapkv_uses_group_average():
     q[:, 0, :] = inp.k[10, 0] * 4
     q[:, 1, :] = inp.k[30, 0] * 4
     inp.q_window = q
-    cfg = PolicyConfig(pooling=None, sinks=0)
     target = raw_slot_bytes(geo) * 6
-    st = make_policy("snapkv", cfg).plan([inp], geo, target)[0]
+    st = policy("snapkv", sinks=0, scorer__pooling="none").plan([inp], geo, target)[0]
     assert st.heads[0].qmask.all()
-    from spindle_local.policy.scores import window_scores
-
-    s = window_scores(inp, geo, cfg).mean(axis=0)
+    s = scores_of(inp, geo, sinks=0, pooling="none").mean(axis=0)
     assert set(st.heads[0].token_index) == set(np.argsort(-s, kind="stable")[:6])
 
 
@@ -150,9 +158,9 @@ def test_spindle_query_heads_keep_different_tokens():
     hot = {0: [10, 11], 1: [20, 21], 2: [10, 40]}  # head 0 and 2 share token 10
     for j, toks in hot.items():
         inp.q_window[:, j, :] = (k[toks[0], 0] + k[toks[1], 0]) * 3
-    cfg = PolicyConfig(pooling=None, sinks=0, codebook_layers=0, **PAPER_SPINDLE)
+    pol = policy("spindle-paper", sinks=0, scorer__pooling="none", codebooks="off")
     slots = 5
-    st = make_policy("spindle", cfg).plan([inp], geo, raw_slot_bytes(geo) * slots)[0]
+    st = pol.plan([inp], geo, raw_slot_bytes(geo) * slots)[0]
     hs = st.heads[0]
     assert hs.n_slots == slots
     kept = set(hs.token_index.tolist())
@@ -167,10 +175,9 @@ def test_spindle_query_heads_keep_different_tokens():
 
 def test_spindle_codebook_layer_fits_its_budget_and_keeps_more(layers):
     target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * 0.25)
-    cfg = PolicyConfig(codebook_layers=2)
-    pol = make_policy("spindle", cfg)
+    pol = policy(codebooks__layers=2)
     stores = pol.plan(layers, GEO, target)
-    ev = make_policy("spindle", PolicyConfig(codebook_layers=0)).plan(layers, GEO, target)
+    ev = policy(codebooks__layers=0).plan(layers, GEO, target)
     st0 = stores[0]
     assert st0.role in ("codebook", "evict+codebook")
     assert st0.heads[0].n_slots > ev[0].heads[0].n_slots
@@ -178,7 +185,7 @@ def test_spindle_codebook_layer_fits_its_budget_and_keeps_more(layers):
         if hs.v_codebook is not None:
             v = layers[0].v[hs.token_index, h]
             rel = np.linalg.norm(hs.v_codebook.reconstruct() - v, axis=1) / np.linalg.norm(v, axis=1)
-            assert np.all(rel <= np.sqrt(2 - 2 * cfg.theta_v) + 1e-5)
+            assert np.all(rel <= np.sqrt(2 - 2 * pol.stages.codebooks.theta_v) + 1e-5)
         if hs.k_codebook is not None:
             assert hs.k_codebook.index.shape == (hs.n_slots,)
     nbytes = layer_store_bytes(st0, 16, 16)
@@ -189,7 +196,7 @@ def test_spindle_codebook_layer_fits_its_budget_and_keeps_more(layers):
 
 def test_auto_reports_errors(layers):
     target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * 0.15)
-    pol = make_policy("spindle", PolicyConfig(codebook_layers="auto"))
+    pol = policy(codebooks__layers="auto")
     stores = pol.plan(layers, GEO, target)
     row = pol.last_report[0]
     assert row["err_evict"] is not None and row["err_evict"] >= 0
@@ -243,10 +250,8 @@ def test_empty_layer():
 
 def test_union_masks_option(layers):
     target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * 0.25)
-    paper = dict(PAPER_SPINDLE)
-    own = make_policy("spindle", PolicyConfig(codebook_layers=0, **paper)).plan(layers, GEO, target)
-    paper["query_masks"] = "union"
-    uni = make_policy("spindle", PolicyConfig(codebook_layers=0, **paper)).plan(layers, GEO, target)
+    own = policy("spindle-paper", codebooks="off").plan(layers, GEO, target)
+    uni = policy("spindle-paper", codebooks="off", selector__masks="union").plan(layers, GEO, target)
     differs = False
     for a, b in zip(own, uni):
         for ha, hb in zip(a.heads, b.heads):
@@ -258,8 +263,8 @@ def test_union_masks_option(layers):
 
 def test_threads_do_not_change_the_plan(layers):
     target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * 0.15)
-    a = make_policy("spindle", PolicyConfig(threads=1)).plan(layers, GEO, target)
-    b = make_policy("spindle", PolicyConfig(threads=4)).plan(layers, GEO, target)
+    a = policy(threads=1).plan(layers, GEO, target)
+    b = policy(threads=4).plan(layers, GEO, target)
     for sa, sb in zip(a, b):
         assert sa.role == sb.role
         for ha, hb in zip(sa.heads, sb.heads):
@@ -269,30 +274,30 @@ def test_threads_do_not_change_the_plan(layers):
 
 def test_codebook_layouts_and_cache():
     from spindle_local.policy.layer_plans import fit_codebook_layer, protect
-    from spindle_local.policy.scores import window_scores
+    from spindle_local.policy.stages import Codebooks, GroupSelect
 
     inp = make_layer(GEO, 0, n=N, w=8, r=12, seed=4)
-    cfg = PolicyConfig()
-    sc = protect(window_scores(inp, GEO, cfg), inp.positions, cfg.sinks)
+    sc = protect(scores_of(inp), inp.positions, 4)
+    cfg = (Codebooks(), GroupSelect())
     budget = raw_slot_bytes(GEO) * N // 2
     cache: dict = {}
-    best = fit_codebook_layer(inp, GEO, cfg, sc, budget, 4, cache=cache)
+    best = fit_codebook_layer(inp, GEO, *cfg, sc, budget, 4, cache=cache)
     assert best.store is not None and best.n_slots == max(best.options.values())
     n_cached = len(cache)
     for layout, slots in best.options.items():
-        f = fit_codebook_layer(inp, GEO, cfg, sc, budget, 4, cache=cache, layout=layout)
+        f = fit_codebook_layer(inp, GEO, *cfg, sc, budget, 4, cache=cache, layout=layout)
         assert len(cache) == n_cached  # reused, not rebuilt
         if slots > best.n_slots_raw:
             assert (f.k_codebook, f.v_codebook) == layout and f.n_slots == slots
             assert layer_store_bytes(f.store, 16, 16) == f.bytes <= budget
             hs = f.store.heads[0]
             assert (hs.k_codebook is not None) == layout[0] and (hs.v_codebook is not None) == layout[1]
-    fresh = fit_codebook_layer(inp, GEO, cfg, sc, budget, 4)
+    fresh = fit_codebook_layer(inp, GEO, *cfg, sc, budget, 4)
     for ha, hb in zip(best.store.heads, fresh.store.heads):
         assert np.array_equal(ha.token_index, hb.token_index)
     # without pre-RoPE keys K stays raw
     inp.k_pre = None
-    f = fit_codebook_layer(inp, GEO, cfg, sc, budget, 4)
+    f = fit_codebook_layer(inp, GEO, *cfg, sc, budget, 4)
     assert f.store is None or all(h.k_raw is not None for h in f.store.heads)
 
 
@@ -309,11 +314,9 @@ def test_rope_inference_neox_pairing():
 
 
 def test_recent_keys_enter_the_normaliser():
-    from spindle_local.policy.scores import window_scores
-
     inp = make_layer(GEO, 3, n=40, w=4, r=8, seed=5)
-    with_recent = window_scores(inp, GEO, PolicyConfig(pooling=None))
-    without = window_scores(inp, GEO, PolicyConfig(pooling=None, include_recent_in_softmax=False))
+    with_recent = scores_of(inp, pooling="none")
+    without = scores_of(inp, pooling="none", include_recent=False)
     assert np.all(with_recent <= without + 1e-7)
     np.testing.assert_allclose(without.sum(axis=1), 1.0, rtol=1e-4)  # old tokens are all visible
 
@@ -354,7 +357,7 @@ def test_auto_picks_codebook_for_redundant_broad_layer_only():
     n = 200
     layers = _broad_and_sharp_layers(n)
     target = int(full_cache_bytes(n, 2, 1, 16, 16) * 0.25)
-    pol = make_policy("spindle", PolicyConfig(codebook_layers="auto", auto_max_layers=2, pooling=None))
+    pol = policy(codebooks__max_layers=2, scorer__pooling="none")
     stores = pol.plan(layers, geo, target)
     assert stores[0].role in ("codebook", "evict+codebook")
     assert stores[0].heads[0].n_slots > stores[1].heads[0].n_slots
@@ -373,14 +376,14 @@ def test_role_memory_reuses_roles_until_a_layer_doubles(monkeypatch):
     calls = []
     real = policies.decide_role
     monkeypatch.setattr(policies, "decide_role", lambda *a, **k: calls.append(a[0].n) or real(*a, **k))
-    cfg = dict(codebook_layers="auto", auto_max_layers=2, pooling=None)
-    pol = make_policy("spindle", PolicyConfig(**cfg))
+    cfg = dict(codebooks__max_layers=2, scorer__pooling="none")
+    pol = policy(**cfg)
     pol.role_memory = RoleMemory()
     for n in (200, 300):
         layers = _broad_and_sharp_layers(n)
         target = int(full_cache_bytes(n, 2, 1, 16, 16) * 0.25)
         stores = pol.plan(layers, geo, target)
-        fresh = make_policy("spindle", PolicyConfig(**cfg)).plan(layers, geo, target)
+        fresh = policy(**cfg).plan(layers, geo, target)
         assert [s.role for s in stores] == [s.role for s in fresh]
         assert stores[0].role in ("codebook", "evict+codebook") and stores[1].role == "evict"
         assert total_bytes(stores, geo) <= target
@@ -408,7 +411,8 @@ def test_unavailable_pairs_are_never_kept(name, cb_layers):
     layers = [inp] + [make_layer(GEO, layer, n=N, w=8, r=12, seed=12) for layer in range(1, GEO.n_layer)]
     for frac in (0.6, 0.25):
         target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * frac)
-        stores = make_policy(name, PolicyConfig(codebook_layers=cb_layers)).plan(layers, GEO, target)
+        stores = (policy(name) if cb_layers is None else policy(name, codebooks__layers=cb_layers)).plan(
+            layers, GEO, target)
         if name != "full":
             assert total_bytes(stores) <= target
         hs = stores[0].heads[1]
@@ -425,28 +429,28 @@ def test_unavailable_pairs_get_no_attention():
     avail = np.ones((40, GEO.n_head_kv), bool)
     avail[10:20, 1] = False
     inp.available = avail
-    s = window_scores(inp, GEO, PolicyConfig(pooling=None))
+    s = scores_of(inp, pooling="none")
     assert np.all(s[GEO.g : 2 * GEO.g, 10:20] == 0)
     assert np.all(s[:GEO.g, 10:20] > 0)
 
 
 SPINDLE_VARIANTS = [
-    dict(PAPER_SPINDLE),
-    dict(PAPER_SPINDLE, codebook_layers=2),
-    dict(gqa_select="max"),
-    dict(gqa_select="mean", query_masks="union"),
-    dict(layer_alloc="mass", alloc_floor=0.2),
-    dict(layer_alloc="mass", alloc_floor=0.0, gqa_select="max", value_weight=True, query_masks="union"),
-    dict(layer_alloc="mass", alloc_floor=1.0, codebook_layers=0),
-    dict(layer_alloc="mass", alloc_floor=0.5, alloc_min_slots=40, anchor_share=0.25, anchor_tokens=30),
+    ("spindle-paper", {}),
+    ("spindle-paper", dict(codebooks__layers=2)),
+    ("spindle", dict(selector__rule="max")),
+    ("spindle", dict(selector__rule="mean", selector__masks="union")),
+    ("spindle", dict(allocator__floor=0.2)),
+    ("spindle", dict(allocator__floor=0.0, selector__rule="max", scorer__value_weight=True)),
+    ("spindle", dict(allocator__floor=1.0, codebooks__layers=0)),
+    ("spindle", dict(allocator__floor=0.5, allocator__min_slots=40, copy_spans__share=0.25, copy_spans__tokens=30)),
 ]
 
 
-@pytest.mark.parametrize("opts", SPINDLE_VARIANTS)
+@pytest.mark.parametrize("name,opts", SPINDLE_VARIANTS)
 @pytest.mark.parametrize("frac", [0.4, 0.25, 0.15])
-def test_spindle_variants_respect_budget(layers, opts, frac):
+def test_spindle_variants_respect_budget(layers, name, opts, frac):
     target = int(full_cache_bytes(N, GEO.n_layer, GEO.n_head_kv, 16, 16) * frac)
-    pol = make_policy("spindle", PolicyConfig(**opts))
+    pol = policy(name, **opts)
     stores = pol.plan(layers, GEO, target)
     assert total_bytes(stores) <= target
     assert target - total_bytes(stores) < raw_slot_bytes(GEO) * GEO.n_layer + 200 * GEO.n_layer
@@ -458,34 +462,35 @@ def test_mass_min_slots_is_a_floor_up_to_the_flat_share(layers):
     target = int(full_cache_bytes(N, GEO.n_layer, GEO.n_head_kv, 16, 16) * 0.25)
 
     def planned(**opts):
-        pol = make_policy("spindle", PolicyConfig(codebook_layers=0, anchor_span=0, **opts))
+        pol = policy(codebooks__layers=0, copy_spans="off", **opts)
         pol.plan(layers, GEO, target)
         return np.array([r["slots_planned"] for r in pol.last_report])
 
-    flat = planned(layer_alloc="flat")
-    mass = planned(layer_alloc="mass", alloc_floor=0.0, alloc_min_slots=0)
+    flat = planned(allocator="flat")
+    mass = planned(allocator__floor=0.0, allocator__min_slots=0)
     assert (mass != flat).any()  # mass moves slots between layers
     # a minimum at least the flat share gives every layer its flat share back
-    assert np.array_equal(planned(layer_alloc="mass", alloc_floor=0.0, alloc_min_slots=10_000), flat)
+    assert np.array_equal(planned(allocator__floor=0.0, allocator__min_slots=10_000), flat)
     m = int(flat.min()) // 2
-    low = planned(layer_alloc="mass", alloc_floor=0.0, alloc_min_slots=m)
+    low = planned(allocator__floor=0.0, allocator__min_slots=m)
     assert (low >= m).all() and low.sum() == flat.sum()
 
 
 def test_anchor_tokens_cap_copy_spans(layers):
     target = int(full_cache_bytes(N, GEO.n_layer, GEO.n_head_kv, 16, 16) * 0.4)
-    base = dict(codebook_layers=0, anchor_span=6, anchor_share=0.5, anchor_from=3, anchor_min_share=0.0)
+    base = dict(codebooks__layers=0, copy_spans__span=6, copy_spans__share=0.5, copy_spans__from_layer=3,
+                copy_spans__min_share=0.0)
 
     def span_tokens(**opts):
-        pol = make_policy("spindle", PolicyConfig(**base, **opts))
+        pol = policy(**base, **opts)
         pol.plan(layers, GEO, target)
         return pol.last_report[-1]["copy_span_tokens"]
 
     free = span_tokens()
     assert free > 8
-    assert 0 < span_tokens(anchor_tokens=8) <= 8
+    assert 0 < span_tokens(copy_spans__tokens=8) <= 8
     with pytest.raises(ValueError):
-        PolicyConfig(anchor_tokens=-1)
+        policy(copy_spans__tokens=-1)
 
 
 def test_mass_slots_contract_and_greedy():
@@ -523,9 +528,8 @@ def test_group_max_and_value_weight():
     inp.v[5] *= 10.0
     w = value_norm_weights(inp, GEO)
     assert w.shape == (GEO.n_head, 40) and (w[:, 5] > w[:, 6]).all()
-    cfg = PolicyConfig(pooling=None)
-    plain = window_scores(inp, GEO, cfg)
-    weighted = window_scores(inp, GEO, cfg, value_weight=True)
+    plain = scores_of(inp, pooling="none")
+    weighted = scores_of(inp, pooling="none", value_weight=True)
     np.testing.assert_allclose(weighted, plain * w, rtol=1e-6)
 
 
@@ -552,12 +556,11 @@ class _FreshCopies:
         return copy
 
 
-@pytest.mark.parametrize("name", ["streaming", "snapkv", "pyramidkv", "spindle"])
+@pytest.mark.parametrize("name", [n for n in POLICY_NAMES if n != "full"])
 def test_a_plan_holds_one_layer_at_a_time(layers, name):
     # plans stream over layers: with one planning thread no two layers' vectors are alive
     # at once, every layer is installed once, and the plan is the in-memory one
     target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * 0.25)
-    cfg = PolicyConfig(threads=1)
     src = _FreshCopies(layers)
     got: dict[int, object] = {}
 
@@ -565,10 +568,10 @@ def test_a_plan_holds_one_layer_at_a_time(layers, name):
         assert i not in got
         got[i] = st
 
-    make_policy(name, cfg).plan_into(src, GEO, target, install)
+    policy(name, threads=1).plan_into(src, GEO, target, install)
     assert src.most == 1 and sorted(got) == list(range(len(layers)))
     assert src.loads >= 2 * len(layers)  # scored, then reloaded to build each store
-    ref = make_policy(name, cfg).plan(layers, GEO, target)
+    ref = policy(name, threads=1).plan(layers, GEO, target)
     for i, st in enumerate(ref):
         assert got[i].role == st.role
         for ha, hb in zip(got[i].heads, st.heads):

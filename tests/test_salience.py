@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spindle_local.policy import Geometry, PolicyConfig, make_policy
+from spindle_local.policy import Geometry, make_policy
 from spindle_local.policy.salience import (
     run_order,
     run_priority,
@@ -74,9 +74,9 @@ def test_spindle_keeps_salient_runs_in_every_layer() -> None:
         assert np.array_equal(inp.positions, np.arange(600))
         inp.salient = flags
     target = 60_000
-    base = make_policy("spindle", PolicyConfig(window=8, codebook_layers=0, salient_share=0.0)).plan(layers, GEO, target)
-    on = make_policy("spindle", PolicyConfig(window=8, codebook_layers=0, salient_share=0.25,
-                                             salient_before=6, salient_after=2)).plan(layers, GEO, target)
+    base = make_policy("spindle", {"codebooks.layers": 0, "salient": "off"}).plan(layers, GEO, target)
+    on = make_policy("spindle", {"codebooks.layers": 0, "salient.share": 0.25, "salient.before": 6,
+                                 "salient.after": 2}).plan(layers, GEO, target)
     want = set(range(294, 307))  # 6 before, the run 300-304, 2 after
     pos0 = 0
     for st in on:

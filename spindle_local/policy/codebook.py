@@ -21,8 +21,7 @@ not an approximation, and give the same cover.
 (floating-point cosines of distinct but very close directions can round to 1.0, so a
 graph at ``theta = 1`` would not be exact).
 
-A codebook's vectors come back with :meth:`.plan.Codebook.reconstruct` (also reachable as
-:func:`reconstruct`).
+A codebook's vectors come back with :meth:`.plan.Codebook.reconstruct`.
 """
 
 from __future__ import annotations
@@ -229,10 +228,6 @@ def build_codebook(x: np.ndarray, theta: float, block: int = 256, use_numba: boo
     else:
         assign, centres = greedy_cover_ref(u, theta)
     return Codebook(np.ascontiguousarray(u[centres]), assign.astype(np.int32), m)
-
-
-#: ``entries[index] * magnitude`` as float32 [S, d]: the one reconstruction, the plan type's own.
-reconstruct = Codebook.reconstruct
 
 
 def subset_codebook(codebook: Codebook, rows: np.ndarray) -> Codebook:

@@ -20,7 +20,8 @@ import numpy as np
 
 from .budgets import codebook_layer_bytes, raw_slot_bytes
 from .codebook import build_codebook, distinct_prefix_counts, subset_codebook
-from .inputs import Geometry, LayerInput, PolicyConfig
+from .inputs import Geometry, LayerInput
+from .stages import Codebooks, GroupSelect
 from .parallel import pmap
 from .plan import F16_BYTES, INDEX_BYTES, MAG_BYTES, MASK_BYTES, POS_BYTES, Codebook, HeadStore, LayerStore
 from .select import group_priority, group_select, union_priority, union_select
@@ -163,12 +164,14 @@ class CodebookFit:
 def fit_codebook_layer(
     inp: LayerInput,
     geometry: Geometry,
-    config: PolicyConfig,
+    codebooks: Codebooks,
+    selector: GroupSelect,
     scores: np.ndarray,
     budget_bytes: int,
     n_min: int,
     cache: dict | None = None,
     layout: tuple[bool, bool] | None = None,
+    threads: int | None = None,
 ) -> CodebookFit:
     """Evict (per-query-head union order) and codebook K (pre-RoPE) and V within ``budget_bytes``.
 
@@ -191,7 +194,7 @@ def fit_codebook_layer(
     s_hi = int(min(s_hi, available_counts(inp, hkv).min()))  # one S for all heads
     if s_hi <= raw_slots:
         return CodebookFit(None, raw_slots, raw_slots, 0, False, False)
-    mode = config.gqa_select
+    mode = selector.rule
     prio = [selection_priority(scores[h * g : (h + 1) * g], mode)[:s_hi] for h in range(hkv)]
     all_tokens = s_hi == n
     # build_rows[h]: the rows each codebook is built on; order[h]: priority order as
@@ -209,10 +212,10 @@ def fit_codebook_layer(
         h, which = job
         rows = build_rows[h]
         if which == "v":
-            return build_codebook(inp.v[rows, h, :], config.theta_v, config.codebook_block)
-        return build_codebook(inp.k_pre[rows, h, :], config.theta_k, config.codebook_block)
+            return build_codebook(inp.v[rows, h, :], codebooks.theta_v)
+        return build_codebook(inp.k_pre[rows, h, :], codebooks.theta_k)
 
-    cache.update(zip([keys[j] for j in todo], pmap(build, todo, config.threads)))
+    cache.update(zip([keys[j] for j in todo], pmap(build, todo, threads)))
     vcbs = [cache[keys[(h, "v")]] for h in range(hkv)]
     kcbs = [cache[keys[(h, "k")]] for h in range(hkv)] if use_k else []
     k_counts = np.zeros(s_hi + 1, dtype=np.int64)
@@ -251,7 +254,7 @@ def fit_codebook_layer(
         where[sel] = np.arange(len(sel))
         assert (where[rows] >= 0).all(), "priority prefix and union selection disagree"
         m_rows = mask[:, where[rows]]
-        if config.query_masks == "union":
+        if selector.masks == "union":
             m_rows = np.ones_like(m_rows)
         k_cb = subset_codebook(kcbs[h], order[h][:s]) if kc else None
         v_cb = subset_codebook(vcbs[h], order[h][:s]) if vc else None

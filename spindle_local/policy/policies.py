@@ -1,9 +1,9 @@
-"""The policies the engine can run side by side: full, streaming, snapkv, pyramidkv, spindle.
+"""The policies the engine runs: ``full`` and the stage compositions of :mod:`.presets`.
 
 Every policy plans one :class:`LayerStore` per layer and guarantees
 ``sum(layer_store_bytes(...)) <= target_bytes`` (the only exception is ``full``, which
 keeps everything and ignores the budget: it is the reference run). Sinks (position <
-``config.sinks``) are kept in every layer; when ``target_bytes`` cannot even hold them a
+``context.sinks``) are kept in every layer; when ``target_bytes`` cannot even hold them a
 ValueError says how many bytes are needed.
 
 Plans stream over layers (:mod:`.sources`): a first pass scores each layer and keeps only
@@ -13,8 +13,9 @@ store and hands it to ``install`` at once. At no time does a plan hold more than
 layer's vectors per planning thread.
 
 After a plan the policy's ``last_report`` lists, per layer, the role, token count,
-slots and bytes (``spindle`` adds the layer's byte share ``share_bytes`` and, with
-``auto``, the measured errors ``err_evict``/``err_codebook``), for logs and benchmarks.
+slots and bytes (staged policies add the layer's byte share ``share_bytes`` and, with
+automatic codebook roles, the measured errors ``err_evict``/``err_codebook``), for logs
+and benchmarks.
 """
 
 from __future__ import annotations
@@ -27,16 +28,18 @@ import numpy as np
 
 from .anchors import anchor_strength, boost, copy_spans
 from .budgets import allocate_slots, mass_slots, pyramid_weights, raw_slot_bytes, sink_slots
-from .inputs import Geometry, LayerInput, PolicyConfig
+from .inputs import Geometry, LayerInput
 from .layer_plans import evict_layer, fit_codebook_layer, head_store, layer_gains, protect
 from .parallel import pmap
 from .plan import LayerStore, layer_store_bytes
+from .presets import PRESETS, Stages, apply_settings, preset
 from .roles import RoleMemory, decide_role
 from .salience import salient_positions
-from .scores import attn_scale, layer_logits, pool_window_scores, raw_window_scores, window_scores
+from .scores import layer_logits, pool_window_scores, raw_window_scores
 from .sources import LayerMeta, LayerSource, ListSource
+from .stages import MassShares, PlanContext, PyramidShares, Recency
 
-POLICY_NAMES = ("full", "streaming", "snapkv", "pyramidkv", "spindle")
+POLICY_NAMES = ("full", *PRESETS)
 
 Install = Callable[[int, LayerStore], None]
 Put = Callable[[int, LayerMeta, LayerStore], None]
@@ -63,8 +66,8 @@ class Policy(ABC):
 
     name: str = ""
 
-    def __init__(self, config: PolicyConfig | None = None) -> None:
-        self.config = config or PolicyConfig()
+    def __init__(self, context: PlanContext | None = None) -> None:
+        self.context = context or PlanContext()
         self.last_report: list[dict] = []
         self._extra_report: dict[int, dict] = {}
         # Roles decided by earlier plans of the same conversation (the engine owns one per
@@ -74,6 +77,14 @@ class Policy(ABC):
     def wants_salience(self) -> bool:
         """Whether plans read ``LayerInput.salient`` (the engine computes it only then)."""
         return False
+
+    def codebook_candidates(self, n_layer: int) -> int:
+        """How many leading layers may become codebook layers (the engine reads ``k_pre`` for these)."""
+        return 0
+
+    def settings(self) -> dict:
+        """The resolved settings (what results record next to their figures)."""
+        return {"policy": self.name}
 
     def plan(self, layers: list[LayerInput], geometry: Geometry, target_bytes: int) -> list[LayerStore]:
         """One LayerStore per entry of ``layers`` (same order), within ``target_bytes``."""
@@ -119,40 +130,9 @@ class Policy(ABC):
     def _plan_into(self, source: LayerSource, geometry: Geometry, target_bytes: int, put: Put) -> None:
         ...
 
-    # shared helpers -----------------------------------------------------------------
     def _each(self, fn: Callable[[int], object], n: int) -> list:
         """``[fn(i) for i in range(n)]`` on the planning threads (each holds one layer at a time)."""
-        return pmap(fn, range(n), self.config.threads)
-
-    def _slot_budget(self, layers: Layers, geometry: Geometry, target_bytes: int, weights: np.ndarray) -> np.ndarray:
-        """Raw slots per layer following ``weights``; ValueError when sinks do not fit."""
-        unit = raw_slot_bytes(geometry)
-        lo = np.array([min(sink_slots(i.positions, self.config.sinks), i.n) for i in layers], dtype=np.int64)
-        hi = np.array([i.n for i in layers], dtype=np.int64)
-        need = int(lo.sum()) * unit
-        if target_bytes < need:
-            raise ValueError(
-                f"{self.name}: target of {target_bytes} bytes cannot hold the {int(lo.sum())} sink "
-                f"slots ({need} bytes needed at {unit} bytes per slot); raise the KV budget"
-            )
-        return allocate_slots(weights, lo, hi, target_bytes // unit)
-
-    def _layer_weights(self, layers: Layers, geometry: Geometry) -> np.ndarray:
-        """Pyramid weights indexed by each input's layer number (inputs may be a subset)."""
-        w = pyramid_weights(geometry.n_layer, self.config.pyramid_beta)
-        return np.array([w[min(max(i.layer, 0), geometry.n_layer - 1)] for i in layers])
-
-    def _scores(self, inp: LayerInput, geometry: Geometry, logits=None, value_weight: bool = False) -> np.ndarray:
-        s = window_scores(inp, geometry, self.config, logits=logits, value_weight=value_weight)
-        return protect(s, inp.positions, self.config.sinks, inp.available_mask())
-
-    def _raw_and_scores(self, inp: LayerInput, geometry: Geometry, logits=None,
-                        value_weight: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(window attention before pooling, pooled scores) of one layer, both protected."""
-        raw = raw_window_scores(inp, geometry, self.config, logits=logits, value_weight=value_weight)
-        s = pool_window_scores(raw, inp, self.config)
-        avail = inp.available_mask()
-        return protect(raw, inp.positions, self.config.sinks, avail), protect(s, inp.positions, self.config.sinks, avail)
+        return pmap(fn, range(n), self.context.threads)
 
 
 class FullPolicy(Policy):
@@ -174,125 +154,123 @@ class FullPolicy(Policy):
         self._each(one, len(source))
 
 
-class StreamingPolicy(Policy):
-    """Sinks plus the most recent old tokens, the same number in every layer (StreamingLLM)."""
+class StagedPolicy(Policy):
+    """A policy run from its :class:`~.presets.Stages` (see :mod:`.stages` for the order).
 
-    name = "streaming"
-
-    def _plan_into(self, source, geometry, target_bytes, put):
-        metas = self._each(lambda i: LayerMeta.of(source.load(i)), len(source))
-        slots = self._slot_budget(metas, geometry, target_bytes, np.ones(len(metas)))
-
-        def one(i: int) -> None:
-            inp = source.load(i)
-            pos = np.asarray(inp.positions, dtype=np.float32)
-            sc = protect(np.tile(pos, (geometry.n_head, 1)), inp.positions, self.config.sinks, inp.available_mask())
-            put(i, metas[i], evict_layer(inp, geometry, sc, int(slots[i]), per_query_head=False))
-
-        self._each(one, len(source))
-
-
-class SnapKVPolicy(Policy):
-    """Window scores averaged over the GQA group, the same budget in every layer."""
-
-    name = "snapkv"
-
-    def _weights(self, layers, geometry):
-        return np.ones(len(layers))
-
-    def _plan_into(self, source, geometry, target_bytes, put):
-        def score(i: int):
-            inp = source.load(i)
-            return LayerMeta.of(inp), self._scores(inp, geometry)
-
-        metas, scores = zip(*self._each(score, len(source))) if len(source) else ((), ())
-        slots = self._slot_budget(metas, geometry, target_bytes, self._weights(metas, geometry))
-
-        def one(i: int) -> None:
-            inp = source.load(i)
-            put(i, metas[i], evict_layer(inp, geometry, scores[i], int(slots[i]), per_query_head=False))
-
-        self._each(one, len(source))
-
-
-class PyramidKVPolicy(SnapKVPolicy):
-    """SnapKV scores (group-averaged) with pyramid budgets: shallow layers keep more."""
-
-    name = "pyramidkv"
-
-    def _weights(self, layers, geometry):
-        return self._layer_weights(layers, geometry)
-
-
-class SpindlePolicy(Policy):
-    """SpindleKV: codebook layers at the shallow end, eviction with adaptive budgets elsewhere.
-
-    1. Every layer gets a byte share: flat with ``layer_alloc='flat'`` or ``'mass'``
-       (default), the pyramid (``pyramid_beta``) with ``'pyramid'`` (the paper). Plain
-       ``'mass'`` loses pass keys in short prompts at small budgets (a layer whose window
-       attention is concentrated on a few tokens gets few slots, and the neighbours a
-       retrieval copies from are dropped), so every layer keeps at least ``alloc_floor``
-       of its flat share and at least ``alloc_min_slots`` slots (never more than the flat
-       share): at small budgets on short prompts that is flat, elsewhere mass.
-    2. Codebook layers (the first ``codebook_layers`` or, with ``'auto'``, those where the
+    1. Every layer gets a byte share from the allocator (flat for ``MassShares``).
+    2. The scorer rates every old token; boosters (copy spans, salient runs) raise the
+       positions they name above any score.
+    3. Codebook layers (the first ``codebooks.layers``, or with ``auto`` those where the
        codebook's measured attention error beats eviction at equal bytes) evict in
        selection order and codebook K (pre-RoPE) and V to fit their share; a layer whose
        codebook keeps no more tokens than plain eviction stays an eviction layer.
-    3. The bytes left go to the eviction layers: evenly with ``'flat'``; ``'mass'`` keeps
-       the floor above in every layer and gives each further slot to the layer where it
-       keeps the most window attention mass (a global top-k over layers); ``'pyramid'``
-       uses the pyramid weights.
-    4. Per KV head, tokens are chosen by ``gqa_select`` (default: the mean score over the
-       group's query heads; ``'max'``: the best one; ``'union'``: the paper's round-robin
-       over per-query-head top-k) with scores weighted by value norms (``value_weight``); with
-       ``query_masks='own'`` each query head sees only its own top-k of the union.
+    4. The bytes left go to the eviction layers, following the allocator again.
+    5. Per KV head, the selector picks the tokens and query-head masks.
     Every KV head of a layer keeps the same slot count: the store pads a layer's heads to
     its largest one, so unequal per-head budgets would cost bytes without keeping more.
     """
 
-    name = "spindle"
-
-    def _anchor_cap(self, slots: np.ndarray) -> int:
-        """Tokens copy spans may take: a share of a layer's mean slots, at most ``anchor_tokens``.
-
-        What a question points at (a key, a name) does not grow with the budget, so the
-        absolute cap keeps spans from crowding out scored tokens at large budgets; the
-        share keeps them from taking most of a small one.
-        """
-        cap = int(self.config.anchor_share * slots.mean())
-        return cap if self.config.anchor_tokens is None else min(cap, int(self.config.anchor_tokens))
+    def __init__(self, name: str, stages: Stages, context: PlanContext | None = None) -> None:
+        super().__init__(context)
+        self.name, self.stages = name, stages
 
     def wants_salience(self) -> bool:
-        return self.config.salient_share > 0
+        return self.stages.salient is not None and self.stages.salient.share > 0
 
-    def _salient(self, layers: Layers, raw: list[np.ndarray], slots: np.ndarray) -> np.ndarray:
-        """Positions of salient runs (:mod:`.salience`) to protect in every layer, capped."""
-        with_flags = [inp for inp in layers if inp.salient is not None and inp.n]
-        if not with_flags:
-            return np.zeros(0, np.int64)
-        pos = np.concatenate([np.asarray(inp.positions, np.int64) for inp in with_flags])
-        flags = np.concatenate([np.asarray(inp.salient, np.float64) for inp in with_flags])
-        union, first = np.unique(pos, return_index=True)
-        sal = flags[first]
-        sal[union < self.config.sinks] = 0.0  # sinks are kept anyway
-        u_pos, strength = anchor_strength(layers, raw, 0, self.config.sinks)
-        aligned = np.zeros(len(union))
-        found = np.searchsorted(u_pos, union)
-        ok = (found < len(u_pos)) & (u_pos[np.minimum(found, len(u_pos) - 1)] == union)
-        aligned[ok] = strength[found[ok]]
-        cap = int(self.config.salient_share * slots.min())
-        return salient_positions(union, sal, aligned, before=self.config.salient_before,
-                                 after=self.config.salient_after, cap=cap)
+    def codebook_candidates(self, n_layer: int) -> int:
+        cb = self.stages.codebooks
+        return 0 if cb is None else cb.candidates(n_layer)
+
+    def settings(self) -> dict:
+        return {"policy": self.name, **self.stages.settings()}
+
+    # -- stages ---------------------------------------------------------------------
+    def _raw_and_scores(self, inp: LayerInput, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+        """(scores before pooling, pooled scores) of one layer, both protected."""
+        sinks, avail, scorer = self.context.sinks, inp.available_mask(), self.stages.scorer
+        if isinstance(scorer, Recency):
+            pos = np.asarray(inp.positions, dtype=np.float32)
+            s = protect(np.tile(pos, (geometry.n_head, 1)), inp.positions, sinks, avail)
+            return s, s
+        raw = raw_window_scores(inp, geometry, scorer, scale=self.context.attn_scale(geometry.head_dim_k))
+        s = pool_window_scores(raw, inp, scorer, sinks=sinks)
+        return protect(raw, inp.positions, sinks, avail), protect(s, inp.positions, sinks, avail)
+
+    def _weights(self, layers: Layers, geometry: Geometry) -> np.ndarray:
+        """The allocator's per-layer weights, indexed by each input's layer number."""
+        alloc = self.stages.allocator
+        if not isinstance(alloc, PyramidShares):
+            return np.ones(len(layers))
+        w = pyramid_weights(geometry.n_layer, alloc.beta)
+        return np.array([w[min(max(i.layer, 0), geometry.n_layer - 1)] for i in layers])
+
+    def _slot_budget(self, layers: Layers, geometry: Geometry, target_bytes: int, weights: np.ndarray) -> np.ndarray:
+        """Raw slots per layer following ``weights``; ValueError when sinks do not fit."""
+        unit = raw_slot_bytes(geometry)
+        lo = np.array([min(sink_slots(i.positions, self.context.sinks), i.n) for i in layers], dtype=np.int64)
+        hi = np.array([i.n for i in layers], dtype=np.int64)
+        need = int(lo.sum()) * unit
+        if target_bytes < need:
+            raise ValueError(
+                f"{self.name}: target of {target_bytes} bytes cannot hold the {int(lo.sum())} sink "
+                f"slots ({need} bytes needed at {unit} bytes per slot); raise the KV budget"
+            )
+        return allocate_slots(weights, lo, hi, target_bytes // unit)
+
+    def _copy_spans(self, metas, raw, scores, slots, geometry):
+        """Scores with copy spans (:mod:`.anchors`) raised in the layers that keep them."""
+        cs = self.stages.copy_spans
+        if cs is None or cs.span <= 0 or cs.share <= 0:
+            return scores
+        first = geometry.n_layer // 2 if cs.from_layer is None else cs.from_layer
+        # What a question points at (a key, a name) does not grow with the budget, so the
+        # absolute cap keeps spans from crowding out scored tokens at large budgets; the
+        # share keeps them from taking most of a small one.
+        cap = int(cs.share * slots.mean())
+        cap = cap if cs.tokens is None else min(cap, int(cs.tokens))
+        # anchors from attention before pooling: max-pooling copies a target's score to
+        # its neighbours, so a span could start a few tokens late and lose the first digit
+        kept = copy_spans(metas, raw, first_layer=first, span=cs.span, cap=cap, sinks=self.context.sinks,
+                          min_share=cs.min_share)
+        for m in metas:
+            if m.layer >= first:
+                self._extra_report[m.layer]["copy_span_tokens"] = int(len(kept))
+        return [boost(sc, m.positions, kept) if m.layer >= first else sc for m, sc in zip(metas, scores)]
+
+    def _salient(self, metas, raw, scores, slots):
+        """Scores with salient runs (:mod:`.salience`) raised in every layer, capped."""
+        sr = self.stages.salient
+        if sr is None or sr.share <= 0:
+            return scores
+        sinks = self.context.sinks
+        kept = np.zeros(0, np.int64)
+        with_flags = [inp for inp in metas if inp.salient is not None and inp.n]
+        if with_flags:
+            pos = np.concatenate([np.asarray(inp.positions, np.int64) for inp in with_flags])
+            flags = np.concatenate([np.asarray(inp.salient, np.float64) for inp in with_flags])
+            union, first = np.unique(pos, return_index=True)
+            sal = flags[first]
+            sal[union < sinks] = 0.0  # sinks are kept anyway
+            u_pos, strength = anchor_strength(metas, raw, 0, sinks)
+            aligned = np.zeros(len(union))
+            found = np.searchsorted(u_pos, union)
+            ok = (found < len(u_pos)) & (u_pos[np.minimum(found, len(u_pos) - 1)] == union)
+            aligned[ok] = strength[found[ok]]
+            kept = salient_positions(union, sal, aligned, before=sr.before, after=sr.after,
+                                     cap=int(sr.share * slots.min()))
+        for m in metas:
+            self._extra_report[m.layer]["salient_tokens"] = int(len(kept))
+        return [boost(sc, m.positions, kept) for m, sc in zip(metas, scores)]
 
     def _plan_into(self, source, geometry, target_bytes, put):
-        cfg = self.config
+        st, ctx = self.stages, self.context
         unit = raw_slot_bytes(geometry)
-        mass = cfg.layer_alloc == "mass"
+        mass = isinstance(st.allocator, MassShares)
 
         # pass 1: scores and token positions of every layer (the vectors are dropped)
         def score(i: int):
             inp = source.load(i)
-            raw, sc = self._raw_and_scores(inp, geometry, value_weight=cfg.value_weight)
+            raw, sc = self._raw_and_scores(inp, geometry)
             return LayerMeta.of(inp), raw, sc
 
         out = self._each(score, len(source))
@@ -302,75 +280,18 @@ class SpindlePolicy(Policy):
         del out
 
         # cross-layer decisions, from scores and positions only
-        # "mass": byte shares start flat; the eviction layers' slots then follow the score mass
-        flat = mass or cfg.layer_alloc == "flat"
-        weights = np.ones(len(metas)) if flat else self._layer_weights(metas, geometry)
+        weights = self._weights(metas, geometry)
         slots = self._slot_budget(metas, geometry, target_bytes, weights)
         budgets = slots * unit
-        n_min = np.array([min(sink_slots(m.positions, cfg.sinks), m.n) for m in metas], dtype=np.int64)
+        n_min = np.array([min(sink_slots(m.positions, ctx.sinks), m.n) for m in metas], dtype=np.int64)
         self._extra_report = {m.layer: {"share_bytes": int(b)} for m, b in zip(metas, budgets)}
-        if cfg.anchor_span > 0 and cfg.anchor_share > 0:
-            first = geometry.n_layer // 2 if cfg.anchor_from is None else cfg.anchor_from
-            # anchors from attention before pooling: max-pooling copies a target's score to
-            # its neighbours, so a span could start a few tokens late and lose the first digit
-            kept = copy_spans(metas, raw, first_layer=first, span=cfg.anchor_span,
-                              cap=self._anchor_cap(slots), sinks=cfg.sinks,
-                              min_share=cfg.anchor_min_share)
-            scores = [boost(sc, m.positions, kept) if m.layer >= first else sc
-                      for m, sc in zip(metas, scores)]
-            for m in metas:
-                if m.layer >= first:
-                    self._extra_report[m.layer]["copy_span_tokens"] = int(len(kept))
-        if cfg.salient_share > 0:
-            kept = self._salient(metas, raw, slots)
-            scores = [boost(sc, m.positions, kept) for m, sc in zip(metas, scores)]
-            for m in metas:
-                self._extra_report[m.layer]["salient_tokens"] = int(len(kept))
+        scores = self._copy_spans(metas, raw, scores, slots, geometry)
+        scores = self._salient(metas, raw, scores, slots)
         del raw
 
         # pass 2a: codebook layers, shallowest first, one layer's vectors at a time
         planned: set[int] = set()
-        used = 0
-
-        def fit(i: int, inp: LayerInput, cache=None, layout=None) -> None:
-            nonlocal used
-            f = fit_codebook_layer(inp, geometry, cfg, scores[i], int(budgets[i]), int(n_min[i]),
-                                   cache=cache, layout=layout)
-            if f.store is not None:
-                used += layer_store_bytes(f.store, geometry.head_dim_k, geometry.head_dim_v)
-                planned.add(i)
-                put(i, metas[i], f.store)
-
-        if cfg.codebook_layers == "auto":
-            scale = attn_scale(geometry, cfg)
-            memory = self.role_memory
-            for i in range(min(cfg.codebook_candidates(geometry.n_layer), len(metas))):
-                layer = metas[i].layer
-                prev = memory.get(layer, metas[i].n) if memory is not None else None
-                if prev is not None:  # decided on at least half of these tokens: keep the role
-                    self._extra_report[layer].update(err_evict=prev.err_evict, err_codebook=prev.err_codebook,
-                                                     role_reused=True)
-                    if prev.codebook:
-                        fit(i, source.load(i), layout=prev.layout)
-                    if i not in planned:
-                        break
-                    continue
-                inp = source.load(i)
-                lg = layer_logits(inp, geometry, cfg)
-                dec = decide_role(inp, geometry, cfg, lg, int(budgets[i]), int(slots[i]), int(n_min[i]), scale)
-                del lg
-                self._extra_report[metas[i].layer].update(err_evict=dec.err_evict, err_codebook=dec.err_codebook)
-                if memory is not None:
-                    memory.put(layer, metas[i].n, dec)
-                if dec.codebook:
-                    fit(i, inp, dec.cache, dec.layout)
-                del inp, dec
-                if i not in planned and self._extra_report[metas[i].layer]["err_evict"] is not None:
-                    break  # eviction wins here: deeper layers are even sparser
-        else:
-            for i, m in enumerate(metas):
-                if m.layer < int(cfg.codebook_layers) and m.n > slots[i]:
-                    fit(i, source.load(i))
+        used = self._codebook_layers(source, geometry, metas, scores, slots, budgets, n_min, planned, put)
 
         # pass 2b: the bytes left go to the eviction layers
         rest = [i for i in range(len(metas)) if i not in planned]
@@ -381,35 +302,77 @@ class SpindlePolicy(Policy):
         total = (target_bytes - used) // unit
         s_rest = allocate_slots(weights[rest], lo, hi, total)
         if mass:
-            floor = np.floor(cfg.alloc_floor * s_rest).astype(np.int64)
-            floor = np.maximum(floor, np.minimum(s_rest, cfg.alloc_min_slots))
-            gains = [layer_gains(scores[i], geometry.g, cfg.gqa_select, int(n_min[i])) for i in rest]
+            alloc = st.allocator
+            floor = np.floor(alloc.floor * s_rest).astype(np.int64)
+            floor = np.maximum(floor, np.minimum(s_rest, alloc.min_slots))
+            gains = [layer_gains(scores[i], geometry.g, st.selector.rule, int(n_min[i])) for i in rest]
             s_rest = mass_slots(gains, lo, hi, floor, total)
         planned_slots = dict(zip(rest, (int(s) for s in s_rest)))
         for i, s in planned_slots.items():
             self._extra_report[metas[i].layer]["slots_planned"] = s
 
         def evict(i: int) -> None:
-            st = evict_layer(source.load(i), geometry, scores[i], planned_slots[i], per_query_head=True,
-                             union_visible=cfg.query_masks == "union", select=cfg.gqa_select)
-            put(i, metas[i], st)
+            store = evict_layer(source.load(i), geometry, scores[i], planned_slots[i], per_query_head=True,
+                                union_visible=st.selector.masks == "union", select=st.selector.rule)
+            put(i, metas[i], store)
 
-        pmap(evict, rest, cfg.threads)
+        pmap(evict, rest, ctx.threads)
+
+    def _codebook_layers(self, source, geometry, metas, scores, slots, budgets, n_min, planned, put) -> int:
+        """Plan the codebook layers (adding their indices to ``planned``); returns their bytes."""
+        st, ctx, cb = self.stages, self.context, self.stages.codebooks
+        if cb is None:
+            return 0
+        used = 0
+
+        def fit(i: int, inp: LayerInput, cache=None, layout=None) -> None:
+            nonlocal used
+            f = fit_codebook_layer(inp, geometry, cb, st.selector, scores[i], int(budgets[i]), int(n_min[i]),
+                                   cache=cache, layout=layout, threads=ctx.threads)
+            if f.store is not None:
+                used += layer_store_bytes(f.store, geometry.head_dim_k, geometry.head_dim_v)
+                planned.add(i)
+                put(i, metas[i], f.store)
+
+        if not cb.auto:
+            for i, m in enumerate(metas):
+                if m.layer < int(cb.layers) and m.n > slots[i]:
+                    fit(i, source.load(i))
+            return used
+        scale = ctx.attn_scale(geometry.head_dim_k)
+        memory = self.role_memory
+        for i in range(min(cb.candidates(geometry.n_layer), len(metas))):
+            layer = metas[i].layer
+            prev = memory.get(layer, metas[i].n) if memory is not None else None
+            if prev is not None:  # decided on at least half of these tokens: keep the role
+                self._extra_report[layer].update(err_evict=prev.err_evict, err_codebook=prev.err_codebook,
+                                                 role_reused=True)
+                if prev.codebook:
+                    fit(i, source.load(i), layout=prev.layout)
+                if i not in planned:
+                    break
+                continue
+            inp = source.load(i)
+            lg = layer_logits(inp, geometry, st.scorer, scale)
+            dec = decide_role(inp, geometry, st.scorer, st.selector, cb, ctx, lg, int(budgets[i]), int(slots[i]),
+                              int(n_min[i]))
+            del lg
+            self._extra_report[layer].update(err_evict=dec.err_evict, err_codebook=dec.err_codebook)
+            if memory is not None:
+                memory.put(layer, metas[i].n, dec)
+            if dec.codebook:
+                fit(i, inp, dec.cache, dec.layout)
+            del inp, dec
+            if i not in planned and self._extra_report[layer]["err_evict"] is not None:
+                break  # eviction wins here: deeper layers are even sparser
+        return used
 
 
-_POLICIES = {
-    "full": FullPolicy,
-    "streaming": StreamingPolicy,
-    "snapkv": SnapKVPolicy,
-    "pyramidkv": PyramidKVPolicy,
-    "spindle": SpindlePolicy,
-}
-
-
-def make_policy(name: str, config: PolicyConfig | None = None) -> Policy:
-    """The policy called ``name`` (one of :data:`POLICY_NAMES`)."""
-    try:
-        cls = _POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown policy {name!r}; valid names: {', '.join(POLICY_NAMES)}") from None
-    return cls(config)
+def make_policy(name: str, settings: dict | None = None, context: PlanContext | None = None) -> Policy:
+    """The policy called ``name`` (one of :data:`POLICY_NAMES`) with stage ``settings`` applied
+    (``{"salient.share": 0.1, "allocator": "pyramid"}``, see :func:`~.presets.apply_settings`)."""
+    if name == "full":
+        if settings:
+            raise ValueError(f"policy full has no stage settings (got {', '.join(settings)})")
+        return FullPolicy(context)
+    return StagedPolicy(name, apply_settings(preset(name), settings or {}), context)

@@ -1,16 +1,16 @@
 """Layer roles: which layers get codebook replacement on top of eviction.
 
-``codebook_layers=N`` reproduces the paper: the first N layers are codebook layers.
-``codebook_layers='auto'`` decides from the context itself, as DESIGN.md asks. For a
+``Codebooks(layers=N)`` reproduces the paper: the first N layers are codebook layers.
+``Codebooks(layers='auto')`` decides from the context itself, as DESIGN.md asks. For a
 candidate layer and its byte budget it builds both options, eviction only and eviction
 + codebook, each fitted to the same bytes (for the codebook every layout: K and V
 codebooks, V only, K only), and measures the error each causes on the window's
 attention output (relative Frobenius error over all query heads and window queries,
 softmax over old + recent keys). Tokens are selected with the older half of the window
 and errors measured on the newer half (see ``_split_window``). The codebook is chosen
-only when its error is lower (by ``auto_margin``, relative).
+only when its error is lower.
 
-Cost bound: candidates are the first ``auto_max_layers`` layers (default a tenth of
+Cost bound: candidates are the first ``Codebooks.max_layers`` layers (default a tenth of
 the stack, rounded up) and the walk stops at the first candidate where eviction wins.
 The premise of the method, and the SmolLM2 measurement (codebook wins only in layer 0),
 is that codebook layers are the shallowest ones. Each candidate costs six codebook
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from numba import njit
 
-from .codebook import reconstruct
-from .inputs import Geometry, LayerInput, PolicyConfig
+from .inputs import Geometry, LayerInput
+from .stages import Codebooks, GroupSelect, PlanContext, WindowScorer
 from .layer_plans import evict_layer, fit_codebook_layer, protect
 from .plan import LayerStore
 from .rope import RopeMap, infer_rope
@@ -134,13 +134,13 @@ class AttentionProbe:
                 rope = self.rope()
                 if rope is None:
                     return math.inf  # cannot judge codebook keys without their rotation
-                k_post = rope.rotate(reconstruct(hs.k_codebook), rows)
+                k_post = rope.rotate(hs.k_codebook.reconstruct(), rows)
                 kl = attention_logits(
                     self.inp.q_window[:, h * g : (h + 1) * g, :], k_post[:, None, :], g, self.scale
                 )  # [g, w, S]
             else:
                 kl = None
-            v_kept = reconstruct(hs.v_codebook) if hs.v_codebook is not None else hs.v_raw
+            v_kept = hs.v_codebook.reconstruct() if hs.v_codebook is not None else hs.v_raw
             for j in range(g):
                 hq = h * g + j
                 vis = hs.qmask[j]
@@ -225,12 +225,14 @@ def _split_window(inp: LayerInput, logits: tuple[np.ndarray, np.ndarray]):
 def decide_role(
     inp: LayerInput,
     geometry: Geometry,
-    config: PolicyConfig,
+    scorer: WindowScorer,
+    selector: GroupSelect,
+    codebooks: Codebooks,
+    context: PlanContext,
     logits: tuple[np.ndarray, np.ndarray],
     budget: int,
     raw_slots: int,
     n_min: int,
-    scale: float,
 ) -> RoleDecision:
     """Does eviction + codebook beat eviction alone in this layer, at ``budget`` bytes?
 
@@ -240,26 +242,27 @@ def decide_role(
     dec = RoleDecision(inp.layer)
     if raw_slots >= inp.n or inp.n == 0:
         return dec
-    union_visible = config.query_masks == "union"
+    union_visible = selector.masks == "union"
+    scale = context.attn_scale(geometry.head_dim_k)
     (sel_inp, sel_lg), (ev_inp, ev_lg) = _split_window(inp, logits)
     sc = protect(
-        window_scores(sel_inp, geometry, config, logits=sel_lg, value_weight=config.value_weight),
-        inp.positions, config.sinks, inp.available_mask(),
+        window_scores(sel_inp, geometry, scorer, sinks=context.sinks, scale=scale, logits=sel_lg),
+        inp.positions, context.sinks, inp.available_mask(),
     )
     probe = AttentionProbe(ev_inp, geometry, scale, ev_lg)
     ev = evict_layer(
         inp, geometry, sc, int(raw_slots), per_query_head=True, union_visible=union_visible,
-        select=config.gqa_select,
+        select=selector.rule,
     )
     dec.err_evict = probe.error(ev)
-    args = (inp, geometry, config, sc, int(budget), int(n_min))
-    fit = fit_codebook_layer(*args, cache=dec.cache)
+    args = (inp, geometry, codebooks, selector, sc, int(budget), int(n_min))
+    fit = fit_codebook_layer(*args, cache=dec.cache, threads=context.threads)
     best: tuple[float, tuple[bool, bool]] | None = None
     for layout, slots in fit.options.items():  # every K/V layout that beats raw eviction
         if slots <= raw_slots:
             continue
         f = fit if layout == (fit.k_codebook, fit.v_codebook) else fit_codebook_layer(
-            *args, cache=dec.cache, layout=layout
+            *args, cache=dec.cache, layout=layout, threads=context.threads
         )
         if f.store is None:
             continue
@@ -268,28 +271,6 @@ def decide_role(
             best = (err, layout)
     if best is not None:
         dec.err_codebook = best[0]
-        if best[0] < dec.err_evict * (1.0 - config.auto_margin):
+        if best[0] < dec.err_evict:
             dec.codebook, dec.layout = True, best[1]
     return dec
-
-
-def auto_roles(
-    layers: list[LayerInput],
-    geometry: Geometry,
-    config: PolicyConfig,
-    logits: list[tuple[np.ndarray, np.ndarray]],
-    budgets: np.ndarray,
-    raw_slots: np.ndarray,
-    n_min: np.ndarray,
-    scale: float,
-) -> list[RoleDecision]:
-    """:func:`decide_role` layer by layer from the top, stopping where eviction wins
-    (deeper layers are even sparser)."""
-    out: list[RoleDecision] = []
-    for i, inp in enumerate(layers[: config.codebook_candidates(geometry.n_layer)]):
-        dec = decide_role(inp, geometry, config, logits[i], int(budgets[i]), int(raw_slots[i]),
-                          int(n_min[i]), scale)
-        out.append(dec)
-        if dec.err_evict is not None and not dec.codebook:
-            break
-    return out

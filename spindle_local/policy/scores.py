@@ -23,7 +23,8 @@ import math
 import numpy as np
 from numba import njit
 
-from .inputs import Geometry, LayerInput, PolicyConfig
+from .inputs import Geometry, LayerInput
+from .stages import WindowScorer
 
 # Logit of a (token, KV head) pair the store no longer holds. Finite on purpose: the
 # kernels use fastmath, which assumes no infinities; exp() of it underflows to 0.
@@ -147,7 +148,7 @@ def pool_ref(scores: np.ndarray, kernel: int, mode: str) -> np.ndarray:
 
 def pool_scores(scores: np.ndarray, kernel: int, mode: str | None) -> np.ndarray:
     """Pool [H, n] scores over neighbouring positions (array order = position order)."""
-    if mode is None or kernel <= 1 or scores.shape[1] == 0:
+    if mode in (None, "none") or kernel <= 1 or scores.shape[1] == 0:
         return scores
     return _pool_nb(np.ascontiguousarray(scores), int(kernel), mode == "max")
 
@@ -186,43 +187,41 @@ def attention_logits(q: np.ndarray, k: np.ndarray, g: int, scale: float) -> np.n
     return _logits_nb(q, k, int(g), np.float32(scale))
 
 
-def attn_scale(geometry: Geometry, config: PolicyConfig) -> float:
-    """Softmax scale: ``config.extra['attn_scale']`` or the usual ``1/sqrt(dk)``."""
-    s = config.extra.get("attn_scale")
-    return float(s) if s is not None else 1.0 / math.sqrt(geometry.head_dim_k)
-
-
 def window_scores(
     inp: LayerInput,
     geometry: Geometry,
-    config: PolicyConfig,
+    scorer: WindowScorer,
+    *,
+    sinks: int,
+    scale: float,
     use_numba: bool = True,
     logits: tuple[np.ndarray, np.ndarray] | None = None,
-    value_weight: bool = False,
 ) -> np.ndarray:
     """Per-query-head scores float32 [H, n] of the old tokens (pooled, sinks *not* protected;
     with pooling, the sinks' own scores are zeroed before pooling): :func:`pool_window_scores`
     of :func:`raw_window_scores`."""
-    raw = raw_window_scores(inp, geometry, config, use_numba, logits, value_weight)
-    return pool_window_scores(raw, inp, config, use_numba)
+    raw = raw_window_scores(inp, geometry, scorer, scale=scale, use_numba=use_numba, logits=logits)
+    return pool_window_scores(raw, inp, scorer, sinks=sinks, use_numba=use_numba)
 
 
 def raw_window_scores(
     inp: LayerInput,
     geometry: Geometry,
-    config: PolicyConfig,
+    scorer: WindowScorer,
+    *,
+    scale: float,
     use_numba: bool = True,
     logits: tuple[np.ndarray, np.ndarray] | None = None,
-    value_weight: bool = False,
 ) -> np.ndarray:
     """Per-query-head window attention float32 [H, n] of the old tokens, before pooling.
 
-    ``value_weight`` multiplies each token's attention by the norm of its value vector
+    ``scorer.value_weight`` multiplies each token's attention by the norm of its value vector
     (relative to the KV head's mean value norm): what a token adds to the attention
     output is its weight times its value, so a token with a tiny value contributes
     little however much attention it gets (value-aware token pruning).
     """
     n = inp.n
+    value_weight = scorer.value_weight
     if n == 0:
         return np.zeros((geometry.n_head, 0), dtype=np.float32)
     if inp.attn is not None:  # computed by the runtime where the KV lives
@@ -236,7 +235,7 @@ def raw_window_scores(
         return np.tile(rec.astype(np.float32) * 1e-3, (geometry.n_head, 1))
     pos_old = np.asarray(inp.positions, dtype=np.int64)
     rec_pos = inp.resolved_recent_positions()
-    if rec_pos is None or not config.include_recent_in_softmax:
+    if rec_pos is None or not scorer.include_recent:
         rec_pos = np.zeros(0, dtype=np.int64)
     q_pos = np.asarray(inp.q_positions, dtype=np.int64)
     fn = _softmax_colmean_nb if use_numba else softmax_colmean_ref
@@ -245,32 +244,32 @@ def raw_window_scores(
     else:
         # one GQA group at a time: the logits of a group are g·w·n floats, where the whole
         # layer's would be H·w·n (the largest transient of a plan at long contexts)
-        s = np.concatenate([fn(*group_logits(inp, geometry, config, h), q_pos, pos_old, rec_pos.astype(np.int64))
+        s = np.concatenate([fn(*group_logits(inp, geometry, scorer, scale, h), q_pos, pos_old, rec_pos.astype(np.int64))
                             for h in range(geometry.n_head_kv)])
     if value_weight:
         s = s * value_norm_weights(inp, geometry)
     return s
 
 
-def pool_window_scores(raw: np.ndarray, inp: LayerInput, config: PolicyConfig,
+def pool_window_scores(raw: np.ndarray, inp: LayerInput, scorer: WindowScorer, *, sinks: int,
                        use_numba: bool = True) -> np.ndarray:
-    """``raw`` [H, n] pooled along positions (``config.pooling``; a copy, ``raw`` is kept).
+    """``raw`` [H, n] pooled along positions (``scorer.pooling``; a copy, ``raw`` is kept).
 
     Tokens are scored in the order of ``inp.positions``; pooling assumes that order is the
     position order (the engine passes old tokens sorted; otherwise they are sorted here).
     """
-    if raw.shape[1] == 0 or inp.q_window.shape[0] == 0 or config.pooling is None or config.pool_kernel <= 1:
+    if raw.shape[1] == 0 or inp.q_window.shape[0] == 0 or scorer.pooling == "none" or scorer.kernel <= 1:
         return raw.copy()
     pos_old = np.asarray(inp.positions, dtype=np.int64)
     # sinks are kept regardless; zero them first so that pooling does not spread
     # token 0's large score (a sink even without BOS) onto its neighbours
     s = raw.copy()
-    s[:, pos_old < config.sinks] = 0.0
+    s[:, pos_old < sinks] = 0.0
     order = np.argsort(pos_old, kind="stable")
     sorted_already = bool(np.all(order == np.arange(len(pos_old))))
     ss = s if sorted_already else s[:, order]
-    ss = pool_scores(ss, config.pool_kernel, config.pooling) if use_numba else pool_ref(
-        ss, config.pool_kernel, config.pooling
+    ss = pool_scores(ss, scorer.kernel, scorer.pooling) if use_numba else pool_ref(
+        ss, scorer.kernel, scorer.pooling
     )
     if sorted_already:
         return ss
@@ -293,9 +292,8 @@ def value_norm_weights(inp: LayerInput, geometry: Geometry) -> np.ndarray:
     return np.repeat(w.T, geometry.g, axis=0).astype(np.float32)
 
 
-def _logits_for(inp: LayerInput, geometry: Geometry, config: PolicyConfig,
+def _logits_for(inp: LayerInput, geometry: Geometry, scorer: WindowScorer, scale: float,
                 heads: slice, kv_heads: slice) -> tuple[np.ndarray, np.ndarray]:
-    scale = attn_scale(geometry, config)
     g = geometry.g
     q = inp.q_window[:, heads]
     lo = attention_logits(q, inp.k[:, kv_heads], g, scale)
@@ -304,7 +302,7 @@ def _logits_for(inp: LayerInput, geometry: Geometry, config: PolicyConfig,
         av = avail[:, kv_heads]
         for j in range(lo.shape[0]):
             lo[j][:, ~av[:, j // g]] = UNAVAILABLE_LOGIT
-    if inp.k_recent is not None and config.include_recent_in_softmax and inp.k_recent.shape[0] > 0:
+    if inp.k_recent is not None and scorer.include_recent and inp.k_recent.shape[0] > 0:
         lr = attention_logits(q, inp.k_recent[:, kv_heads], g, scale)
     else:
         lr = np.zeros((lo.shape[0], inp.q_window.shape[0], 0), dtype=np.float32)
@@ -312,15 +310,15 @@ def _logits_for(inp: LayerInput, geometry: Geometry, config: PolicyConfig,
 
 
 def layer_logits(
-    inp: LayerInput, geometry: Geometry, config: PolicyConfig
+    inp: LayerInput, geometry: Geometry, scorer: WindowScorer, scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """(old-token logits [H, w, n], recent-key logits [H, w, r]) of the window queries."""
-    return _logits_for(inp, geometry, config, slice(None), slice(None))
+    return _logits_for(inp, geometry, scorer, scale, slice(None), slice(None))
 
 
 def group_logits(
-    inp: LayerInput, geometry: Geometry, config: PolicyConfig, h: int
+    inp: LayerInput, geometry: Geometry, scorer: WindowScorer, scale: float, h: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`layer_logits` of the ``g`` query heads of KV head ``h`` only ([g, w, n], [g, w, r])."""
     g = geometry.g
-    return _logits_for(inp, geometry, config, slice(h * g, (h + 1) * g), slice(h, h + 1))
+    return _logits_for(inp, geometry, scorer, scale, slice(h * g, (h + 1) * g), slice(h, h + 1))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,37 +14,59 @@ from spindle_local.runtime.memory import CELL_BLOCK
 if TYPE_CHECKING:
     from spindle_local.runtime.lowlevel import LlamaModel
 
-POLICIES = ("full", "streaming", "snapkv", "pyramidkv", "spindle")
+POLICIES = ("full", "streaming", "snapkv", "pyramidkv", "spindle", "spindle-paper")  # = policy.POLICY_NAMES
 MIN_SLACK = 16  # fewest generated tokens a plan leaves room for (Engine._slack)
+
+
+def opt(flag: str, help: str, **click_kw):  # noqa: A002 - the option table's word
+    """Field metadata of a setting with a command-line flag (read by :mod:`spindle_local.options`).
+
+    ``click_kw`` holds what the flag needs beyond the field's type: ``choices``, ``min``,
+    ``metavar``, ``negatable`` (``--x/--no-x`` for booleans).
+    """
+    return {"flag": flag, "help": help, **click_kw}
+
+
+def setting(default, flag: str | None = None, help: str = "", **click_kw):  # noqa: A002
+    """A dataclass field with its default and (optional) flag and help."""
+    meta = opt(flag, help, **click_kw) if flag else {"help": help}
+    if isinstance(default, (dict, list, tuple)) and not isinstance(default, tuple):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class EngineConfig:
-    """How the engine compresses; the CLI's options map onto these one to one."""
+    """How the engine runs and compresses. Fields with a flag are command-line options of
+    every model-running command (generated from this table); all are reachable with
+    ``--set NAME=VALUE``, and the policy's stage settings with ``--set stage.field=VALUE``."""
 
-    policy: str = "spindle"
-    kv_budget: float = 0.25
-    window: int = 32
-    sinks: int = 4
-    keep_start: int = 64  # the conversation's first tokens kept like sinks, within a quarter of the budget
-    recent: int = 256
-    chunk: int = 512
-    decode_slack: int = 128
-    codebook_layers: int | str = "auto"
-    theta_k: float = 0.98
-    theta_v: float = 0.95
-    n_threads: int | None = None
-    flash_attn: bool = True
-    cache_type: str = "f16"  # regular-cache type; quantized types only with policy "full"
-    eager_compress: bool = False  # compress after every prompt chunk, not only when the cache is full
-    lookahead: bool = True  # mid-prompt plans also score with the prompt's last `window` tokens (a probe)
-    lazy_plans: bool = True  # a mid-prompt plan moves only the oldest tokens the rest of the prompt needs room for
-    policy_options: dict = field(default_factory=dict)  # further PolicyConfig fields (experiments)
-    n_cells: int | None = None  # regular-cache allocation; default recent + 2 * chunk (see cells())
-    max_tokens: int | None = None  # longest context; default the model's trained context
-    kv_mem: int | None = None  # KV memory cap in bytes (regular cache + store); replaces kv_budget
-    rpc: tuple[str, ...] = ()  # ggml RPC servers (HOST:PORT) that hold layers (runtime/rpc.py)
-    gpu_layers: int | None = None  # layers on GPUs / RPC servers; None: llama.cpp's default (all of them)
+    policy: str = setting("spindle", "--policy", "KV-cache policy; 'full' keeps everything.", choices=POLICIES)
+    kv_budget: float = setting(0.25, "--kv-budget", "Reserve ratio: KV bytes held / full f16 cache bytes, in (0, 1].")
+    kv_mem: int | None = setting(None, "--kv-mem", "KV memory cap instead of --kv-budget, e.g. 64MiB (KiB/MiB/GiB): "
+                                 "llama.cpp's regular cache and the compressed store together never allocate more.",
+                                 metavar="SIZE", size=True)
+    window: int = setting(32, "--window", "Observation window: recent queries that score older tokens.", min=1)
+    sinks: int = setting(4, "--sinks", "First tokens that are never evicted (attention sinks).", min=0)
+    keep_start: int = setting(64, help="the conversation's first tokens kept like sinks, within a quarter of the budget")
+    recent: int = setting(256, "--recent", "Newest tokens kept uncompressed in the regular cache.", min=1)
+    chunk: int = setting(512, "--chunk", "Prefill chunk size in tokens (compression runs between chunks).", min=16)
+    decode_slack: int = setting(128, help="generated tokens a plan leaves room for before the next one")
+    stages: dict = setting({}, help="stage settings of the policy ({'salient.share': 0.1}, see policy/presets.py)")
+    n_threads: int | None = setting(None, "--threads", "CPU threads (default: all cores).", min=1)
+    flash_attn: bool = setting(True, "--flash-attn", "Use llama.cpp's flash-attention kernels.", negatable=True)
+    cache_type: str = setting("f16", help="regular-cache type f16, q8_0 or q4_0; quantized types only with policy full")
+    eager_compress: bool = setting(False, help="compress after every prompt chunk, not only when the cache is full")
+    lookahead: bool = setting(True, "--lookahead", "Plans made while a long prompt is read also score with the "
+                              "prompt's last --window tokens (its question), probed ahead of time.", negatable=True)
+    lazy_plans: bool = setting(True, help="a mid-prompt plan moves only the oldest tokens the rest of the prompt "
+                                          "needs room for")
+    n_cells: int | None = setting(None, help="regular-cache allocation; default recent + 2 * chunk (see cells())")
+    max_tokens: int | None = setting(None, help="longest context; default the model's trained context")
+    rpc: tuple[str, ...] = setting((), "--rpc", "Place layers on ggml RPC servers (started with "
+                                   "`spindle-local rpc-server`).", metavar="HOST:PORT[,...]", endpoints=True)
+    gpu_layers: int | None = setting(None, "--gpu-layers", "Layers on GPUs or RPC servers (default: all of them "
+                                     "when there are any).", min=0)
 
     def load_model(self, path: str | Path) -> LlamaModel:
         """The model at ``path`` placed as ``rpc`` and ``gpu_layers`` say."""
@@ -68,18 +91,27 @@ class EngineConfig:
             raise UsageError(f"keep_start must be >= 0, got {self.keep_start}")
         if self.recent < self.window:
             raise UsageError(f"--recent ({self.recent}) must be at least --window ({self.window})")
-        for name in ("theta_k", "theta_v"):
-            t = getattr(self, name)
-            if not (0.0 < t <= 1.0):
-                raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], got {t}")
         if self.cache_type not in ("f16", "q8_0", "q4_0"):
             raise UsageError(f"--cache-type must be f16, q8_0 or q4_0, got {self.cache_type!r}")
         if self.cache_type != "f16" and self.policy != "full":
             raise UsageError("quantized KV caches (--cache-type q8_0/q4_0) work with --policy full only")
         if self.kv_mem is not None and self.kv_mem <= 0:
             raise UsageError(f"--kv-mem must be positive, got {self.kv_mem}")
-        if isinstance(self.codebook_layers, str) and self.codebook_layers != "auto":
-            raise UsageError(f"--codebook-layers must be a number or 'auto', got {self.codebook_layers!r}")
+        self.resolved_stages()
+
+    def resolved_stages(self):
+        """The policy's :class:`~spindle_local.policy.presets.Stages` with ``stages`` applied
+        (None for ``full``); a one-line UsageError names a bad setting."""
+        from spindle_local.policy.presets import apply_settings, preset
+
+        if self.policy == "full":
+            if self.stages:
+                raise UsageError(f"--policy full has no stage settings (got {', '.join(self.stages)})")
+            return None
+        try:
+            return apply_settings(preset(self.policy), self.stages)
+        except ValueError as e:
+            raise UsageError(f"--set {e}") from None
 
     def cells(self, longest: int | None = None) -> int:
         """Regular-cache cells: ``recent + 2·chunk`` in whole blocks, whatever the budget.
@@ -137,56 +169,28 @@ def _blocks(n: int) -> int:
     return -(-int(n) // CELL_BLOCK) * CELL_BLOCK
 
 
-def _coerce(key: str, text: str, default: object) -> object:
-    """``text`` as the type of ``default`` (a dataclass field's default), or a one-line error."""
-    low = text.strip().lower()
-    if low in ("none", "null") and default is None:
-        return None
-    try:
-        if isinstance(default, bool):
-            if low in ("1", "true", "on", "yes"):
-                return True
-            if low in ("0", "false", "off", "no"):
-                return False
-            raise ValueError
-        if isinstance(default, int) or default is None:
-            try:
-                return int(text)
-            except ValueError:
-                if default is None:
-                    return float(text)
-                raise
-        if isinstance(default, float):
-            return float(text)
-        if isinstance(default, str) and text.strip().lstrip("-").isdigit():
-            return int(text)  # fields such as codebook_layers take a number or a word
-    except ValueError:
-        kind = "a number or none" if default is None else type(default).__name__
-        raise UsageError(f"--set {key}={text}: expected {kind}") from None
-    return text
-
-
 def apply_settings(cfg: EngineConfig, pairs: list[str] | tuple[str, ...]) -> EngineConfig:
-    """Apply ``KEY=VALUE`` pairs (``--set``) to ``cfg``: an :class:`EngineConfig` field, or a
-    field of the policy's :class:`~spindle_local.policy.inputs.PolicyConfig` (kept in
-    ``policy_options``). Values take the field's type; unknown keys are a one-line error."""
-    from dataclasses import fields
+    """Apply ``KEY=VALUE`` pairs (``--set``) to ``cfg``: an :class:`EngineConfig` field, or a stage
+    setting of the policy (``stage.field`` or ``stage``, kept in ``cfg.stages`` and checked by
+    :meth:`EngineConfig.validate`). Values take the field's type; unknown keys are a one-line error."""
+    from spindle_local.policy.presets import parse_value, setting_keys
 
-    from spindle_local.policy.inputs import PolicyConfig
-
-    base, pol = EngineConfig(), PolicyConfig()
-    engine = {f.name: getattr(base, f.name) for f in fields(EngineConfig) if f.name != "policy_options"}
-    policy = {f.name: getattr(pol, f.name) for f in fields(PolicyConfig) if f.name not in ("extra", "threads")}
+    defaults = {f.name: getattr(EngineConfig(), f.name) for f in fields(EngineConfig) if f.name != "stages"}
+    stage_keys = setting_keys()
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise UsageError(f"--set expects KEY=VALUE, got {pair!r}")
-        if key in engine:
-            setattr(cfg, key, _coerce(key, value, engine[key]))
-        elif key in policy:
-            cfg.policy_options[key] = _coerce(key, value, policy[key])
-        else:
-            known = ", ".join(sorted(set(engine) | set(policy)))
-            raise UsageError(f"--set: unknown setting {key!r}; known: {known}")
+        try:
+            if key in defaults:
+                setattr(cfg, key, parse_value(value, defaults[key]))
+            elif key in stage_keys:
+                cfg.stages[key] = value.strip()
+            else:
+                close = difflib.get_close_matches(key, [*defaults, *stage_keys], n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise UsageError(f"--set: unknown setting {key!r}; {hint}`spindle-local policies` lists them all")
+        except ValueError as e:
+            raise UsageError(f"--set {key}={value}: {e}") from None
     return cfg

@@ -40,6 +40,7 @@ from spindle_local.errors import SpindleError, UsageError
 from spindle_local.policy import inputs as pin
 from spindle_local.policy.plan import LayerStore, full_cache_bytes
 from spindle_local.policy.policies import make_policy
+from spindle_local.policy.stages import PlanContext
 from spindle_local.policy.roles import RoleMemory
 from spindle_local.policy import rope as roper
 from spindle_local.runtime import native
@@ -145,11 +146,8 @@ class Engine:
         # per-frequency factors the graph's RoPE divides by (Llama 3.1 style); host RoPE too
         self.rope_factors = read_rope_factors(model_path) if self.meta.rope_factors else None
         self.max_tokens = cfg.max_tokens or g.n_ctx_train or 1 << 30
-        self.policy = make_policy(cfg.policy, pin.PolicyConfig(
-            window=cfg.window, sinks=cfg.sinks, theta_k=cfg.theta_k, theta_v=cfg.theta_v,
-            codebook_layers=cfg.codebook_layers, **cfg.policy_options))
+        self.policy = make_policy(cfg.policy, cfg.stages, PlanContext(sinks=cfg.sinks))
         self.policy.role_memory = RoleMemory()
-        self._user_attn_scale = "attn_scale" in self.policy.config.extra
         self.graph_attn_scale: float | None = None  # the model graph's softmax scale, once a graph reported it
         self.cells = self.ctx.n_ctx
         if self.layout is not None:
@@ -618,7 +616,7 @@ class Engine:
         """
         if self.config.policy == "full" or self.regular_count() <= self._recent():
             return False
-        self.policy.config.sinks = self._protected_start()  # the plan keeps the conversation's start
+        self.policy.context.sinks = self._protected_start()  # the plan keeps the conversation's start
         if self._target_bytes(growth) < self._min_store_bytes() and not force:
             return False
         self._compress(growth=growth, force=force, lookahead=lookahead, keep=keep)
@@ -632,7 +630,7 @@ class Engine:
         # every layer and KV head, plus per-slot bookkeeping.
         lg = self.geometry.layers[0]
         per_slot = lg.n_head_kv * (4 + lg.n_head // lg.n_head_kv + 2 * (lg.head_dim_k + lg.head_dim_v))
-        return len(self.store_layer_ids) * max(self.policy.config.sinks, self.config.sinks, 1) * per_slot
+        return len(self.store_layer_ids) * max(self.policy.context.sinks, self.config.sinks, 1) * per_slot
 
     def _compress(self, *, growth: int, force: bool,
                   lookahead: tuple[np.ndarray, list[np.ndarray]] | None = None, keep: int = 0) -> None:
@@ -651,7 +649,7 @@ class Engine:
             self.stats.over_budget_compressions += 1
             target = self._min_store_bytes()
         # host-side scores (codebook candidates) use the graph's softmax scale too
-        self.policy.config.extra["attn_scale"] = self.attn_scale(self.store_layer_ids[0])
+        self.policy.context.scale = self.attn_scale(self.store_layer_ids[0])
         source = PlanSource(self, cut, lookahead)
         self.policy.plan_into(source, self.pgeo, target, source.install)
         native.seq_rm(self.ctx, 0, cut)  # the store's cache only: window layers keep their window
@@ -664,10 +662,7 @@ class Engine:
     def attn_scale(self, il: int) -> float:
         """The softmax scale of layer ``il``'s attention as the model graph applies it to the
         captured queries (1 for models that scale q beforehand, e.g. Gemma 3 and Phi-3); the
-        usual ``1/sqrt(dk)`` until a graph has reported it, or what ``--set attn_scale=`` says."""
-        user = self.policy.config.extra.get("attn_scale") if self._user_attn_scale else None
-        if user is not None:
-            return float(user)
+        usual ``1/sqrt(dk)`` until a graph has reported it."""
         if self.graph_attn_scale is None:
             s = native.attn_scale(self.ctx, il)
             self.graph_attn_scale = s if s > 0 else None  # kept (and saved with a session) once seen
@@ -701,7 +696,7 @@ class Engine:
         del k, v
         avail_old = np.ones((len(p_old), self.pgeo.n_head_kv), dtype=bool)
         # pre-RoPE keys only where a codebook may be built (they cost a third of a plan's input)
-        wants_pre = self.rope_ok and il in self.store_layer_ids[:self.policy.config.codebook_candidates(
+        wants_pre = self.rope_ok and il in self.store_layer_ids[:self.policy.codebook_candidates(
             len(self.store_layer_ids))]
         k_pre = self._unrope(il, k_old, p_old) if wants_pre else None
         if il in self._store_layers:

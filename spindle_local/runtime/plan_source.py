@@ -85,8 +85,7 @@ class PlanSource:
         # model's global ones)
         self.ids = engine.store_layer_ids
         # only spindle builds codebooks, in its first codebook_candidates layers at most
-        self.host_layers = (engine.policy.config.codebook_candidates(len(self.ids))
-                            if engine.config.policy == "spindle" else 0)
+        self.host_layers = engine.policy.codebook_candidates(len(self.ids))
         self.host_bytes_read = 0  # K/V bytes read to the host by this plan (tests check it)
 
     def __len__(self) -> int:

@@ -42,6 +42,11 @@ _DIGEST = 32
 _FINGERPRINT_SPAN = 1 << 20
 
 
+#: settings older session files keep at the top level, and the stage setting each now is.
+_FLAT_SETTINGS = {"codebook_layers": "codebooks.layers", "theta_k": "codebooks.theta_k", "theta_v": "codebooks.theta_v"}
+_FLAT_DEFAULTS = {"codebook_layers": "auto", "theta_k": 0.98, "theta_v": 0.95}
+
+
 class SessionError(SpindleError):
     """A session file that cannot be used (one line, for the user); bad input like a missing one."""
 
@@ -88,8 +93,14 @@ class Session:
         return self.header["model"]
 
     def config(self) -> EngineConfig:
+        saved = dict(self.header["config"])
+        # files written before policies were stage compositions kept the codebook settings flat
+        stages = dict(saved.get("stages") or {})
+        for old, new in _FLAT_SETTINGS.items():
+            if old in saved and saved[old] != _FLAT_DEFAULTS[old]:
+                stages.setdefault(new, saved[old])
         known = {f.name for f in fields(EngineConfig)} - {"rpc", "gpu_layers"}  # placement: the command's
-        cfg = EngineConfig(**{k: v for k, v in self.header["config"].items() if k in known})
+        cfg = EngineConfig(**{k: v for k, v in saved.items() if k in known and k != "stages"}, stages=stages)
         cfg.validate()
         return cfg
 
