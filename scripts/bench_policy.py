@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Time policy planning on synthetic arrays with SmolLM2-135M shapes (30 layers, 9/3 heads, d=64).
 
-Usage: python scripts/bench_policy.py [--n 6000] [--budgets 0.4 0.25 0.15] [--policies ...]
+Usage: .venv/bin/python scripts/bench_policy.py [--n 6000] [--budgets 0.4 0.25 0.15] [--policies ...]
+                                                [--set salient.share=0.1 ...]
 Prints the configuration, then per policy and budget the planning time, the bytes used
 against the target, the layer roles and (spindle) how many layers were codebooked.
+``--codebook-layers`` and ``--set`` are stage settings (``spindle-local policies`` lists
+them), applied to the policies whose stages have them.
 The first call of each kernel compiles or loads the numba cache; a warm-up plan on a
 small context runs first so the figures are steady-state times.
 """
@@ -13,19 +16,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from spindle_local.policy import POLICY_NAMES, full_cache_bytes, layer_store_bytes, make_policy, preset
+from spindle_local.policy.synthetic import SMOLLM2, make_layers
 
-from spindle_local.policy import (  # noqa: E402
-    POLICY_NAMES,
-    PolicyConfig,
-    full_cache_bytes,
-    layer_store_bytes,
-    make_policy,
-)
-from spindle_local.policy.synthetic import SMOLLM2, make_layers  # noqa: E402
+
+def stage_settings(name: str, pairs: dict[str, str]) -> dict[str, str]:
+    """The settings of ``pairs`` whose stage ``name``'s preset has (codebook layers mean nothing to snapkv)."""
+    if name == "full":
+        return {}
+    have = preset(name).settings()  # a stage's fields are listed only when the stage is on
+    return {k: v for k, v in pairs.items() if "." not in k or k in have}
 
 
 def main() -> None:
@@ -35,19 +37,26 @@ def main() -> None:
     ap.add_argument("--recent", type=int, default=64, help="uncompressed recent tokens")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.4, 0.25, 0.15])
     ap.add_argument("--policies", nargs="+", default=list(POLICY_NAMES))
-    ap.add_argument("--codebook-layers", default="auto")
+    ap.add_argument("--codebook-layers", default="auto", help="codebooks.layers: a number or 'auto'")
+    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                    help="a stage setting (repeatable), as `spindle-local ... --set`")
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
-    cb = args.codebook_layers if args.codebook_layers == "auto" else int(args.codebook_layers)
-    cfg = PolicyConfig(window=args.window, codebook_layers=cb)
+    pairs = {"codebooks.layers": args.codebook_layers}
+    for pair in args.settings:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            ap.error(f"--set expects KEY=VALUE, got {pair!r}")
+        pairs[key.strip()] = value.strip()
+    settings = {name: stage_settings(name, pairs) for name in args.policies}
     geo = SMOLLM2
     print(f"bench_policy: {geo}, n={args.n}, window={args.window}, recent={args.recent}")
-    print(f"config: {cfg}")
+    print(f"settings: {settings}")
     print(f"machine: {platform.processor() or platform.machine()}, cpus={os.cpu_count()}, "
           f"python {platform.python_version()}")
     warm = make_layers(geo, n=300, w=args.window, r=args.recent)
     for name in args.policies:
-        make_policy(name, cfg).plan(warm, geo, full_cache_bytes(300, 30, 3, 64, 64) // 4)
+        make_policy(name, settings[name]).plan(warm, geo, full_cache_bytes(300, 30, 3, 64, 64) // 4)
     t0 = time.perf_counter()
     layers = make_layers(geo, n=args.n, w=args.window, r=args.recent)
     print(f"synthetic data: {time.perf_counter() - t0:.2f}s (not part of planning)")
@@ -58,7 +67,7 @@ def main() -> None:
             target = int(full * frac)
             best = float("inf")
             for _ in range(args.repeat):
-                pol = make_policy(name, cfg)
+                pol = make_policy(name, settings[name])
                 t = time.perf_counter()
                 stores = pol.plan(layers, geo, target)
                 best = min(best, time.perf_counter() - t)

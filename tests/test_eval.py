@@ -105,7 +105,7 @@ def test_speed_small(default_model: Path) -> None:
 @pytest.mark.parametrize("args, phrase", [
     (["eval", "kld", "--kv-budget", "0"], "--kv-budget"),
     (["eval", "kld", "--kv-budget", "1.5"], "--kv-budget"),
-    (["eval", "needle", "--policy", "h2o"], "--policy"),
+    (["eval", "needle", "--policy", "h2o"], "policy 'h2o'"),
     (["eval", "kld", "--text", "/nonexistent.txt"], "not found"),
     (["eval", "kld", "--context", "9000"], "trained context"),
     (["eval", "needle", "--lengths", "20000"], "trained context"),

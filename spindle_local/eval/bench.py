@@ -51,32 +51,45 @@ class BenchGrid:
 
 def run_bench(model: str, out_dir: Path, grid: BenchGrid, engine_config, text: str,
               progress: Callable[[str], None] | None = None) -> dict:
-    """Run the grid, write results.json, report.md and the PNG plots into ``out_dir``."""
-    from spindle_local.eval.kld import run_kld
+    """Run the grid, write results.json, report.md and the PNG plots into ``out_dir``.
+
+    The model is loaded once, the full cache's KLD logits and pass-key answers computed
+    once for the whole grid; every row records its :func:`~.provenance.provenance`.
+    """
+    from spindle_local.eval.kld import reference, run_kld
     from spindle_local.eval.needle import run_needle
+    from spindle_local.eval.provenance import provenance
 
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     results: list[dict] = []
     full_memo: dict = {}
-    for policy, budget, ctype in grid.configs():
-        cfg = replace(engine_config, policy=policy, kv_budget=budget)
-        label = f"{policy} {ctype}" if policy == "full" else f"{policy} @{budget}"
-        if progress:
-            progress(f"{label}: kld")
-        kld = run_kld(model, text=text, context=grid.kld_context, continuation=grid.kld_continuation,
-                      engine_config=cfg, cache_type=ctype)
-        row = {"label": label, "policy": policy, "kv_budget": budget, "cache_type": ctype, "kld": kld}
-        if ctype == "f16":
-            for protocol in grid.protocols:
-                if progress:
-                    progress(f"{label}: needle {protocol}")
-                row[NEEDLE_KEYS[protocol]] = run_needle(
-                    model, lengths=grid.lengths, depths=grid.depths, samples=grid.samples, seed=grid.seed,
-                    engine_config=cfg, haystack=text, full_results=full_memo, protocol=protocol)
-        results.append(row)
-        (out_dir / "results.json").write_text(json.dumps(
-            {"model": model, "grid": grid.__dict__, "started": started, "results": results}, indent=1, default=str))
+    loaded = engine_config.load_model(model)
+    try:
+        ref = reference(model, loaded, text=text, context=grid.kld_context, continuation=grid.kld_continuation,
+                        engine_config=engine_config)
+        for policy, budget, ctype in grid.configs():
+            cfg = replace(engine_config, policy=policy, kv_budget=budget, cache_type=ctype)
+            label = f"{policy} {ctype}" if policy == "full" else f"{policy} @{budget}"
+            if progress:
+                progress(f"{label}: kld")
+            kld = run_kld(model, text=text, context=grid.kld_context, continuation=grid.kld_continuation,
+                          engine_config=cfg, cache_type=ctype, model=loaded, ref=ref)
+            row = {"label": label, "policy": policy, "kv_budget": budget, "cache_type": ctype, "kld": kld}
+            if ctype == "f16":
+                for protocol in grid.protocols:
+                    if progress:
+                        progress(f"{label}: needle {protocol}")
+                    row[NEEDLE_KEYS[protocol]] = run_needle(
+                        model, lengths=grid.lengths, depths=grid.depths, samples=grid.samples, seed=grid.seed,
+                        engine_config=cfg, haystack=text, full_results=full_memo, protocol=protocol, model=loaded)
+            row["provenance"] = provenance(cfg)
+            results.append(row)
+            (out_dir / "results.json").write_text(json.dumps(
+                {"model": model, "grid": grid.__dict__, "started": started, "results": results}, indent=1,
+                default=str))
+    finally:
+        loaded.close()
     meta = {"model": model, "grid": grid.__dict__, "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {_cores()} cores",
             "engine": {k: v for k, v in engine_config.__dict__.items() if k not in ("policy", "kv_budget")}}

@@ -157,14 +157,17 @@ class EnginePair:
 
     ``comp`` is None when the configuration is the full cache itself. ``longest`` sizes the
     reference's cache (every prompt, question, scored answer and generated token).
+    ``model``: an already loaded model to share (a grid of configurations loads it once);
+    the pair then leaves it open.
     """
 
-    def __init__(self, model_path: str, engine_config, longest: int):
+    def __init__(self, model_path: str, engine_config, longest: int, model=None):
         from dataclasses import replace
 
         from spindle_local.runtime.engine import Engine, EngineConfig
 
-        self.model = engine_config.load_model(model_path)
+        self.owns_model = model is None
+        self.model = engine_config.load_model(model_path) if model is None else model
         self.full = self.comp = None
         try:
             self.full = Engine(model_path, EngineConfig(policy="full", n_cells=longest, max_tokens=longest,
@@ -184,7 +187,8 @@ class EnginePair:
             if eng is not None:
                 eng.ctx.close()
         self.comp = self.full = None
-        self.model.close()
+        if self.owns_model:
+            self.model.close()
 
     def __enter__(self) -> EnginePair:
         return self
@@ -227,10 +231,11 @@ def _close_cell(cell: dict) -> dict:
     return cell
 
 
-def run_needle(model_path: str, *, lengths: Sequence[int], depths: Sequence[float], samples: int, seed: int,
-               engine_config, haystack: str, needle: str | None = None, question: str | None = None,
+def run_needle(model_path: str, *, lengths: Sequence[int] = (), depths: Sequence[float] = (), samples: int,
+               seed: int, engine_config, haystack: str, needle: str | None = None, question: str | None = None,
                protocol: str = "in-prompt", progress: Callable[[int, int], None] | None = None,
-               full_results: dict | None = None, max_new: int = 8) -> dict:
+               full_results: dict | None = None, max_new: int = 8,
+               cells: Sequence[tuple[int, float]] | None = None, model=None) -> dict:
     """Pass-key grid: the compressed engine and the full cache on the very same prompts.
 
     ``relative_accuracy`` is the share of the full cache's successes that the compressed
@@ -244,6 +249,10 @@ def run_needle(model_path: str, *, lengths: Sequence[int], depths: Sequence[floa
     ``needle`` / ``question`` default to the protocol's templates (``multi``'s carry {name}).
     ``reserve_ratio_after_document`` is measured when the document has been read (with
     ``in-prompt``: the whole prompt); ``reserve_ratio`` after the (last) answer.
+    ``cells``: (length, depth) pairs run instead of ``lengths`` × ``depths`` (not with
+    ``multi``). Keys are drawn cell after cell, ``samples`` per cell, in the order run: the
+    product in its order gives the very prompts of ``lengths`` × ``depths``.
+    ``model``: a loaded model to share (left open).
     """
     from spindle_local.eval.runner import Conversation
 
@@ -254,19 +263,27 @@ def run_needle(model_path: str, *, lengths: Sequence[int], depths: Sequence[floa
     question = question or (DEFAULT_NAMED_QUESTION if multi else DEFAULT_QUESTION)
     if multi and len(depths) > len(NAMES):
         raise ValueError(f"the multi-question protocol takes at most {len(NAMES)} depths")
+    if cells is not None:
+        if multi:
+            raise ValueError("cells are for the in-prompt and later protocols (multi puts every depth in one document)")
+        plan = [(int(n), float(d)) for n, d in cells]
+    else:
+        plan = [(int(n), float(d)) for n in lengths for d in depths]
+    if not plan:
+        raise ValueError("no cells to run")
     n_q = len(depths) if multi else 1
-    longest = max(lengths) + 16 + n_q * (96 + max_new)
-    with EnginePair(model_path, engine_config, longest) as pair:
+    longest = max(n for n, _ in plan) + 16 + n_q * (96 + max_new)
+    with EnginePair(model_path, engine_config, longest, model=model) as pair:
         full, comp = pair.full, pair.comp
         builder = NeedleBuilder(pair.tokenize, pair.model.token_to_piece, haystack, needle=needle, question=question)
         rng = np.random.default_rng(seed)
         conv_full = Conversation(full)
         conv = Conversation(comp) if comp is not None else None
-        cells: list[dict] = []
+        results: list[dict] = []
         ratios, doc_ratios, q_prefill = [], [], []
         turns = [{"turn": i + 1, "n": 0, "correct": 0, "correct_full": 0, "correct_both": 0} for i in range(n_q)]
-        total = len(lengths) * (samples if multi else len(depths) * samples)
-        done = 0
+        total = len(lengths) * samples if multi else len(plan) * samples
+        done = full_runs = 0
 
         def tick() -> None:
             nonlocal done
@@ -274,72 +291,73 @@ def run_needle(model_path: str, *, lengths: Sequence[int], depths: Sequence[floa
             if progress:
                 progress(done, total)
 
-        for length in lengths:
-            if multi:
-                row = {float(d): _new_cell(length, d) for d in depths}
-                for _ in range(samples):
-                    keys = [random_key(rng) for _ in depths]
-                    names = [NAMES[i] for i in rng.permutation(len(NAMES))[:len(depths)]]
-                    p = builder.build_multi(int(length), depths, keys, names)
-                    p.order = [int(i) for i in rng.permutation(len(depths))]
-                    memo_key = ("multi", int(length), tuple(float(d) for d in depths), tuple(keys), tuple(names))
-                    if full_results is not None and memo_key in full_results:
-                        ref = full_results[memo_key]
-                    else:
-                        ref = [vars(t) for t in _converse(conv_full, p, pair.tokenize, max_new)]
-                        ref = [{"ok": key_found(t["answer"], p.keys[i]), "logprob": t["logprob"]}
-                               for i, t in zip(p.order, ref)]
-                        if full_results is not None:
-                            full_results[memo_key] = ref
-                    if conv is None:
-                        got = [dict(r) for r in ref]
-                        ratios.append(1.0)
-                        doc_ratios.append(1.0)
-                    else:
-                        ts = _converse(conv, p, pair.tokenize, max_new)
-                        got = [{"ok": key_found(t.answer, p.keys[i]), "logprob": t.logprob} for i, t in zip(p.order, ts)]
-                        ratios.append(ts[-1].reserve_ratio)
-                        doc_ratios.append(conv.reserve_ratio_after_document)
-                        q_prefill += [t.prefilled - len(p.questions[i]) for i, t in zip(p.order, ts)]
-                    for turn, (i, g, r) in enumerate(zip(p.order, got, ref)):
-                        _add(row[float(depths[i])], g["ok"], r["ok"], g["logprob"], r["logprob"])
-                        t = turns[turn]
-                        t["n"] += 1
-                        t["correct"] += int(g["ok"])
-                        t["correct_full"] += int(r["ok"])
-                        t["correct_both"] += int(g["ok"] and r["ok"])
-                    tick()
-                cells += [_close_cell(row[float(d)]) for d in depths]
-                continue
-            for depth in depths:
-                cell = _new_cell(length, depth)
-                for _ in range(samples):
-                    p = builder.build(int(length), float(depth), random_key(rng))
-                    ref_tokens = pair.tokenize(p.key)
-                    memo_key = (int(length), float(depth), p.key)
+        for length in (lengths if multi else ()):
+            row = {float(d): _new_cell(length, d) for d in depths}
+            for _ in range(samples):
+                keys = [random_key(rng) for _ in depths]
+                names = [NAMES[i] for i in rng.permutation(len(NAMES))[:len(depths)]]
+                p = builder.build_multi(int(length), depths, keys, names)
+                p.order = [int(i) for i in rng.permutation(len(depths))]
+                memo_key = ("multi", int(length), tuple(float(d) for d in depths), tuple(keys), tuple(names))
+                if full_results is not None and memo_key in full_results:
+                    ref = full_results[memo_key]
+                else:
+                    ref = [vars(t) for t in _converse(conv_full, p, pair.tokenize, max_new)]
+                    ref = [{"ok": key_found(t["answer"], p.keys[i]), "logprob": t["logprob"]}
+                           for i, t in zip(p.order, ref)]
+                    full_runs += 1
+                    if full_results is not None:
+                        full_results[memo_key] = ref
+                if conv is None:
+                    got = [dict(r) for r in ref]
+                    ratios.append(1.0)
+                    doc_ratios.append(1.0)
+                else:
+                    ts = _converse(conv, p, pair.tokenize, max_new)
+                    got = [{"ok": key_found(t.answer, p.keys[i]), "logprob": t.logprob} for i, t in zip(p.order, ts)]
+                    ratios.append(ts[-1].reserve_ratio)
+                    doc_ratios.append(conv.reserve_ratio_after_document)
+                    q_prefill += [t.prefilled - len(p.questions[i]) for i, t in zip(p.order, ts)]
+                for turn, (i, g, r) in enumerate(zip(p.order, got, ref)):
+                    _add(row[float(depths[i])], g["ok"], r["ok"], g["logprob"], r["logprob"])
+                    t = turns[turn]
+                    t["n"] += 1
+                    t["correct"] += int(g["ok"])
+                    t["correct_full"] += int(r["ok"])
+                    t["correct_both"] += int(g["ok"] and r["ok"])
+                tick()
+            results += [_close_cell(row[float(d)]) for d in depths]
+        for length, depth in ([] if multi else plan):
+            cell = _new_cell(length, depth)
+            for _ in range(samples):
+                p = builder.build(int(length), float(depth), random_key(rng))
+                ref_tokens = pair.tokenize(p.key)
+                memo_key = (int(length), float(depth), p.key)
+                if protocol == "later":
+                    memo_key = ("later", *memo_key)
+                if full_results is not None and memo_key in full_results:
+                    ref = _memo_value(full_results[memo_key])
+                else:
+                    t = _ask(conv_full, p, protocol, ref_tokens, max_new)
+                    ref = {"ok": key_found(t.answer, p.key), "logprob": t.logprob}
+                    full_runs += 1
+                    if full_results is not None:
+                        full_results[memo_key] = ref
+                if conv is None:
+                    got = ref
+                    ratios.append(1.0)
+                    doc_ratios.append(1.0)
+                else:
+                    t = _ask(conv, p, protocol, ref_tokens, max_new)
+                    got = {"ok": key_found(t.answer, p.key), "logprob": t.logprob}
+                    ratios.append(t.reserve_ratio)
+                    doc_ratios.append(conv.reserve_ratio_after_document)
                     if protocol == "later":
-                        memo_key = ("later", *memo_key)
-                    if full_results is not None and memo_key in full_results:
-                        ref = _memo_value(full_results[memo_key])
-                    else:
-                        t = _ask(conv_full, p, protocol, ref_tokens, max_new)
-                        ref = {"ok": key_found(t.answer, p.key), "logprob": t.logprob}
-                        if full_results is not None:
-                            full_results[memo_key] = ref
-                    if conv is None:
-                        got = ref
-                        ratios.append(1.0)
-                        doc_ratios.append(1.0)
-                    else:
-                        t = _ask(conv, p, protocol, ref_tokens, max_new)
-                        got = {"ok": key_found(t.answer, p.key), "logprob": t.logprob}
-                        ratios.append(t.reserve_ratio)
-                        doc_ratios.append(conv.reserve_ratio_after_document)
-                        if protocol == "later":
-                            q_prefill.append(t.prefilled - len(p.question))
-                    _add(cell, got["ok"], ref["ok"], got["logprob"], ref["logprob"])
-                    tick()
-                cells.append(_close_cell(cell))
+                        q_prefill.append(t.prefilled - len(p.question))
+                _add(cell, got["ok"], ref["ok"], got["logprob"], ref["logprob"])
+                tick()
+            results.append(_close_cell(cell))
+    cells = results
     n = sum(c["n"] for c in cells)
     correct = sum(c["correct"] for c in cells)
     correct_full = sum(c["correct_full"] for c in cells)
@@ -362,6 +380,7 @@ def run_needle(model_path: str, *, lengths: Sequence[int], depths: Sequence[floa
         "logprob_n": int(scored),
         "samples": samples,
         "seed": seed,
+        "full_cache_runs": full_runs,  # prompts the full cache answered in this call (the rest: full_results)
         "cells": cells,
     }
     if protocol != "in-prompt":

@@ -229,11 +229,14 @@ def _summarize(rows: list[dict]) -> dict:
 
 def run_ruler(model_path: str, *, tasks: Sequence[str], lengths: Sequence[int], samples: int, seed: int,
               engine_config, haystack: str, protocols: Sequence[str] = PROTOCOLS,
-              progress: Callable[[int, int], None] | None = None) -> dict:
+              progress: Callable[[int, int], None] | None = None, full_results: dict | None = None,
+              model=None) -> dict:
     """Every task × protocol × length, ``samples`` prompts each, compressed vs full cache.
 
     The prompts of a (task, length) are drawn from ``seed`` alone, so every protocol,
-    policy and budget sees the same ones.
+    policy and budget sees the same ones. ``full_results`` (a dict the caller keeps)
+    caches the full cache's answers by prompt, so a grid of configurations on the same
+    haystack pays for the reference once. ``model``: a loaded model to share (left open).
     """
     from spindle_local.eval.runner import Conversation
 
@@ -244,10 +247,22 @@ def run_ruler(model_path: str, *, tasks: Sequence[str], lengths: Sequence[int], 
         if p not in PROTOCOLS:
             raise ValueError(f"unknown protocol {p!r}; choose from {', '.join(PROTOCOLS)}")
     rows: list[dict] = []
+    full_runs = 0
     total, done = len(tasks) * len(lengths) * samples * len(protocols), 0
-    with EnginePair(model_path, engine_config, max(lengths) + 256) as pair:
+    with EnginePair(model_path, engine_config, max(lengths) + 256, model=model) as pair:
         builder = RulerBuilder(pair.tokenize, pair.model.token_to_piece, haystack)
-        convs = [Conversation(pair.full)] + ([Conversation(pair.comp)] if pair.comp is not None else [])
+        conv_full = Conversation(pair.full)
+        conv = Conversation(pair.comp) if pair.comp is not None else None
+
+        def run(c: Conversation, p: RulerPrompt, protocol: str, ref: list[int]) -> tuple:
+            if protocol == "in-prompt":
+                turn = c.answer_prompt(p.document + p.question, ref, max_new=p.max_new)
+            else:
+                c.read(p.document)
+                turn = c.ask(p.question, ref, max_new=p.max_new)
+            return (score_answer(turn.answer, p.references, single=p.single), turn.logprob,
+                    turn.reserve_ratio, c.reserve_ratio_after_document)
+
         for ti, task in enumerate(tasks):
             for length in lengths:
                 rng = np.random.default_rng([seed, TASKS.index(task), int(length)])
@@ -256,22 +271,21 @@ def run_ruler(model_path: str, *, tasks: Sequence[str], lengths: Sequence[int], 
                     acc: dict[str, list] = {k: [] for k in ("s", "sf", "lp", "lpf", "rr", "rd")}
                     for p in prompts:
                         ref = pair.tokenize(p.answer)
-                        got = []
-                        for conv in convs:
-                            if protocol == "in-prompt":
-                                turn = conv.answer_prompt(p.document + p.question, ref, max_new=p.max_new)
-                            else:
-                                conv.read(p.document)
-                                turn = conv.ask(p.question, ref, max_new=p.max_new)
-                            got.append((score_answer(turn.answer, p.references, single=p.single), turn.logprob,
-                                        turn.reserve_ratio, conv.reserve_ratio_after_document))
-                        full, comp = got[0], got[-1]
+                        memo_key = (protocol, tuple(p.document), tuple(p.question), tuple(ref), p.max_new)
+                        if full_results is not None and memo_key in full_results:
+                            full = full_results[memo_key]
+                        else:
+                            full = run(conv_full, p, protocol, ref)
+                            full_runs += 1
+                            if full_results is not None:
+                                full_results[memo_key] = full
+                        comp = run(conv, p, protocol, ref) if conv is not None else full
                         acc["s"].append(comp[0])
                         acc["sf"].append(full[0])
                         acc["lp"].append(comp[1])
                         acc["lpf"].append(full[1])
-                        acc["rr"].append(comp[2] if len(got) > 1 else 1.0)
-                        acc["rd"].append(comp[3] if len(got) > 1 else 1.0)
+                        acc["rr"].append(comp[2] if conv is not None else 1.0)
+                        acc["rd"].append(comp[3] if conv is not None else 1.0)
                         done += 1
                         if progress:
                             progress(done, total)
@@ -294,4 +308,4 @@ def run_ruler(model_path: str, *, tasks: Sequence[str], lengths: Sequence[int], 
                for t in tasks}
     return {"policy": engine_config.policy, "kv_budget": engine_config.kv_budget, "tasks": list(tasks),
             "protocols": list(protocols), "lengths": [int(n) for n in lengths], "samples": samples, "seed": seed,
-            "summary": summary, "rows": rows}
+            "full_cache_runs": full_runs, "summary": summary, "rows": rows}

@@ -100,17 +100,26 @@ def _run_child(args: dict, env_extra: dict[str, str] | None = None) -> dict:
 
 def measure_speed(*, model: str, context: int, gen: int, engine: dict, reps: int = 3,
                   text: str | None = None, threads: int | None = None, flash_attn: bool = True,
-                  progress=None) -> dict:
-    """Median prefill/decode speed of spindle-local vs stock over ``reps`` alternating runs."""
+                  progress=None, stock_runs: list[dict] | None = None) -> dict:
+    """Median prefill/decode speed of spindle-local vs stock over ``reps`` alternating runs.
+
+    ``stock_runs`` is a list the caller keeps for a grid of configurations with the same
+    prompt, threads and flash-attention setting: empty, it receives this call's stock
+    runs; filled, those are reused and only spindle-local runs (``stock_reused`` says so),
+    so stock is measured once, alternating with the grid's first configuration.
+    """
     stock_dir = stock_library_dir()
     common = dict(model=model, context=context, gen=gen, text=text, threads=threads, flash_attn=flash_attn)
-    runs: dict[str, list[dict]] = {"stock": [], "spindle": []}
+    reuse = bool(stock_runs)
+    runs: dict[str, list[dict]] = {"stock": list(stock_runs) if reuse else [], "spindle": []}
     for i in range(reps):
-        for mode in ("stock", "spindle"):
+        for mode in ("spindle",) if reuse else ("stock", "spindle"):
             env = {"LLAMA_CPP_LIB_PATH": str(stock_dir)} if mode == "stock" and stock_dir else None
             runs[mode].append(_run_child(dict(common, mode=mode, engine=engine), env))
             if progress:
                 progress(mode, i)
+    if stock_runs is not None and not reuse:
+        stock_runs.extend(runs["stock"])
 
     def med(mode: str, key: str) -> float:
         return float(statistics.median(r[key] for r in runs[mode]))
@@ -124,6 +133,7 @@ def measure_speed(*, model: str, context: int, gen: int, engine: dict, reps: int
         "gen_tokens": gen,
         "reps": reps,
         "stock_library": str(stock_dir) if stock_dir else "patched library, empty store",
+        "stock_reused": reuse,
         "prefill_tps": prefill_tps,
         "decode_tps": decode_tps,
         "compress_seconds": med("spindle", "compress_seconds"),
