@@ -197,10 +197,8 @@ def check_memory(cfg: Any, meta: Any) -> None:
     if cfg.policy == "full":
         return
     if cfg.kv_mem is None:
-        from spindle_local.runtime.config import budget_geometry
-
-        cfg.check_budget(longest=cfg.max_tokens or meta.n_ctx_train or 1 << 30,
-                         model_name=meta.name or Path(meta.path).name, **budget_geometry(meta))
+        cfg.check_budget(longest=cfg.max_tokens or meta.n_ctx_train or 1 << 30, geometry=meta.attention,
+                         model_name=meta.name or Path(meta.path).name)
         return
     from spindle_local.runtime.memory import plan_memory
 

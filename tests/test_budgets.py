@@ -26,11 +26,12 @@ from spindle_local.errors import UsageError
 from spindle_local.eval.needle import key_found
 from spindle_local.eval.runner import greedy_continue
 from spindle_local.eval.texts import pydoc_text
+from spindle_local.policy.inputs import Geometry
 from spindle_local.runtime.config import EngineConfig
 from tests.conftest import run_cli
 
 BUDGETS = (1.0, 0.5, 0.25, 0.1, 0.05, 0.01)
-SMOL = dict(n_layer=30, n_head=9, n_head_kv=3, head_dim_k=64, head_dim_v=64)  # SmolLM2-135M
+SMOL = Geometry(n_layer=30, n_head=9, n_head_kv=3, head_dim_k=64, head_dim_v=64)  # SmolLM2-135M
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +86,15 @@ def test_cells_do_not_depend_on_the_budget(recent: int, chunk: int, longest: int
 
 
 def test_smallest_budget_is_the_boundary() -> None:
-    low = EngineConfig().smallest_budget(longest=8192, **SMOL)
+    low = EngineConfig().smallest_budget(longest=8192, geometry=SMOL)
     assert 0.005 < low < 0.01  # window 32 + 16 of headroom + 4 sinks of 8,192 tokens
-    EngineConfig(kv_budget=low * 1.0001).check_budget(longest=8192, **SMOL)
+    EngineConfig(kv_budget=low * 1.0001).check_budget(longest=8192, geometry=SMOL)
     with pytest.raises(UsageError, match=r"smallest workable value is 0\.0064"):
-        EngineConfig(kv_budget=low * 0.999).check_budget(longest=8192, **SMOL)
+        EngineConfig(kv_budget=low * 0.999).check_budget(longest=8192, geometry=SMOL)
     # a shorter --ctx needs a larger share; --policy full and --kv-mem are not budgets
-    assert EngineConfig().smallest_budget(longest=1024, **SMOL) > 6 * low
-    EngineConfig(policy="full", kv_budget=1e-9).check_budget(longest=8192, **SMOL)
-    EngineConfig(kv_budget=1e-9, kv_mem=64 << 20).check_budget(longest=8192, **SMOL)
+    assert EngineConfig().smallest_budget(longest=1024, geometry=SMOL) > 6 * low
+    EngineConfig(policy="full", kv_budget=1e-9).check_budget(longest=8192, geometry=SMOL)
+    EngineConfig(kv_budget=1e-9, kv_mem=64 << 20).check_budget(longest=8192, geometry=SMOL)
 
 
 @pytest.mark.parametrize("budget", ["0.001", "1e-9"])

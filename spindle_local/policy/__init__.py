@@ -9,31 +9,38 @@ vectors per planning thread, see :mod:`.sources`).
 The plan types and the byte accounting shared with the C++ store are in :mod:`.plan`.
 """
 
-from .codebook import build_codebook
-from .inputs import Geometry, LayerInput
-from .plan import Codebook, HeadStore, LayerStore, full_cache_bytes, layer_store_bytes
-from .policies import POLICY_NAMES, Policy, make_policy
-from .presets import PRESETS, Stages, preset
-from .stages import PlanContext
-from .sources import LayerMeta, LayerSource, ListSource
+import importlib
+from typing import Any
 
-__all__ = [
-    "POLICY_NAMES",
-    "Codebook",
-    "Geometry",
-    "HeadStore",
-    "LayerInput",
-    "LayerMeta",
-    "LayerSource",
-    "LayerStore",
-    "ListSource",
-    "Policy",
-    "PRESETS",
-    "PlanContext",
-    "Stages",
-    "build_codebook",
-    "full_cache_bytes",
-    "layer_store_bytes",
-    "make_policy",
-    "preset",
-]
+# Names resolve on first use, so that importing one light module of the package (the stages,
+# the plan types) does not load numba and every kernel with it.
+_EXPORTS = {
+    "build_codebook": "codebook",
+    "Geometry": "inputs",
+    "LayerInput": "inputs",
+    "Codebook": "plan",
+    "HeadStore": "plan",
+    "LayerStore": "plan",
+    "full_cache_bytes": "plan",
+    "layer_store_bytes": "plan",
+    "POLICY_NAMES": "policies",
+    "Policy": "policies",
+    "make_policy": "policies",
+    "PRESETS": "presets",
+    "Stages": "presets",
+    "preset": "presets",
+    "PlanContext": "stages",
+    "LayerMeta": "sources",
+    "LayerSource": "sources",
+    "ListSource": "sources",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

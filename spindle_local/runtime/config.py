@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spindle_local.errors import UsageError
+from spindle_local.policy.presets import PRESETS
 from spindle_local.runtime.memory import CELL_BLOCK
 
 if TYPE_CHECKING:
+    from spindle_local.policy.inputs import Geometry
     from spindle_local.runtime.lowlevel import LlamaModel
 
-POLICIES = ("full", "streaming", "snapkv", "pyramidkv", "spindle", "spindle-paper")  # = policy.POLICY_NAMES
+POLICIES = ("full", *PRESETS)
 MIN_SLACK = 16  # fewest generated tokens a plan leaves room for (Engine._slack)
 
 
@@ -130,8 +132,7 @@ class EngineConfig:
         longest = self.max_tokens or longest
         return min(cells, _blocks(longest)) if longest else cells
 
-    def smallest_budget(self, *, longest: int, n_layer: int, n_head: int, n_head_kv: int, head_dim_k: int,
-                        head_dim_v: int) -> float:
+    def smallest_budget(self, *, longest: int, geometry: Geometry) -> float:
         """The smallest ``kv_budget`` a conversation of ``longest`` tokens can ever be held to.
 
         A plan keeps at least the observation window uncompressed, leaves room for
@@ -140,29 +141,24 @@ class EngineConfig:
         reach ``window·t + (1 - b)·MIN_SLACK·t + sinks`` at the longest context. Below
         that the budget is never met, however long the conversation grows.
         """
-        t = n_layer * n_head_kv * (head_dim_k + head_dim_v) * 2
-        per_slot = n_head_kv * (4 + n_head // n_head_kv + 2 * (head_dim_k + head_dim_v))
-        store = n_layer * max(self.sinks, 1) * per_slot
+        g = geometry
+        t = g.n_layer * g.n_head_kv * (g.head_dim_k + g.head_dim_v) * 2
+        per_slot = g.n_head_kv * (4 + g.g + 2 * (g.head_dim_k + g.head_dim_v))
+        store = g.n_layer * max(self.sinks, 1) * per_slot
         return (self.window + MIN_SLACK + store / t) / (longest + MIN_SLACK)
 
-    def check_budget(self, *, longest: int, model_name: str = "this model", **geometry: int) -> None:
+    def check_budget(self, *, longest: int, geometry: Geometry, model_name: str = "this model") -> None:
         """Refuse a ``kv_budget`` that can never be met within ``longest`` tokens (one line, the minimum)."""
         if self.policy == "full" or self.kv_mem is not None:
             return
         if longest <= self.cells(longest):
             return  # the whole conversation fits in the regular cache: nothing is ever compressed
-        low = self.smallest_budget(longest=longest, **geometry)
+        low = self.smallest_budget(longest=longest, geometry=geometry)
         if self.kv_budget < low:
             shown = math.ceil(low * 10_000) / 10_000
             raise UsageError(f"--kv-budget {self.kv_budget:g} is too small for {model_name} with a context of "
                              f"{longest} tokens: the smallest workable value is {shown:g} (a plan keeps the "
                              f"--window of {self.window} tokens, {MIN_SLACK} of headroom and the sinks)")
-
-
-def budget_geometry(meta) -> dict:
-    """The attention shape :meth:`EngineConfig.check_budget` needs, from a GGUF's metadata (gguf_meta.ModelMeta)."""
-    return dict(n_layer=meta.n_layer, n_head=meta.n_head, n_head_kv=meta.n_head_kv, head_dim_k=meta.head_dim_k,
-                head_dim_v=meta.head_dim_v)
 
 
 def _blocks(n: int) -> int:

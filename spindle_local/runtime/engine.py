@@ -45,7 +45,7 @@ from spindle_local.policy.roles import RoleMemory
 from spindle_local.policy import rope as roper
 from spindle_local.runtime import native
 from spindle_local.runtime.gguf_meta import read_rope_factors
-from spindle_local.runtime.config import MIN_SLACK, POLICIES, EngineConfig, budget_geometry  # noqa: F401
+from spindle_local.runtime.config import MIN_SLACK, POLICIES, EngineConfig  # noqa: F401
 from spindle_local.runtime.interrupt import CancelFlag, Interrupted, sigint_sets  # noqa: F401  (re-exported)
 from spindle_local.runtime.lowlevel import LlamaContext, LlamaModel
 from spindle_local.runtime.memory import CELL_BLOCK, MemoryLayout, format_size, plan_memory
@@ -184,7 +184,7 @@ class Engine:
             # The same cells whatever the budget (config.cells); a budget that no plan can
             # meet within the longest context is refused before the context is created.
             longest = cfg.max_tokens or meta.n_ctx_train or 1 << 30
-            cfg.check_budget(longest=longest, model_name=meta.name or Path(model_path).name, **budget_geometry(meta))
+            cfg.check_budget(longest=longest, geometry=meta.attention, model_name=meta.name or Path(model_path).name)
             return cfg.cells(longest), cfg.chunk
         if meta.sliding_window:
             raise UsageError(f"--kv-mem is not supported for sliding-window models ({meta.architecture}) yet; "

@@ -9,12 +9,15 @@ from __future__ import annotations
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from spindle_local.errors import ModelError
 from spindle_local.runtime.model_files import check_gguf_path
+
+if TYPE_CHECKING:
+    from spindle_local.policy.inputs import Geometry
 
 @dataclass
 class ModelMeta:
@@ -36,6 +39,13 @@ class ModelMeta:
     # per-frequency RoPE factors (``rope_freqs.weight``, Llama 3.1 style scaling): the engine
     # reads them (read_rope_factors) for the host-side RoPE of policy/rope.py
     rope_factors: bool = False
+
+    @property
+    def attention(self) -> Geometry:
+        """The attention shape as the policy layer describes it."""
+        from spindle_local.policy.inputs import Geometry
+
+        return Geometry(self.n_layer, self.n_head, self.n_head_kv, self.head_dim_k, self.head_dim_v)
 
     @property
     def kv_bytes_per_token_f16(self) -> int:
