@@ -31,6 +31,8 @@ STAGE_FLAGS: dict[str, tuple[str, str, object, Any]] = {
     "codebooks.theta_v": ("--theta-v", "Cosine threshold for sharing a value codebook entry.", 0.95,
                           click.FloatRange(0, 1, min_open=True)),
 }
+#: fields an evaluation command may give as comma-separated lists.
+GRID_FIELDS = ("policy", "kv_budget")
 SET_HELP = ("Any engine or stage setting by name (repeatable): an EngineConfig field (--set keep_start=32) or a "
             "stage setting of the policy (--set salient.share=0.1, --set allocator=pyramid); "
             "`spindle-local policies` lists them.")
@@ -70,9 +72,6 @@ def _option(f: Field, grid: bool) -> Callable:
         kind = float
     return click.option(meta["flag"], f.name, type=kind, default=None, metavar=meta.get("metavar"), help=text)
 
-
-#: fields an evaluation command may give as comma-separated lists.
-GRID_FIELDS = ("policy", "kv_budget")
 
 
 def engine_options(f: Callable | None = None, *, grid: bool = False) -> Callable:

@@ -32,7 +32,7 @@ def opt(flag: str, help: str, **click_kw):  # noqa: A002 - the option table's wo
 def setting(default, flag: str | None = None, help: str = "", **click_kw):  # noqa: A002
     """A dataclass field with its default and (optional) flag and help."""
     meta = opt(flag, help, **click_kw) if flag else {"help": help}
-    if isinstance(default, (dict, list, tuple)) and not isinstance(default, tuple):
+    if isinstance(default, (dict, list)):  # mutable: a fresh copy per instance
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
