@@ -13,7 +13,16 @@ prompt through the engine and reports:
 The target of issue 18 is printed next to each compressed row: the full cache's peak
 RSS minus half of the full-cache KV bytes, both from the same run.
 
+Modes: ``full`` (``--policy full``), ``q4_0`` (``--policy full --cache-type q4_0``),
+``kvmem`` (``--kv-mem``), a policy name (``--kv-budget``), and ``stock``: ``--policy
+full`` with llama.cpp's small window-layer cache (``swa_full`` off, as llama-server and
+llama-cli allocate it) instead of the full-size one this runtime's contexts get; it
+differs from ``full`` only for sliding-window models. ``--kv-mem-frac F`` sets the
+``kvmem`` cap at each length to F times the stock cache's KV bytes at that length, or
+the smallest workable cap when that is less.
+
     .venv/bin/python scripts/bench_memory.py --tokens 2000,4000,8000 [--budget 0.25] [--threads 2]
+    .venv/bin/python scripts/bench_memory.py --model gemma3 --tokens 4000,8000 --modes stock,kvmem --kv-mem-frac 0.25
 """
 
 from __future__ import annotations
@@ -35,14 +44,59 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _small_window_cache() -> None:
+    """Contexts created from now on get llama.cpp's small window-layer cache (``swa_full`` off)."""
+    import llama_cpp.llama_cpp as C
+
+    default = C.llama_context_default_params
+
+    def params():
+        p = default()
+        p.swa_full = False
+        return p
+
+    C.llama_context_default_params = params
+
+
+def stock_kv_bytes(meta, tokens: int, chunk: int) -> int:
+    """KV bytes of a stock f16 cache of ``tokens`` cells: every global layer full, the window
+    layers' ``n_swa + ubatch`` cells (``swa_full`` off; a full cache reads ``chunk`` per ubatch)."""
+    from dataclasses import replace
+
+    from spindle_local.runtime.memory import kv_shape
+
+    shape = kv_shape(meta, ubatch=chunk)
+    wc = shape.window_cache
+    return tokens * shape.bytes_per_token + (replace(wc, full_size=False).nbytes(tokens) if wc else 0)
+
+
+def kv_mem_for(meta, tokens: int, frac: float, cfg) -> int:
+    """``frac`` of the stock cache at ``tokens``, raised to the smallest workable cap."""
+    from spindle_local.runtime.memory import STORE_UBATCH, kv_shape, smallest_kv_mem
+
+    shape = kv_shape(meta, ubatch=min(cfg.chunk, STORE_UBATCH))
+    low = smallest_kv_mem(shape.bytes_per_token, shape.n_layer, shape.window_cache)
+    return max(int(frac * stock_kv_bytes(meta, tokens, cfg.chunk)), low)
+
+
+def _store_slots(eng) -> float:
+    """Tokens the store holds, per layer and KV head on average (slots)."""
+    meta = list(eng._store_meta.values())
+    return float(sum(float(slots.mean()) for slots, _ in meta) / len(meta)) if meta else 0.0
+
+
 def worker(args: argparse.Namespace) -> dict:
     from spindle_local.eval.texts import load_text
     from spindle_local.policy.plan import full_cache_bytes
     from spindle_local.runtime.engine import Engine, EngineConfig
+    from spindle_local.runtime.gguf_meta import read_meta
     from spindle_local.runtime.lowlevel import LlamaModel
     from spindle_local.runtime.model_files import resolve_model
 
     path = resolve_model(args.model)
+    meta = read_meta(path)
+    if args.mode == "stock":
+        _small_window_cache()
     model = LlamaModel(str(path))
     rss_model = _rss_now()
     text = load_text(args.text if Path(args.text).exists() else None)
@@ -50,24 +104,38 @@ def worker(args: argparse.Namespace) -> dict:
     while len(ids) < args.tokens:
         ids = ids + ids
     ids = ids[: args.tokens]
-    if args.mode == "full":
+    if args.mode in ("full", "stock", "q4_0"):
         cells = args.tokens + 64
-        cfg = EngineConfig(policy="full", n_cells=cells, max_tokens=cells, n_threads=args.threads)
+        cfg = EngineConfig(policy="full", n_cells=cells, max_tokens=cells, n_threads=args.threads,
+                           cache_type="q4_0" if args.mode == "q4_0" else "f16")
     elif args.mode == "kvmem":
         cfg = EngineConfig(kv_mem=args.kv_mem, n_threads=args.threads)
+        if args.kv_mem_frac:
+            cfg.kv_mem = kv_mem_for(meta, args.tokens, args.kv_mem_frac, cfg)
     else:
         cfg = EngineConfig(policy=args.mode, kv_budget=args.budget, n_threads=args.threads)
     eng = Engine(path, cfg, model=model)
+    first = [0.0, 0]  # the first plan's seconds (it loads the policy's compiled kernels), tokens read by then
+
+    def progress(*_: object) -> None:
+        if not first[1] and eng.stats.compressions:
+            first[:] = [eng.stats.compress_seconds, eng.n_past]
+
     t0 = time.perf_counter()
-    eng.feed(ids)
+    eng.feed(ids, progress=progress)
     prefill = time.perf_counter() - t0
     st = eng.refresh_stats()
     geo = eng.pgeo
+    parts = eng.memory_parts()
+    held = eng.regular_count() + _store_slots(eng)
     return dict(mode=args.mode, tokens=args.tokens, rss_model=rss_model,
                 rss_peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                kv_held=int(eng.kv_memory()[0]),
+                kv_held=int(eng.kv_memory()[0]), kv_mem=cfg.kv_mem, window_cache=parts["window_cache_bytes"],
+                store_bytes=parts["store_bytes"],
                 full_kv=full_cache_bytes(args.tokens, geo.n_layer, geo.n_head_kv, geo.head_dim_k, geo.head_dim_v),
+                stock_kv=stock_kv_bytes(meta, args.tokens, cfg.chunk), tokens_held=round(held, 1),
                 compressions=st.compressions, compress_s=round(st.compress_seconds, 3),
+                first_plan_s=round(first[0], 3), first_plan_at=first[1],
                 prefill_s=round(prefill, 3))
 
 
@@ -77,6 +145,9 @@ def main() -> None:
     ap.add_argument("--modes", default="full,spindle")
     ap.add_argument("--budget", type=float, default=0.25)
     ap.add_argument("--kv-mem", type=int, default=40 * 2**20)
+    ap.add_argument("--kv-mem-frac", type=float, default=None,
+                    help="kvmem cap: this fraction of the stock cache's KV bytes at each length")
+    ap.add_argument("--out", default=None, help="also write the rows as JSON to this file")
     ap.add_argument("--text", default=DEFAULT_TEXT)
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=2)
@@ -96,6 +167,7 @@ def main() -> None:
                    "--budget", str(args.budget), "--kv-mem", str(args.kv_mem), "--text", args.text,
                    "--threads", str(args.threads)]
             cmd += ["--model", args.model] if args.model else []
+            cmd += ["--kv-mem-frac", str(args.kv_mem_frac)] if args.kv_mem_frac else []
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{mode} at {n} tokens failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -105,10 +177,17 @@ def main() -> None:
             if mode == "full":
                 full = r
             target = f"{(full['rss_peak'] - full['full_kv'] / 2) / mib:7.0f}" if full and mode != "full" else "      -"
+            per_read = 1e3 * r["compress_s"] / n
+            per_held = 1e3 * r["compress_s"] / max(r["tokens_held"], 1)
+            later = 1e3 * (r["compress_s"] - r["first_plan_s"]) / max(n - r["first_plan_at"], 1)
             print(f"{n:6d} {mode:9s} model {r['rss_model'] / mib:6.0f} MiB  peak {r['rss_peak'] / mib:6.0f} MiB"
                   f"  (target {target})  KV held {r['kv_held'] / mib:6.1f} MiB  full KV {r['full_kv'] / mib:6.1f} MiB"
-                  f"  compress {r['compress_s']:6.2f} s in {r['compressions']}  prefill {r['prefill_s']:6.1f} s",
+                  f"  compress {r['compress_s']:6.2f} s in {r['compressions']}  prefill {r['prefill_s']:6.1f} s"
+                  f"  ({per_read:.2f} ms/token read, {per_held:.2f} ms/token held of {r['tokens_held']:.0f};"
+                  f" first plan {r['first_plan_s']:.2f} s, then {later:.2f} ms/token read)",
                   flush=True)
+            if args.out:
+                Path(args.out).write_text(json.dumps(rows, indent=1))
     print(json.dumps(rows))
 
 

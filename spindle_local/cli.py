@@ -200,11 +200,10 @@ def check_memory(cfg: Any, meta: Any) -> None:
         cfg.check_budget(longest=cfg.max_tokens or meta.n_ctx_train or 1 << 30, geometry=meta.attention,
                          model_name=meta.name or Path(meta.path).name)
         return
-    from spindle_local.runtime.memory import plan_memory
+    from spindle_local.runtime.memory import plan_model_memory
 
-    plan_memory(cfg.kv_mem, bytes_per_token=meta.kv_bytes_per_token_f16, n_layer=meta.n_layer,
-                window=cfg.window, recent=cfg.recent, chunk=cfg.chunk,
-                max_tokens=cfg.max_tokens or meta.n_ctx_train or 4096, model_name=meta.name or meta.path)
+    plan_model_memory(meta, cfg.kv_mem, policy=cfg.policy, window=cfg.window, recent=cfg.recent, chunk=cfg.chunk,
+                      max_tokens=cfg.max_tokens or meta.n_ctx_train or 4096)
 
 
 @main.command()

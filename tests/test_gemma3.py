@@ -105,7 +105,8 @@ def test_budget_holds_once_reachable(gemma3: Path, doc: list[int]) -> None:
         assert s.compressions >= 3 and set(eng._store_layers) <= {5, 11, 17} and eng._store_layers
         assert s.full_bytes == eng.n_past * 3 * 1024 + eng.fixed_bytes
         parts = eng.memory_parts()
-        assert parts["window_cache_bytes"] == eng.fixed_bytes < parts["regular_cache_bytes"]
+        # llama.cpp allocates the window layers as many cells as the context (swa_full)
+        assert parts["window_cache_bytes"] == 15 * eng.cells * 512 * 2 < parts["regular_cache_bytes"]
     finally:
         eng.close()
 

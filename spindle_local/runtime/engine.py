@@ -48,7 +48,7 @@ from spindle_local.runtime.gguf_meta import read_rope_factors
 from spindle_local.runtime.config import MIN_SLACK, POLICIES, EngineConfig  # noqa: F401
 from spindle_local.runtime.interrupt import CancelFlag, Interrupted, sigint_sets  # noqa: F401  (re-exported)
 from spindle_local.runtime.lowlevel import LlamaContext, LlamaModel
-from spindle_local.runtime.memory import CELL_BLOCK, MemoryLayout, format_size, plan_memory
+from spindle_local.runtime.memory import STORE_UBATCH, MemoryLayout, WindowCache, format_size, plan_model_memory
 from spindle_local.runtime.schedule import Schedule, compress_due, needs_compress
 from spindle_local.runtime.plan_source import PlanSource
 from spindle_local.runtime.window import WindowQueries
@@ -97,7 +97,8 @@ class _Checkpoint:
     snapshot: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
 
 
-STORE_UBATCH = 256  # largest ubatch of a context that may hold a store
+# bytes per cached value of llama.cpp's cache types (q8_0: 34 bytes per 32 values, q4_0: 18)
+_CACHE_VALUE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 class Engine:
@@ -142,6 +143,7 @@ class Engine:
         # alike by every policy (and by a full cache), it counts on both sides of the ratio
         self.bytes_per_token = full_cache_bytes(1, pg.n_layer, pg.n_head_kv, pg.head_dim_k, pg.head_dim_v)
         self.fixed_bytes = self._window_layers_bytes()
+        self.window_cache_bytes = self._window_cache_alloc()  # what llama.cpp allocated for them
         self.rope_ok = roper.rope_supported(g.rope_type, g.ext_factor)
         # per-frequency factors the graph's RoPE divides by (Llama 3.1 style); host RoPE too
         self.rope_factors = read_rope_factors(model_path) if self.meta.rope_factors else None
@@ -151,10 +153,11 @@ class Engine:
         self.graph_attn_scale: float | None = None  # the model graph's softmax scale, once a graph reported it
         self.cells = self.ctx.n_ctx
         if self.layout is not None:
-            alloc = self.ctx.cache_bytes()[1]
+            alloc = self._regular_alloc_bytes()
             if alloc + self.layout.store_cap > self.layout.kv_mem:
-                raise SpindleError(f"internal: llama.cpp allocated {alloc} bytes for {self.cells} cells, more than "
-                                   f"--kv-mem {format_size(self.layout.kv_mem)} leaves for the regular cache")
+                raise SpindleError(f"internal: llama.cpp allocated {alloc} bytes for {self.cells} cells (window "
+                                   f"layers included), more than --kv-mem {format_size(self.layout.kv_mem)} "
+                                   "leaves for the regular cache")
         self.tokens: list[int] = []
         self.stats = EngineStats()
         self._store_layers: set[int] = set()
@@ -186,20 +189,10 @@ class Engine:
             longest = cfg.max_tokens or meta.n_ctx_train or 1 << 30
             cfg.check_budget(longest=longest, geometry=meta.attention, model_name=meta.name or Path(model_path).name)
             return cfg.cells(longest), cfg.chunk
-        if meta.sliding_window:
-            raise UsageError(f"--kv-mem is not supported for sliding-window models ({meta.architecture}) yet; "
-                             "use --kv-budget")
-        t = meta.kv_bytes_per_token_f16
         longest = cfg.max_tokens or meta.n_ctx_train or 4096
-        if cfg.policy == "full":
-            cells = min(-(-longest // CELL_BLOCK) * CELL_BLOCK, cfg.kv_mem // t // CELL_BLOCK * CELL_BLOCK)
-            if cells < CELL_BLOCK:
-                raise UsageError(f"--kv-mem {format_size(cfg.kv_mem)} holds no full cache of {meta.name}: the "
-                                 f"smallest is {format_size(CELL_BLOCK * t)} ({CELL_BLOCK} cells)")
-            return cells, cfg.chunk
-        self.layout = plan_memory(cfg.kv_mem, bytes_per_token=t, n_layer=meta.n_layer, window=cfg.window,
-                                  recent=cfg.recent, chunk=cfg.chunk, max_tokens=longest,
-                                  model_name=meta.name or Path(model_path).name)
+        self.layout = plan_model_memory(meta, cfg.kv_mem, policy=cfg.policy, window=cfg.window, recent=cfg.recent,
+                                        chunk=cfg.chunk, max_tokens=longest,
+                                        model_name=meta.name or Path(model_path).name)
         return self.layout.cells, self.layout.chunk
 
     def kv_memory(self) -> tuple[int, int]:
@@ -226,7 +219,7 @@ class Engine:
         host = self.queries.nbytes() + sum(a.nbytes + b.nbytes for a, b in self._store_meta.values())
         return {
             "regular_cache_bytes": self._regular_alloc_bytes(),  # the window layers' cache included
-            "window_cache_bytes": self.fixed_bytes,
+            "window_cache_bytes": self.window_cache_bytes,
             "store_bytes": int(native.store_buffer_bytes(self.ctx)) if self._store_layers else 0,
             "host_copies_bytes": int(host),
         }
@@ -244,17 +237,36 @@ class Engine:
     def _regular_alloc_bytes(self) -> int:
         """Bytes llama.cpp allocated for the regular cache (a sliding-window model's window
         layers included)."""
-        return int(self.ctx.cache_bytes()[1]) + self.fixed_bytes
+        return int(self.ctx.cache_bytes()[1]) + self.window_cache_bytes
 
     def _window_layers_bytes(self) -> int:
-        """Bytes of the window layers' cache of a sliding-window model (0 otherwise): llama.cpp
-        gives those layers ``n_swa + ubatch`` cells, padded to 256, at most the context's."""
+        """Bytes of the window the window layers of a sliding-window model need (0 otherwise):
+        ``n_swa + ubatch`` cells, padded to 256, at most the context's. The schedule counts
+        them on both sides of the reserve ratio; llama.cpp may allocate more
+        (:meth:`_window_cache_alloc`)."""
         g = self.geometry
         if not self._windowed:
             return 0
         cells = min(self.ctx.n_ctx, -(-(g.n_swa + self.ubatch) // 256) * 256)
         return int(sum(cells * lg.n_head_kv * (lg.head_dim_k + lg.head_dim_v) * 2
                        for lg in g.layers if not lg.has_kv))
+
+    def _window_cache_alloc(self) -> int:
+        """Bytes llama.cpp allocated for the window layers' cache of a sliding-window model (0
+        otherwise). LlamaContext leaves llama.cpp's ``swa_full`` at its default, which decides
+        between a cache as large as the context and one of ``n_swa + ubatch`` cells."""
+        import llama_cpp.llama_cpp as C
+
+        g = self.geometry
+        layers = [lg for lg in g.layers if not lg.has_kv]
+        if not self._windowed or not layers:
+            return 0
+        per_value = _CACHE_VALUE_BYTES[self.config.cache_type]
+        cache = WindowCache(n_layer=len(layers), n_swa=g.n_swa, ubatch=self.ubatch,
+                            bytes_per_cell=int(sum(lg.n_head_kv * (lg.head_dim_k + lg.head_dim_v)
+                                                   for lg in layers) * per_value),
+                            full_size=bool(C.llama_context_default_params().swa_full))
+        return cache.nbytes(self.ctx.n_ctx)
 
     def refresh_stats(self) -> EngineStats:
         s = self.stats
