@@ -112,15 +112,16 @@ def test_budget_holds_once_reachable(gemma3: Path, doc: list[int]) -> None:
 
 
 def test_session_resumes_with_the_same_logits(gemma3: Path, doc: list[int], tmp_path: Path) -> None:
-    """A compressed conversation saved and resumed gives the same logits, exactly, until its
-    next plan, and resumes the plan state (store, roles, allowance, window queries).
+    """A compressed conversation saved and resumed gives the same logits as the uninterrupted
+    one, exactly, for 40 generated tokens and through the plan among them, and resumes the
+    plan state (store, roles, allowance, window queries).
 
-    Without flash attention: llama.cpp's flash kernel sums the window layers' cells in cache
-    order, which a restored ring buffer does not keep (a full cache resumed by llama.cpp
-    alone then differs by up to ~0.7 on logits). Eight generated tokens are compared: from
-    about the tenth on, a resumed compressed Gemma 3 conversation can differ from the
-    uninterrupted one (an open issue; SmolLM2 resumes exactly, tests/test_session.py)."""
-    eng = Engine(gemma3, _config(flash_attn=False))
+    Exact only because saving lays the live caches out as the restore will: llama.cpp's
+    window cache is a ring that a restore rebuilds in another cell order, attention then
+    adds the same window's terms in another order, and the quantized matrix products turn
+    those last-bit differences into logit differences of up to ~1.4 (from the first
+    generated token with flash attention, from about the tenth without)."""
+    eng = Engine(gemma3, _config())  # flash attention, the default
     try:
         eng.feed(doc[:2800])
         n_comp = eng.stats.compressions
@@ -128,10 +129,11 @@ def test_session_resumes_with_the_same_logits(gemma3: Path, doc: list[int], tmp_
         path = tmp_path / "g.spl"
         S.save(path, eng, messages=[], system_prompt=None, model_path=gemma3)
         last = eng.ctx.logits().copy()
+        window = eng.ctx.pos_range()  # the window cache holds what a restore holds
         stores = {il: [h.positions.copy() for h in eng.ctx.store_get(il).heads] for il in eng._store_layers}
         roles, allowance = eng.policy.role_memory.to_json(), eng._allowance
-        after = [eng.step(t).copy() for t in doc[2800:2808]]
-        assert eng.stats.compressions == n_comp  # no plan in between
+        after = [(eng.step(t).copy(), eng.stats.compressions) for t in doc[2800:2840]]
+        assert eng.stats.compressions == n_comp + 1  # one plan among the generated tokens
     finally:
         eng.close()
     ses = S.read_session(path)
@@ -139,12 +141,14 @@ def test_session_resumes_with_the_same_logits(gemma3: Path, doc: list[int], tmp_
     try:
         S.restore(res, ses)
         np.testing.assert_array_equal(res.ctx.logits(), last)
+        assert res.ctx.pos_range() == window
         assert res.policy.role_memory.to_json() == roles and res._allowance == allowance
         assert res.graph_attn_scale == 1.0  # Gemma scales q in its graph
         for il, heads in stores.items():
             assert all(np.array_equal(h.positions, p) for h, p in zip(res.ctx.store_get(il).heads, heads))
-        got = [res.step(t) for t in doc[2800:2808]]
-        for a, b in zip(after, got):
-            np.testing.assert_array_equal(b, a)
+        for i, (t, (want, plans)) in enumerate(zip(doc[2800:2840], after)):
+            got = res.step(t)
+            assert res.stats.compressions == plans, f"generated token {i}"
+            np.testing.assert_array_equal(got, want, err_msg=f"generated token {i}")
     finally:
         res.close()

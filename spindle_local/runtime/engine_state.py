@@ -19,6 +19,7 @@ import numpy as np
 
 from spindle_local.errors import SpindleError
 from spindle_local.policy.plan import Codebook, HeadStore, LayerStore
+from spindle_local.runtime import native
 
 
 class StateError(SpindleError):
@@ -65,12 +66,26 @@ def _get_side(arrays: dict, key: str) -> tuple[np.ndarray | None, Codebook | Non
     raise StateError(f"the session file lacks {key} (written by another version?)")
 
 
+def _canonical_layout(engine) -> None:
+    """Lay the live caches out as a restore of the state about to be read will lay them out.
+
+    Attention sums over cells in cache order, and another order rounds differently: a
+    resumed conversation gives the same logits as the uninterrupted one only when both
+    caches hold the same tokens in the same cells and place later tokens alike. A restore
+    writes the saved cells to the front of an empty cache, in the order they were saved;
+    so the regular cache is compacted in position order, and a sliding-window model's
+    window cache too, without the cells its window already masks (llama.cpp does not save
+    those).
+    """
+    engine.ctx.compact()
+    native.compact_window(engine.ctx)
+
 
 def state_dict(engine) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(info, arrays)`` of ``engine`` (module docstring)."""
     arrays: dict[str, np.ndarray] = {"tokens": np.asarray(engine.tokens, dtype=np.int32)}
     if engine.tokens:
-        engine.ctx.compact()  # cells in position order: the restored cache is laid out the same
+        _canonical_layout(engine)
         if engine.ctx._logits is not None:
             arrays["logits"] = np.asarray(engine.ctx.logits(), dtype=np.float32)
     arrays["regular"] = _regular_state(engine)

@@ -21,7 +21,7 @@ from spindle_local.policy.inputs import Geometry as AttentionShape
 from spindle_local.policy.plan import Codebook, HeadStore, LayerStore
 
 #: The ``LLAMA_SPINDLE_API_VERSION`` this module was written against.
-API_VERSION = 6
+API_VERSION = 7
 
 ERR_ARG = -1
 ERR_UNSUPPORTED = -2
@@ -136,6 +136,7 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "llama_spindle_store_buffer_bytes": ([_P, _I32, _I32], _I64),
     "llama_spindle_cache_bytes": ([_P, _I32, ctypes.POINTER(_I64), ctypes.POINTER(_I64)], _I32),
     "llama_spindle_compact": ([_P, _I32], _I32),
+    "llama_spindle_compact_window": ([_P, _I32], _I32),
     "llama_spindle_seq_rm": ([_P, _I32, _I32, _I32], _I32),
     "llama_spindle_attn_scale": ([_P, _I32], ctypes.c_float),
     "llama_spindle_capture": ([_P, _I32, _I32], _I32),
@@ -561,6 +562,13 @@ def compact(ctx: Any, seq: int = 0) -> int:
     """Move the sequence's regular-cache cells to the front (see llama_spindle_compact)."""
     n = native()
     return n.check(n.spindle_compact(ctx_ptr(ctx), seq), "compact the KV cache")
+
+
+def compact_window(ctx: Any, seq: int = 0) -> int:
+    """Lay out a sliding-window model's window cache as a restore of the sequence's saved
+    state would (see llama_spindle_compact_window); 0 for a model without one."""
+    n = native()
+    return n.check(n.spindle_compact_window(ctx_ptr(ctx), seq), "compact the window cache")
 
 
 def seq_rm(ctx: Any, p0: int, p1: int, seq: int = 0) -> None:
