@@ -11,14 +11,38 @@ ARCH="${1:-90}"
 WORK="${WORK:-${TMPDIR:-/tmp}/spindle-cuda-build}"
 JOBS="${JOBS:-$(nproc)}"
 command -v nvcc >/dev/null || { echo "error: nvcc not found on PATH" >&2; exit 2; }
-# ggml's CUDA backend links cuBLAS: a toolkit with nvcc alone does not configure
+VPY="${VPY:-$PWD/.venv/bin/python}"
+# ggml's CUDA backend links cuBLAS. A toolkit installed without it (nvcc and the runtime
+# only) gets NVIDIA's own cuBLAS from PyPI (the `nvidia-cublas` wheel: headers and shared
+# libraries), unpacked once into the cache and handed to CMake.
 cuda_root="${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}"
+extra=()
 if ! ls "$cuda_root"/include/cublas_v2.h /usr/local/cuda/include/cublas_v2.h /usr/include/cublas_v2.h >/dev/null 2>&1 \
         && ! ls "$cuda_root"/targets/*/include/cublas_v2.h >/dev/null 2>&1; then
-    echo "error: no cuBLAS headers next to nvcc ($cuda_root); ggml's CUDA backend needs the CUDA toolkit's cuBLAS" >&2
-    exit 2
+    cublas="${XDG_CACHE_HOME:-$HOME/.cache}/spindle-local/cublas"
+    if [ ! -f "$cublas/include/cublas_v2.h" ]; then
+        echo "no cuBLAS next to nvcc ($cuda_root): fetching NVIDIA's nvidia-cublas wheel into $cublas" >&2
+        rm -rf "$cublas.tmp" && mkdir -p "$cublas.tmp"
+        "$VPY" -m pip download --quiet --no-deps --only-binary=:all: -d "$cublas.tmp" nvidia-cublas >&2 \
+            || { echo "error: no cuBLAS headers next to nvcc and the nvidia-cublas wheel could not be fetched" >&2; exit 2; }
+        (cd "$cublas.tmp" && "$VPY" -m zipfile -e ./*.whl unpacked)
+        sub=$(dirname "$(dirname "$(ls "$cublas.tmp"/unpacked/nvidia/*/include/cublas_v2.h | head -1)")")
+        rm -rf "$cublas" && mv "$sub" "$cublas" && rm -rf "$cublas.tmp"
+        for so in "$cublas"/lib/lib*.so.*; do ln -sf "$(basename "$so")" "${so%%.so.*}.so"; done
+    fi
+    extra=(-DCMAKE_LIBRARY_PATH="$cublas/lib" -DCMAKE_CUDA_FLAGS="-I$cublas/include" -DCMAKE_CXX_FLAGS="-I$cublas/include")
 fi
-VPY="${VPY:-.venv/bin/python}"
+
+# ggml's CUDA backend also links the driver library (libcuda.so), which comes with the GPU
+# driver, not the toolkit. Without a driver or the toolkit's stubs, an empty stand-in is
+# linked: this build is only compiled here, never loaded.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so ' && ! ls "$cuda_root"/lib64/stubs/libcuda.so "$cuda_root"/targets/*/lib/stubs/libcuda.so >/dev/null 2>&1; then
+    stub="$WORK/driver-stub/libcuda.so"
+    mkdir -p "$(dirname "$stub")"
+    echo 'void spindle_cuda_driver_stub(void) {}' | cc -shared -fPIC -x c - -o "$stub"
+    extra+=(-DCUDA_cuda_driver_LIBRARY="$stub")
+    echo "no CUDA driver library on this machine: linking an empty stand-in (compile-only check)" >&2
+fi
 
 src=$("$VPY" - "$WORK" <<'EOF'
 import sys
@@ -34,7 +58,7 @@ echo "building $src for sm_$ARCH with $JOBS jobs (log: $WORK/build.log)" >&2
 t0=$(date +%s)
 # shellcheck disable=SC2086
 cmake -S "$src" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-    -DCMAKE_CUDA_ARCHITECTURES="$ARCH" $args > "$WORK/configure.log" 2>&1 \
+    -DCMAKE_CUDA_ARCHITECTURES="$ARCH" $args "${extra[@]}" > "$WORK/configure.log" 2>&1 \
     || { tail -20 "$WORK/configure.log" >&2; exit 1; }
 if cmake --build "$WORK/build" -j "$JOBS" --target llama > "$WORK/build.log" 2>&1; then
     echo "CUDA build ok (sm_$ARCH, $(( $(date +%s) - t0 )) s): $(ls "$WORK"/build/bin/libggml-cuda.so* | head -1)"
