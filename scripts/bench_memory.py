@@ -14,15 +14,14 @@ The target of issue 18 is printed next to each compressed row: the full cache's 
 RSS minus half of the full-cache KV bytes, both from the same run.
 
 Modes: ``full`` (``--policy full``), ``q4_0`` (``--policy full --cache-type q4_0``),
-``kvmem`` (``--kv-mem``), a policy name (``--kv-budget``), and ``stock``: ``--policy
-full`` with llama.cpp's small window-layer cache (``swa_full`` off, as llama-server and
-llama-cli allocate it) instead of the full-size one this runtime's contexts get; it
-differs from ``full`` only for sliding-window models. ``--kv-mem-frac F`` sets the
-``kvmem`` cap at each length to F times the stock cache's KV bytes at that length, or
+``kvmem`` (``--kv-mem``) and a policy name (``--kv-budget``). ``full`` allocates the KV
+cache as stock llama.cpp does (a sliding-window model's window layers get ``n_swa +
+ubatch`` cells, as llama-server and llama-cli give them). ``--kv-mem-frac F`` sets the
+``kvmem`` cap at each length to F times the full cache's KV bytes at that length, or
 the smallest workable cap when that is less.
 
     .venv/bin/python scripts/bench_memory.py --tokens 2000,4000,8000 [--budget 0.25] [--threads 2]
-    .venv/bin/python scripts/bench_memory.py --model gemma3 --tokens 4000,8000 --modes stock,kvmem --kv-mem-frac 0.25
+    .venv/bin/python scripts/bench_memory.py --model gemma3 --tokens 4000,8000 --modes full,kvmem --kv-mem-frac 0.25
 """
 
 from __future__ import annotations
@@ -44,30 +43,12 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _small_window_cache() -> None:
-    """Contexts created from now on get llama.cpp's small window-layer cache (``swa_full`` off)."""
-    import llama_cpp.llama_cpp as C
-
-    default = C.llama_context_default_params
-
-    def params():
-        p = default()
-        p.swa_full = False
-        return p
-
-    C.llama_context_default_params = params
-
-
 def stock_kv_bytes(meta, tokens: int, chunk: int) -> int:
     """KV bytes of a stock f16 cache of ``tokens`` cells: every global layer full, the window
-    layers' ``n_swa + ubatch`` cells (``swa_full`` off; a full cache reads ``chunk`` per ubatch)."""
-    from dataclasses import replace
-
+    layers' ``n_swa + ubatch`` cells (a full cache reads ``chunk`` per ubatch)."""
     from spindle_local.runtime.memory import kv_shape
 
-    shape = kv_shape(meta, ubatch=chunk)
-    wc = shape.window_cache
-    return tokens * shape.bytes_per_token + (replace(wc, full_size=False).nbytes(tokens) if wc else 0)
+    return kv_shape(meta, ubatch=chunk).cost(tokens)
 
 
 def kv_mem_for(meta, tokens: int, frac: float, cfg) -> int:
@@ -95,8 +76,6 @@ def worker(args: argparse.Namespace) -> dict:
 
     path = resolve_model(args.model)
     meta = read_meta(path)
-    if args.mode == "stock":
-        _small_window_cache()
     model = LlamaModel(str(path))
     rss_model = _rss_now()
     text = load_text(args.text if Path(args.text).exists() else None)
@@ -104,7 +83,7 @@ def worker(args: argparse.Namespace) -> dict:
     while len(ids) < args.tokens:
         ids = ids + ids
     ids = ids[: args.tokens]
-    if args.mode in ("full", "stock", "q4_0"):
+    if args.mode in ("full", "q4_0"):
         cells = args.tokens + 64
         cfg = EngineConfig(policy="full", n_cells=cells, max_tokens=cells, n_threads=args.threads,
                            cache_type="q4_0" if args.mode == "q4_0" else "f16")

@@ -105,10 +105,47 @@ def test_budget_holds_once_reachable(gemma3: Path, doc: list[int]) -> None:
         assert s.compressions >= 3 and set(eng._store_layers) <= {5, 11, 17} and eng._store_layers
         assert s.full_bytes == eng.n_past * 3 * 1024 + eng.fixed_bytes
         parts = eng.memory_parts()
-        # llama.cpp allocates the window layers as many cells as the context (swa_full)
-        assert parts["window_cache_bytes"] == 15 * eng.cells * 512 * 2 < parts["regular_cache_bytes"]
+        # the window layers' ring: 512 + ubatch cells, padded, however long the context
+        assert parts["window_cache_bytes"] == 15 * 768 * 512 * 2 < parts["regular_cache_bytes"]
+        # tokens in the store cannot be taken back by a truncation (the caller re-reads)
+        n = eng.n_past
+        assert not eng.truncate(100) and eng.n_past == n
+        assert eng.truncate(n - 8) and eng.n_past == n - 8
     finally:
         eng.close()
+
+
+def test_truncation_and_rollback_with_the_window_ring(gemma3: Path, doc: list[int]) -> None:
+    """The window layers keep a ring of 512 + ubatch cells that reuses the cells of tokens
+    the window has passed. A truncation whose window the ring no longer holds is refused
+    (the caller re-reads); one it holds is exact; and a transaction returns to its start
+    even after the ring has turned over, because it keeps a copy of the ring."""
+    kw = dict(policy="full", n_cells=4096, chunk=256, max_tokens=4096)
+    eng, ref = Engine(gemma3, EngineConfig(**kw)), Engine(gemma3, EngineConfig(**kw))
+    try:
+        assert eng.memory_parts()["window_cache_bytes"] == 15 * 768 * 512 * 2
+        eng.feed(doc[:1500])
+        ref.feed(doc[:1400])
+        assert not eng.truncate(1000) and eng.n_past == 1500  # positions 488..999 were overwritten
+        assert eng.truncate(1400) and eng.tokens == doc[:1400]
+
+        def same_next(part: list[int]) -> None:
+            for e in (eng, ref):  # one ring layout for both: attention sums in cell order
+                native.compact_window(e.ctx)
+            np.testing.assert_array_equal(eng.feed(part), ref.feed(part))
+
+        same_next(doc[1400:1450])
+        with pytest.raises(KeyboardInterrupt):
+            with eng.transaction():
+                eng.feed(doc[1450:2400])  # 950 tokens: the ring turns over
+                assert not eng._holds_context_of(1450)
+                raise KeyboardInterrupt
+        assert eng.tokens == doc[:1450] and eng.n_past == 1450
+        np.testing.assert_array_equal(eng.ctx.logits(), ref.ctx.logits())
+        same_next(doc[1450:1500])
+    finally:
+        eng.close()
+        ref.close()
 
 
 def test_session_resumes_with_the_same_logits(gemma3: Path, doc: list[int], tmp_path: Path) -> None:

@@ -28,8 +28,8 @@ GLOBAL_T = 3 * 1 * (256 + 256) * 2
 WINDOW_CELL = 15 * 1 * (256 + 256) * 2
 
 
-def _window(full_size: bool, ubatch: int = 256) -> WindowCache:
-    return WindowCache(n_layer=15, bytes_per_cell=WINDOW_CELL, n_swa=512, ubatch=ubatch, full_size=full_size)
+def _window(ubatch: int = 256) -> WindowCache:
+    return WindowCache(n_layer=15, bytes_per_cell=WINDOW_CELL, n_swa=512, ubatch=ubatch)
 
 
 def _plan(kv_mem: int, wc: WindowCache, **kw) -> object:
@@ -38,10 +38,9 @@ def _plan(kv_mem: int, wc: WindowCache, **kw) -> object:
     return plan_memory(kv_mem, **{**args, **kw})
 
 
-@pytest.mark.parametrize("full_size", [True, False])
 @pytest.mark.parametrize("mib", [12, 13.8, 14, 16, 20, 27, 40, 64, 200, 700])
-def test_window_cache_comes_off_the_cap(full_size: bool, mib: float) -> None:
-    wc = _window(full_size)
+def test_window_cache_comes_off_the_cap(mib: float) -> None:
+    wc = _window()
     kv_mem = int(mib * MIB)
     low = smallest_kv_mem(GLOBAL_T, 3, wc)
     if kv_mem < low:
@@ -58,20 +57,19 @@ def test_window_cache_comes_off_the_cap(full_size: bool, mib: float) -> None:
         assert lay.store_cap >= MIN_STORE_TOKENS * GLOBAL_T
 
 
-@pytest.mark.parametrize("full_size, cells, window_bytes", [
-    (True, 768, 768 * WINDOW_CELL),  # as many cells as the context
-    (True, 4096, 4096 * WINDOW_CELL),
-    (False, 768, 768 * WINDOW_CELL),  # n_swa + ubatch, padded, at most the context's
-    (False, 4096, 768 * WINDOW_CELL),
-    (False, 512, 512 * WINDOW_CELL),
+@pytest.mark.parametrize("ubatch, cells, window_bytes", [
+    (256, 768, 768 * WINDOW_CELL),  # n_swa + ubatch, padded, at most the context's
+    (256, 4096, 768 * WINDOW_CELL),
+    (256, 512, 512 * WINDOW_CELL),
+    (512, 32768, 1024 * WINDOW_CELL),
+    (100, 4096, 768 * WINDOW_CELL),  # 612 cells, padded to whole blocks
 ])
-def test_window_cache_size(full_size: bool, cells: int, window_bytes: int) -> None:
-    assert _window(full_size).nbytes(cells) == window_bytes
+def test_window_cache_size(ubatch: int, cells: int, window_bytes: int) -> None:
+    assert _window(ubatch).nbytes(cells) == window_bytes
 
 
-@pytest.mark.parametrize("full_size", [True, False])
-def test_smallest_value_is_the_boundary(full_size: bool) -> None:
-    wc = _window(full_size)
+def test_smallest_value_is_the_boundary() -> None:
+    wc = _window()
     low = smallest_kv_mem(GLOBAL_T, 3, wc)
     assert low > 768 * GLOBAL_T + wc.nbytes(768)  # the cells the window needs, its cache, a store
     assert _plan(low, wc).store_cap >= MIN_STORE_TOKENS * GLOBAL_T
@@ -85,26 +83,26 @@ def test_the_window_is_not_counted_as_global_cache() -> None:
     same global layers by exactly the window layers' cache (times the replacement allowance)."""
     plain = plan_memory(40 * MIB, bytes_per_token=GLOBAL_T, n_layer=3, window=32, recent=256, chunk=512,
                         max_tokens=32768)
-    swa = _plan(40 * MIB, _window(False))
+    swa = _plan(40 * MIB, _window())
     assert plain.cells == swa.cells
     assert plain.store_cap - swa.store_cap == pytest.approx(swa.window_bytes * 3 / 5, abs=2)
 
 
 def test_everything_fits_uncompressed() -> None:
-    wc = _window(True)
+    wc = _window()
     cost = KvShape(GLOBAL_T, 3, wc).cost(4096)
+    assert cost == 4096 * GLOBAL_T + 768 * WINDOW_CELL
     lay = _plan(cost, wc, max_tokens=4000)
     assert lay.cells == 4096 and lay.regular_bytes + lay.window_bytes == cost
 
 
-@pytest.mark.parametrize("full_size, mib, cells", [
-    (True, 64, 3584),  # (64 MiB) // (3072 + 15360) bytes per cell, in blocks
-    (False, 64, 16640),  # 64 MiB less 1024 window cells (ubatch 512), then 3072 per cell
-    (True, 4.5, 256),
-    (False, 15, 768),  # 1024 cells would bring 1024 window cells
+@pytest.mark.parametrize("mib, cells", [
+    (64, 16640),  # 64 MiB less 1024 window cells (ubatch 512), then 3072 per cell
+    (4.5, 256),  # 256 cells of both
+    (15, 768),  # 1024 cells would bring 1024 window cells
 ])
-def test_full_cache_counts_the_window_layers(full_size: bool, mib: float, cells: int) -> None:
-    wc = _window(full_size, ubatch=512)
+def test_full_cache_counts_the_window_layers(mib: float, cells: int) -> None:
+    wc = _window(ubatch=512)
     lay = plan_full_memory(int(mib * MIB), bytes_per_token=GLOBAL_T, max_tokens=32768, chunk=512, window_cache=wc)
     assert lay.cells == cells and lay.store_cap == 0
     assert lay.regular_bytes + lay.window_bytes <= mib * MIB
@@ -113,7 +111,7 @@ def test_full_cache_counts_the_window_layers(full_size: bool, mib: float, cells:
 
 def test_full_cache_too_small() -> None:
     with pytest.raises(UsageError, match="holds no full cache .* the smallest is 4.5 MiB"):
-        plan_full_memory(4 * MIB, bytes_per_token=GLOBAL_T, max_tokens=32768, chunk=512, window_cache=_window(True))
+        plan_full_memory(4 * MIB, bytes_per_token=GLOBAL_T, max_tokens=32768, chunk=512, window_cache=_window())
 
 
 @pytest.fixture(scope="module")

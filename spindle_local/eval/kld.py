@@ -65,7 +65,6 @@ def compare_logits(full: np.ndarray, comp: np.ndarray, targets: np.ndarray) -> F
     )
 
 
-CACHE_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 #: bytes of the model file the identity of a saved reference hashes (header, metadata and more)
 IDENTITY_BYTES = 8 << 20
 #: format of a --base file
@@ -227,6 +226,7 @@ def run_kld(model_path: str, *, text: str, context: int, continuation: int, engi
     the full-cache reference of these tokens (default: :func:`reference`, with ``base``).
     """
     from spindle_local.runtime.engine import Engine, EngineConfig
+    from spindle_local.runtime.memory import CACHE_VALUE_BYTES
 
     own = model is None
     if own:
@@ -246,7 +246,7 @@ def run_kld(model_path: str, *, text: str, context: int, continuation: int, engi
             comp_logits = _score(eng, ref.context, ref.continuation)
             s = eng.refresh_stats()
             # Quantized caches: same token count, fewer bytes per element.
-            factor = CACHE_ELEMENT_BYTES[cache_type] / 2.0
+            factor = CACHE_VALUE_BYTES[cache_type] / 2.0
             kv_bytes = int(s.kv_bytes * factor) if cfg.policy == "full" else s.kv_bytes
             # The ratio is taken after the whole continuation has been read (the state at the end).
             res = compare_logits(ref.logits, comp_logits, np.asarray(ref.continuation))

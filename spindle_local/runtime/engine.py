@@ -48,7 +48,14 @@ from spindle_local.runtime.gguf_meta import read_rope_factors
 from spindle_local.runtime.config import MIN_SLACK, POLICIES, EngineConfig  # noqa: F401
 from spindle_local.runtime.interrupt import CancelFlag, Interrupted, sigint_sets  # noqa: F401  (re-exported)
 from spindle_local.runtime.lowlevel import LlamaContext, LlamaModel
-from spindle_local.runtime.memory import STORE_UBATCH, MemoryLayout, WindowCache, format_size, plan_model_memory
+from spindle_local.runtime.memory import (
+    CACHE_VALUE_BYTES,
+    STORE_UBATCH,
+    MemoryLayout,
+    WindowCache,
+    format_size,
+    plan_model_memory,
+)
 from spindle_local.runtime.schedule import Schedule, compress_due, needs_compress
 from spindle_local.runtime.plan_source import PlanSource
 from spindle_local.runtime.window import WindowQueries
@@ -94,11 +101,9 @@ class _Checkpoint:
     stats: EngineStats
     queries: tuple[np.ndarray, list[np.ndarray | None]]
     logits: np.ndarray | None
+    window: np.ndarray | None = None  # a sliding-window model's window ring (engine_state.window_state)
     snapshot: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
 
-
-# bytes per cached value of llama.cpp's cache types (q8_0: 34 bytes per 32 values, q4_0: 18)
-_CACHE_VALUE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 class Engine:
@@ -253,19 +258,15 @@ class Engine:
 
     def _window_cache_alloc(self) -> int:
         """Bytes llama.cpp allocated for the window layers' cache of a sliding-window model (0
-        otherwise). LlamaContext leaves llama.cpp's ``swa_full`` at its default, which decides
-        between a cache as large as the context and one of ``n_swa + ubatch`` cells."""
-        import llama_cpp.llama_cpp as C
-
+        otherwise), in the context's cache type."""
         g = self.geometry
         layers = [lg for lg in g.layers if not lg.has_kv]
         if not self._windowed or not layers:
             return 0
-        per_value = _CACHE_VALUE_BYTES[self.config.cache_type]
+        per_value = CACHE_VALUE_BYTES[self.config.cache_type]
         cache = WindowCache(n_layer=len(layers), n_swa=g.n_swa, ubatch=self.ubatch,
                             bytes_per_cell=int(sum(lg.n_head_kv * (lg.head_dim_k + lg.head_dim_v)
-                                                   for lg in layers) * per_value),
-                            full_size=bool(C.llama_context_default_params().swa_full))
+                                                   for lg in layers) * per_value))
         return cache.nbytes(self.ctx.n_ctx)
 
     def refresh_stats(self) -> EngineStats:
@@ -298,14 +299,29 @@ class Engine:
         """
         if n >= self.n_past:
             return True
-        p_min, _ = self.ctx.pos_range()
-        if n < p_min or (p_min < 0 and self._store_layers):
+        if not self._holds_context_of(n):
             return False
         self._before_irreversible()
         self.ctx.seq_rm(n, -1)
         del self.tokens[n:]
         self.ctx.next_pos = n
         self.queries.truncate(n)
+        return True
+
+    def _holds_context_of(self, n: int) -> bool:
+        """Do the caches still hold exactly what a token at position ``n`` attends to?
+
+        Every token from ``n`` on must be in the regular cache (none compressed: it holds
+        positions ``n_past - kv_used`` on), and a sliding-window model's window ring must
+        still hold the ``n_swa`` tokens before ``n``: the ring reuses the cells of tokens its
+        window has passed (llama.cpp reports the ring's first position for such a model).
+        """
+        if n < self.n_past - self.ctx.kv_used():
+            return False
+        if self._windowed and n > 0:
+            ring_min, _ = self.ctx.pos_range()
+            if ring_min > max(0, n - self.geometry.n_swa):
+                return False
         return True
 
     def close(self) -> None:
@@ -505,15 +521,20 @@ class Engine:
         Cheap when the body only appends regular tokens (they are truncated again). The
         first change a truncation cannot undo (a compression moving tokens into the store,
         a truncate or reset) snapshots the whole KV state in memory first, with the
-        machinery of saved sessions (:mod:`.session`), and a rollback restores it.
+        machinery of saved sessions (:mod:`.session`), and a rollback restores it. A
+        sliding-window model's window ring overwrites what a truncation would need, so
+        its ring (small) is copied at the start.
         """
         if self._checkpoint is not None:  # nested: the outer transaction undoes everything
             yield
             return
+        from spindle_local.runtime import engine_state
+
         self._checkpoint = cp = _Checkpoint(
             tokens=list(self.tokens), next_pos=self.ctx.next_pos, allowance=self._allowance,
             stats=replace(self.stats, extra=dict(self.stats.extra)), queries=self.queries.snapshot(),
-            logits=None if self.ctx._logits is None else self.ctx._logits.copy())
+            logits=None if self.ctx._logits is None else self.ctx._logits.copy(),
+            window=engine_state.window_state(self) if self._windowed and self.tokens else None)
         try:
             yield
         except BaseException:
@@ -539,6 +560,10 @@ class Engine:
         try:
             if cp.snapshot is not None:
                 self.load_state_dict(*cp.snapshot)
+            if cp.window is not None:
+                from spindle_local.runtime import engine_state
+
+                engine_state.set_window_state(self, cp.window)
             n = len(cp.tokens)
             if self.tokens[:n] != cp.tokens or not self.truncate(n):
                 raise SpindleError("internal: the engine cannot return to the state before the interrupted work")

@@ -26,25 +26,47 @@ class StateError(SpindleError):
     """A saved state this engine cannot take (another build's cache, a missing array)."""
 
 
-def _regular_state(engine) -> np.ndarray:
+#: llama.cpp's state flag for the window layers' cache alone (LLAMA_STATE_SEQ_FLAGS_SWA_ONLY)
+WINDOW_ONLY = 1
+
+
+def _regular_state(engine, flags: int = 0) -> np.ndarray:
     import llama_cpp.llama_cpp as C
 
     ctx = engine.ctx.ctx
-    n = int(C.llama_state_seq_get_size(ctx, 0))
+    n = int(C.llama_state_seq_get_size_ext(ctx, 0, flags))
     buf = (ctypes.c_uint8 * n)()
-    got = int(C.llama_state_seq_get_data(ctx, buf, n, 0))
+    got = int(C.llama_state_seq_get_data_ext(ctx, buf, n, 0, flags))
     if got != n:
         raise SpindleError(f"llama.cpp wrote {got} of {n} bytes of the KV cache state")
     return np.frombuffer(buf, dtype=np.uint8).copy()
 
 
-def _set_regular_state(engine, data: np.ndarray) -> None:
+def _set_regular_state(engine, data: np.ndarray, flags: int = 0) -> None:
     import llama_cpp.llama_cpp as C
 
     raw = np.ascontiguousarray(data, dtype=np.uint8)
     buf = (ctypes.c_uint8 * raw.size).from_buffer_copy(raw.tobytes())
-    if raw.size and int(C.llama_state_seq_set_data(engine.ctx.ctx, buf, raw.size, 0)) == 0:
+    if raw.size and int(C.llama_state_seq_set_data_ext(engine.ctx.ctx, buf, raw.size, 0, flags)) == 0:
         raise StateError("llama.cpp refused the saved KV cache (does the session fit this build's cache?)")
+
+
+def window_state(engine) -> np.ndarray:
+    """The window layers' ring of a sliding-window model, to return to with
+    :func:`set_window_state`: the tokens the next position attends to in those layers.
+
+    The ring reuses the cells of tokens its window has passed, and a truncation cannot bring
+    them back; a transaction keeps this copy (``n_swa + ubatch`` cells at most) to return to
+    its start. Laid out first as the restore will lay it out (:func:`_canonical_layout`).
+    """
+    native.compact_window(engine.ctx)
+    return _regular_state(engine, WINDOW_ONLY)
+
+
+def set_window_state(engine, data: np.ndarray) -> None:
+    """Replace the window layers' ring with one :func:`window_state` returned (the global
+    layers' cache and the store are left as they are)."""
+    _set_regular_state(engine, data, WINDOW_ONLY)
 
 
 def _put_side(out: dict, key: str, raw: np.ndarray | None, cb: Codebook | None) -> None:

@@ -155,6 +155,9 @@ class LlamaContext:
         params.type_k = _cache_type(type_k)
         params.type_v = _cache_type(type_v)
         params.no_perf = True
+        # a sliding-window model's window layers get a ring of n_swa + ubatch cells, not a
+        # cache as large as the context (llama.cpp's library default; its tools turn it off)
+        params.swa_full = False
         self._cb = None
         if cb_eval is not None:
             self._cb = C.ggml_backend_sched_eval_callback(lambda t, ask, ud: bool(cb_eval(int(t or 0), bool(ask))))

@@ -16,8 +16,7 @@ A model with interleaved sliding-window attention (Gemma 3) has two caches: the 
 layers' cache, which grows with the context and which the store serves, and the window
 layers' cache, which llama.cpp keeps itself (:class:`WindowCache`). The window layers'
 cache is taken off M first; the rest is split as above, with the bytes per token of the
-global layers only. Each regular-cache cell costs the global layers' bytes per token, plus
-the window layers' when their cache is as large as the context.
+global layers only.
 
 Nothing here loads llama.cpp: the CLI refuses an impossible value before loading.
 """
@@ -37,9 +36,8 @@ CELL_BLOCK = 256  # llama.cpp pads the cache allocation to a multiple of this ma
 MIN_STORE_TOKENS = 64  # smallest store worth having: sinks plus a few dozen tokens (raw rows)
 ALIGN_SLACK_PER_LAYER = 4096  # per-tensor alignment of the store's backend buffers, generously
 STORE_UBATCH = 256  # largest ubatch of a context that may hold a store
-# LlamaContext leaves llama.cpp's ``swa_full`` at its default (true): the window layers get
-# as many cells as the context (the engine checks the default when it creates a context)
-FULL_SIZE_WINDOW_CACHE = True
+#: bytes per cached value of llama.cpp's cache types (q8_0: 34 bytes per 32 values, q4_0: 18)
+CACHE_VALUE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 # llama.cpp's layer pattern of the interleaved sliding-window architectures when the GGUF
 # has no ``attention.sliding_window_pattern``: with pattern p, layer il is a window layer
 # unless il % p == p - 1
@@ -76,21 +74,21 @@ class WindowCache:
     """The window layers' cache of an interleaved sliding-window model, as llama.cpp sizes it.
 
     Those layers attend to their last ``n_swa`` tokens only, and llama.cpp reuses the cells
-    of older tokens. With ``full_size`` (llama.cpp's ``swa_full``) the cache has as many
-    cells as the context; otherwise ``n_swa + ubatch``, padded to whole blocks, at most the
-    context's. Either way a context that outgrows its cells (older tokens in the store)
-    needs ``n_swa + ubatch`` cells there, or a full window leaves no room for a ubatch.
+    of older tokens as a ring: the cache has ``n_swa + ubatch`` cells, padded to whole
+    blocks, at most the context's (contexts are created with llama.cpp's ``swa_full`` off,
+    as llama.cpp's own tools do). A context that outgrows its cells (older tokens in the
+    store) needs that many cells in the global layers too, or a full window leaves no room
+    for a ubatch.
     """
 
     n_layer: int  # window layers
     bytes_per_cell: int  # one cell of every window layer, K and V (f16)
     n_swa: int
     ubatch: int
-    full_size: bool = FULL_SIZE_WINDOW_CACHE
 
     def cells(self, n_ctx: int) -> int:
         """Cells llama.cpp allocates per window layer for a context of ``n_ctx`` cells."""
-        return n_ctx if self.full_size else _blocks(min(n_ctx, self.n_swa + self.ubatch))
+        return _blocks(min(n_ctx, self.n_swa + self.ubatch))
 
     def nbytes(self, n_ctx: int) -> int:
         return self.cells(n_ctx) * self.bytes_per_cell
@@ -191,12 +189,8 @@ def _split_cells(kv_mem: int, shape: KvShape, recent: int, chunk: int) -> int:
     what the window layers' fixed cache leaves, at most ``recent + chunk``, and never so many
     that the store is left less than the minimum."""
     low = shape.min_cells()
-    fixed = shape.cost(low) - low * shape.bytes_per_token  # window cache; per cell when full-size
-    per_cell = shape.bytes_per_token
-    wc = shape.window_cache
-    if wc is not None and wc.full_size:
-        fixed, per_cell = 0, per_cell + wc.bytes_per_cell
-    half = (kv_mem - fixed) // 2 // per_cell
+    fixed = shape.cost(low) - low * shape.bytes_per_token  # the window layers' cache
+    half = (kv_mem - fixed) // 2 // shape.bytes_per_token
     cells = max(low, half // CELL_BLOCK * CELL_BLOCK)
     cells = max(low, min(cells, _blocks(recent + chunk)))
     while cells > low and _store_cap(kv_mem - shape.cost(cells), shape.n_layer) < \
