@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spindle_local.testing.tiny_gguf import TinySpec, _vocab, add_vocab, write_and_close
+from spindle_local.testing.tiny_gguf import TinySpec, _vocab, add_hparams, add_vocab, write_and_close
 
 __all__ = ["FAMILIES", "FamilySpec", "llama3_rope_factors", "write_tiny_family"]
 
@@ -197,21 +197,9 @@ def write_tiny_family(
     qk_norms = family in ("qwen3", "gemma3")
 
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"spindle-tiny-{family}")
-    w.add_context_length(n_ctx_train)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    if family not in ("qwen2", "phi3"):  # these derive the head size from n_embd / n_head
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(rope_base)
-    w.add_layer_norm_rms_eps(rms_eps)
-    w.add_vocab_size(n_vocab)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    add_hparams(w, f"spindle-tiny-{family}", n_ctx_train=n_ctx_train, n_embd=n_embd, n_layer=n_layer, n_ff=n_ff,
+                n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, rope_base=rope_base, rms_eps=rms_eps,
+                n_vocab=n_vocab, head_size=family not in ("qwen2", "phi3"))  # these derive it from n_embd / n_head
 
     swa_layers: tuple[int, ...] = ()
     if family == "gemma3":

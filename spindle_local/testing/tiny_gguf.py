@@ -128,20 +128,9 @@ def write_tiny_llama(
     branch = 0.5
 
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("spindle-tiny-llama")
-    w.add_context_length(n_ctx_train)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(rope_base)
-    w.add_layer_norm_rms_eps(rms_eps)
-    w.add_vocab_size(n_vocab)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    add_hparams(w, "spindle-tiny-llama", n_ctx_train=n_ctx_train, n_embd=n_embd, n_layer=n_layer, n_ff=n_ff,
+                n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, rope_base=rope_base, rms_eps=rms_eps,
+                n_vocab=n_vocab)
 
     add_vocab(w, *_vocab(n_vocab))
 
@@ -165,6 +154,30 @@ def write_tiny_llama(
     write_and_close(w)
     return TinySpec(path, n_layer, n_embd, n_head, n_head_kv, head_dim, n_ff, n_vocab, n_ctx_train,
                     float(rope_base), float(rms_eps), seed)
+
+
+def add_hparams(w, name: str, *, n_ctx_train: int, n_embd: int, n_layer: int, n_ff: int, n_head: int,
+                n_head_kv: int, head_dim: int, rope_base: float, rms_eps: float, n_vocab: int,
+                head_size: bool = True) -> None:
+    """The hyper-parameters every tiny model's header carries (f32 tensors); ``head_size``
+    False for families that derive it from ``n_embd / n_head``."""
+    import gguf
+
+    w.add_name(name)
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    if head_size:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(rope_base)
+    w.add_layer_norm_rms_eps(rms_eps)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
 
 
 def add_vocab(w, tokens: list[bytes], scores: list[float], types: list[int]) -> None:
