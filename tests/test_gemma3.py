@@ -143,6 +143,13 @@ def test_truncation_and_rollback_with_the_window_ring(gemma3: Path, doc: list[in
         assert eng.tokens == doc[:1450] and eng.n_past == 1450
         np.testing.assert_array_equal(eng.ctx.logits(), ref.ctx.logits())
         same_next(doc[1450:1500])
+        # a ubatch read after position 1500 reuses only cells the window at 1500 has passed,
+        # the next one at most the first position that window still shows (1500 - 512):
+        # taking both back is exact
+        eng.feed(doc[1500:1757])
+        assert eng.ctx.pos_range()[0] == 1500 - 512 + 1
+        assert eng.truncate(1500)
+        same_next(doc[1500:1510])
     finally:
         eng.close()
         ref.close()

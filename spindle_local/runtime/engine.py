@@ -313,14 +313,16 @@ class Engine:
 
         Every token from ``n`` on must be in the regular cache (none compressed: it holds
         positions ``n_past - kv_used`` on), and a sliding-window model's window ring must
-        still hold the ``n_swa`` tokens before ``n``: the ring reuses the cells of tokens its
-        window has passed (llama.cpp reports the ring's first position for such a model).
+        still hold the tokens before ``n`` that its window shows the token at ``n``
+        (positions ``n - n_swa + 1`` on; a chunked window starts no earlier): the ring
+        reuses the cells of tokens its window has passed, oldest first, and llama.cpp
+        reports the ring's first position for such a model.
         """
         if n < self.n_past - self.ctx.kv_used():
             return False
         if self._windowed and n > 0:
             ring_min, _ = self.ctx.pos_range()
-            if ring_min > max(0, n - self.geometry.n_swa):
+            if ring_min > max(0, n - self.geometry.n_swa + 1):
                 return False
         return True
 
