@@ -13,6 +13,7 @@ from spindle_local.policy.salience import (
     run_positions_ref,
     salient_positions,
     salient_runs,
+    salient_scan,
     salient_tokens,
     token_information,
     token_information_ref,
@@ -29,6 +30,18 @@ def test_salient_tokens_rule() -> None:
     # digits and mid-sentence capitals; sentence-initial capitals ("Alice", "Then", "The") are not names
     assert got == ["4", "8", "1", "5", "2", " Bob", " Paris", " 1999"]
     assert not salient_tokens([]).any()
+
+
+@pytest.mark.parametrize("cut", range(0, 25, 3))
+def test_salient_tokens_in_parts(cut: int) -> None:
+    """A text classified in two parts (the engine extends its flags as it reads) gives what
+    the whole text gives, wherever the cut falls: mid-sentence, after a sentence end, on a
+    newline."""
+    pieces = ["The", " pass", " key", " is", " ", "4", "8", ".", " Alice", " met", " Bob", ".", "\n",
+              "Then", " Carol", " left", ":", " Dave", " said", " 12", ".", " ", "\n", " Eve", " Frank"]
+    head, ended = salient_scan(pieces[:cut])
+    tail, _ = salient_scan(pieces[cut:], ended)
+    assert np.concatenate([head, tail]).tolist() == salient_tokens(pieces).tolist()
 
 
 def test_runs() -> None:

@@ -39,22 +39,28 @@ def salient_tokens(pieces: list[str]) -> np.ndarray:
     A piece is salient when it has a digit, or when it begins a capitalised word that
     does not follow a sentence end (sentence-initial capitals are not names).
     """
+    return salient_scan(pieces)[0]
+
+
+def salient_scan(pieces: list[str], prev_end: bool = True) -> tuple[np.ndarray, bool]:
+    """:func:`salient_tokens` of ``pieces`` that continue a text, and whether they end a
+    sentence: a piece depends only on the pieces before it, through ``prev_end`` (does the
+    text so far end a sentence; True at its start), so a growing text is classified a
+    part at a time."""
     out = np.zeros(len(pieces), dtype=bool)
-    prev_end = True  # the start of a text is a sentence start
     for i, piece in enumerate(pieces):
         if any(c.isdigit() for c in piece):
             out[i] = True
         else:
             word = piece.lstrip()
-            starts_word = bool(word) and (piece[:1].isspace() or prev_end or i == 0)
-            if starts_word and word[:1].isupper() and not prev_end:
-                out[i] = True
+            if word[:1].isupper() and not prev_end and piece[:1].isspace():
+                out[i] = True  # a capitalised word inside a sentence
         stripped = piece.rstrip(" \t")
         if stripped:
             prev_end = stripped.endswith(_SENTENCE_END) or piece.endswith("\n")
         elif "\n" in piece:
             prev_end = True
-    return out
+    return out, prev_end
 
 
 @njit(cache=True, nogil=True)

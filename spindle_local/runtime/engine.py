@@ -147,8 +147,8 @@ class Engine:
         # bytes per token of the layers the store serves, and the window layers' cache: held
         # alike by every policy (and by a full cache), it counts on both sides of the ratio
         self.bytes_per_token = full_cache_bytes(1, pg.n_layer, pg.n_head_kv, pg.head_dim_k, pg.head_dim_v)
-        self.fixed_bytes = self._window_layers_bytes()
-        self.window_cache_bytes = self._window_cache_alloc()  # what llama.cpp allocated for them
+        self.fixed_bytes = self._window_cache_bytes("f16")
+        self.window_cache_bytes = self._window_cache_bytes(cfg.cache_type)  # what llama.cpp allocated
         self.rope_ok = roper.rope_supported(g.rope_type, g.ext_factor)
         # per-frequency factors the graph's RoPE divides by (Llama 3.1 style); host RoPE too
         self.rope_factors = read_rope_factors(model_path) if self.meta.rope_factors else None
@@ -174,6 +174,9 @@ class Engine:
         # step and generate look at it only between native calls and raise Interrupted.
         self.cancel = CancelFlag()
         self._checkpoint: _Checkpoint | None = None  # inside transaction(): the state to return to
+        # salient-token classification of the tokens so far, and token pieces by id (_salient_flags)
+        self._salient_memo: tuple[list[int], np.ndarray, bool, np.ndarray] | None = None
+        self._pieces: dict[int, str] = {}
         self.finish_reason: str | None = None  # why the last generate() ended: stop, length, context
 
     def _allocation(self, model_path: str | Path) -> tuple[int, int]:
@@ -244,29 +247,17 @@ class Engine:
         layers included)."""
         return int(self.ctx.cache_bytes()[1]) + self.window_cache_bytes
 
-    def _window_layers_bytes(self) -> int:
-        """Bytes of the window the window layers of a sliding-window model need (0 otherwise):
-        ``n_swa + ubatch`` cells, padded to 256, at most the context's. The schedule counts
-        them on both sides of the reserve ratio; llama.cpp may allocate more
-        (:meth:`_window_cache_alloc`)."""
-        g = self.geometry
-        if not self._windowed:
-            return 0
-        cells = min(self.ctx.n_ctx, -(-(g.n_swa + self.ubatch) // 256) * 256)
-        return int(sum(cells * lg.n_head_kv * (lg.head_dim_k + lg.head_dim_v) * 2
-                       for lg in g.layers if not lg.has_kv))
-
-    def _window_cache_alloc(self) -> int:
-        """Bytes llama.cpp allocated for the window layers' cache of a sliding-window model (0
-        otherwise), in the context's cache type."""
+    def _window_cache_bytes(self, cache_type: str) -> int:
+        """Bytes of the window layers' ring of a sliding-window model (0 otherwise): ``n_swa +
+        ubatch`` cells, padded, at most the context's, in ``cache_type``. At f16 it is what the
+        schedule counts on both sides of the reserve ratio (a full cache holds it too)."""
         g = self.geometry
         layers = [lg for lg in g.layers if not lg.has_kv]
         if not self._windowed or not layers:
             return 0
-        per_value = CACHE_VALUE_BYTES[self.config.cache_type]
         cache = WindowCache(n_layer=len(layers), n_swa=g.n_swa, ubatch=self.ubatch,
                             bytes_per_cell=int(sum(lg.n_head_kv * (lg.head_dim_k + lg.head_dim_v)
-                                                   for lg in layers) * per_value))
+                                                   for lg in layers) * CACHE_VALUE_BYTES[cache_type]))
         return cache.nbytes(self.ctx.n_ctx)
 
     def refresh_stats(self) -> EngineStats:
@@ -785,25 +776,29 @@ class Engine:
     def _salient_flags(self) -> np.ndarray:
         """float [n_past]: run priority of the conversation's salient tokens, 0 elsewhere (policy/salience.py).
 
-        Computed once per set of tokens (every layer of a plan reads it) from token pieces
-        cached by id."""
-        from spindle_local.policy.salience import run_priority, salient_tokens
+        Computed once per set of tokens (every layer of a plan reads it). Which tokens are
+        salient is kept from plan to plan and extended by the tokens read since (the
+        classification runs in Python, one piece at a time, and would otherwise cost every
+        plan time in proportion to the whole conversation); the priorities are numpy."""
+        from spindle_local.policy.salience import run_priority, salient_scan
 
-        memo = getattr(self, "_salient_memo", None)
+        memo = self._salient_memo
         if memo is not None and memo[0] == self.tokens:
-            return memo[1]
-        cache = getattr(self, "_pieces", None)
-        if cache is None:
-            cache = self._pieces = {}
+            return memo[3]
+        done, flags, prev_end = 0, np.zeros(0, dtype=bool), True
+        if memo is not None and len(memo[0]) <= len(self.tokens) and self.tokens[:len(memo[0])] == memo[0]:
+            done, flags, prev_end = len(memo[0]), memo[1], memo[2]
         pieces = []
-        for t in self.tokens:
-            piece = cache.get(t)
+        for t in self.tokens[done:]:
+            piece = self._pieces.get(t)
             if piece is None:
-                piece = cache[t] = self.model.token_to_piece(t)
+                piece = self._pieces[t] = self.model.token_to_piece(t)
             pieces.append(piece)
-        flags = run_priority(np.asarray(self.tokens), salient_tokens(pieces))
-        self._salient_memo = (list(self.tokens), flags)
-        return flags
+        more, prev_end = salient_scan(pieces, prev_end)
+        flags = np.concatenate([flags, more])
+        prio = run_priority(np.asarray(self.tokens), flags)
+        self._salient_memo = (list(self.tokens), flags, prev_end, prio)
+        return prio
 
     def _rope_args(self, il: int) -> dict:
         lg = self.geometry.layers[il]
