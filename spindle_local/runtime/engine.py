@@ -105,7 +105,6 @@ class _Checkpoint:
     snapshot: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
 
 
-
 class Engine:
     """A model, one context, one conversation's tokens, and the compression schedule."""
 

@@ -82,7 +82,7 @@ class WindowCache:
     """
 
     n_layer: int  # window layers
-    bytes_per_cell: int  # one cell of every window layer, K and V (f16)
+    bytes_per_cell: int  # one cell of every window layer, K and V, in the cache's type
     n_swa: int
     ubatch: int
 
