@@ -244,3 +244,39 @@ def test_plan_source_counts_host_bytes(default_model: Path, pydoc_tokens: list[i
         assert src.host_bytes_read == before  # a deep layer is scored in the patch
     finally:
         eng.close()
+
+
+_NUMBA_PROBE = """
+import json, sys
+from spindle_local.runtime.config import EngineConfig
+from spindle_local.runtime.engine import Engine
+model, tokens, policy, stages = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3], json.loads(sys.argv[4])
+cfg = EngineConfig(policy=policy, kv_budget=0.25, n_cells=768, recent=256, chunk=256, n_threads=2,
+                   flash_attn=False, stages=stages)
+eng = Engine(model, cfg)
+eng.feed(tokens)
+print(json.dumps({"compressions": eng.stats.compressions, "numba": "numba" in sys.modules}))
+eng.close()
+"""
+
+
+@pytest.mark.parametrize("policy,stages,loads", [
+    ("snapkv", {}, False), ("spindle", {"codebooks": "off"}, False), ("spindle", {}, True),
+])
+def test_eviction_plans_do_not_load_numba(default_model: Path, pydoc_tokens: list[int], tmp_path: Path,
+                                          policy: str, stages: dict, loads: bool) -> None:
+    """numba and its kernels cost 110-130 MiB of the process; only layers read to the host
+    (codebook candidates) need them, so plans whose layers are all scored in the patch run
+    without importing it (a fresh interpreter: this one has loaded numba already)."""
+    import json
+    import subprocess
+    import sys
+
+    toks = tmp_path / "tokens.json"
+    toks.write_text(json.dumps(pydoc_tokens[:1800]))
+    out = subprocess.run([sys.executable, "-c", _NUMBA_PROBE, str(default_model), str(toks), policy,
+                          json.dumps(stages)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["compressions"] >= 2
+    assert got["numba"] is loads

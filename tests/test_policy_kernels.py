@@ -1,4 +1,4 @@
-"""Numba kernels of the policy agree with their plain-numpy references."""
+"""Kernels of the policy (numba, or vectorised numpy) agree with their plain references."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from spindle_local.policy.inputs import Geometry
 from spindle_local.policy.stages import WindowScorer
 from spindle_local.policy.roles import _attn_out_nb, attn_out_ref
 from spindle_local.policy.scores import (
-    _pool_nb,
     _softmax_colmean_nb,
     attention_logits,
     attention_logits_ref,
     layer_logits,
     pool_ref,
+    pool_scores,
     pool_window_scores,
     raw_window_scores,
     softmax_colmean_ref,
@@ -62,7 +62,11 @@ def test_softmax_colmean_agree_with_causal_mask():
 @pytest.mark.parametrize("kernel", [1, 4, 7])
 def test_pooling_agree(mode, kernel):
     s = np.random.default_rng(2).random((3, 23)).astype(np.float32)
-    np.testing.assert_allclose(_pool_nb(s, kernel, mode == "max"), pool_ref(s, kernel, mode), rtol=1e-6)
+    out = pool_scores(s, kernel, mode)
+    np.testing.assert_allclose(out, pool_ref(s, kernel, mode), rtol=1e-6)
+    assert out.shape == s.shape and out.dtype == s.dtype
+    if kernel > 1:
+        assert not np.allclose(out, s)
 
 
 CTX = {"sinks": 4, "scale": 0.25}  # 1/sqrt(16)

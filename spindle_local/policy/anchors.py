@@ -24,16 +24,16 @@ tenth) of some deep head's window attention. With 1 % the cap filled up with run
 ordinary tokens once misfits were skipped, and a 6,000-token key was lost at 0.25.
 
 Kernels: :func:`anchor_strength` (numpy; per position, the best share over layers and
-query heads) and :func:`span_positions` / :func:`span_positions_ref` (numba / numpy:
+query heads) and :func:`span_positions` / :func:`span_positions_ref` (index intervals / sets:
 anchors → protected positions under the cap).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from .inputs import LayerInput
+from .salience import greedy_intervals
 
 
 def head_shares(scores: np.ndarray, positions: np.ndarray, sinks: int) -> np.ndarray:
@@ -59,33 +59,8 @@ def anchor_strength(layers: list[LayerInput], scores: list[np.ndarray], first_la
     return union, best
 
 
-@njit(cache=True, nogil=True)
-def _span_positions_nb(positions: np.ndarray, order: np.ndarray, span: int, cap: int) -> np.ndarray:
-    n = positions.shape[0]
-    taken = np.zeros(n, dtype=np.bool_)
-    count = 0
-    for t in range(order.shape[0]):
-        a = order[t]
-        # the anchor's run: itself and the next `span` positions present in the input
-        need = 0
-        lim = positions[a] + span
-        j = a
-        while j < n and positions[j] <= lim:
-            if not taken[j]:
-                need += 1
-            j += 1
-        if count + need > cap:
-            continue  # a run that does not fit any more; a shorter one further down may
-        j = a
-        while j < n and positions[j] <= lim:
-            taken[j] = True
-            j += 1
-        count += need
-    return positions[taken]
-
-
 def span_positions_ref(positions: np.ndarray, order: np.ndarray, span: int, cap: int) -> np.ndarray:
-    """Numpy reference of ``_span_positions_nb``: anchors in ``order`` (indices into the
+    """Reference of :func:`span_positions`: anchors in ``order`` (indices into the
     ascending ``positions``), each with every position up to ``span`` after it, taken
     whole while the union stays within ``cap`` (a run that would pass it is skipped);
     returns the protected positions."""
@@ -99,9 +74,12 @@ def span_positions_ref(positions: np.ndarray, order: np.ndarray, span: int, cap:
 
 
 def span_positions(positions: np.ndarray, order: np.ndarray, span: int, cap: int) -> np.ndarray:
-    """Protected positions for anchors ``order`` (see :func:`span_positions_ref`)."""
-    return _span_positions_nb(np.ascontiguousarray(positions, np.int64), np.ascontiguousarray(order, np.int64),
-                              int(span), int(cap))
+    """Protected positions for anchors ``order`` (see :func:`span_positions_ref`): with
+    ascending positions each anchor's run is the index interval up to ``positions[a] + span``."""
+    pos = np.asarray(positions, np.int64)
+    order = np.asarray(order, np.int64)
+    hi = np.searchsorted(pos, pos[order] + span, side="right")
+    return pos[greedy_intervals(len(pos), order, hi, cap)]
 
 
 def copy_spans(layers: list[LayerInput], scores: list[np.ndarray], *, first_layer: int, span: int,

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .budgets import codebook_layer_bytes, raw_slot_bytes
-from .codebook import build_codebook, distinct_prefix_counts, subset_codebook
 from .inputs import Geometry, LayerInput
 from .stages import Codebooks, GroupSelect
 from .parallel import pmap
@@ -75,6 +74,8 @@ def head_store(
             raise ValueError(f"layer {inp.layer}: a codebook needs the layer's vectors")
         hs.source = np.asarray(inp.source)[sel, h].astype(np.int32)
         return hs
+    from .codebook import subset_codebook  # numba loads with the first codebook layer (see .jit)
+
     if k_cb is None:
         hs.k_raw = np.ascontiguousarray(inp.k[sel, h, :], dtype=np.float32)
     else:
@@ -181,6 +182,8 @@ def fit_codebook_layer(
     ``layout`` forces (K codebook?, V codebook?); by default the layout keeping the most
     tokens wins. ``options`` of the result lists the slots every layout would keep.
     """
+    from .codebook import build_codebook, distinct_prefix_counts, subset_codebook  # numba: see .jit
+
     n = inp.n
     g, hkv = geometry.g, geometry.n_head_kv
     dk, dv = geometry.head_dim_k, geometry.head_dim_v

@@ -27,9 +27,9 @@ import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from numba import njit
 
 from .inputs import Geometry, LayerInput
+from .jit import lazy_njit
 from .stages import Codebooks, GroupSelect, PlanContext, WindowScorer
 from .layer_plans import evict_layer, fit_codebook_layer, protect
 from .plan import LayerStore
@@ -37,7 +37,7 @@ from .rope import RopeMap, infer_rope
 from .scores import attention_logits, window_scores
 
 
-@njit(cache=True, fastmath=True, nogil=True)
+@lazy_njit(cache=True, fastmath=True, nogil=True)
 def _attn_out_nb(logits: np.ndarray, key_pos: np.ndarray, q_pos: np.ndarray, vals: np.ndarray) -> np.ndarray:
     w, m = logits.shape
     dv = vals.shape[1]

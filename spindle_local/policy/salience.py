@@ -21,14 +21,13 @@ newest.
 
 Classification needs token text, which the policy does not have: the engine passes
 :func:`salient_tokens` of the token pieces (a plain-Python function, kept here with the
-rule it implements). Kernels: :func:`run_positions` (numba) / :func:`run_positions_ref`,
+rule it implements). Kernels: :func:`run_positions` (index intervals) / :func:`run_positions_ref` (sets),
 :func:`token_information` (vectorised) / :func:`token_information_ref` (a loop).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 _SENTENCE_END = (".", "!", "?", ":", "\n", '"', "'", ">", "*", "#", "-")
 
@@ -63,29 +62,6 @@ def salient_scan(pieces: list[str], prev_end: bool = True) -> tuple[np.ndarray, 
     return out, prev_end
 
 
-@njit(cache=True, nogil=True)
-def _run_positions_nb(positions: np.ndarray, salient: np.ndarray, order: np.ndarray, starts: np.ndarray,
-                      ends: np.ndarray, before: int, after: int, cap: int) -> np.ndarray:
-    n = positions.shape[0]
-    taken = np.zeros(n, dtype=np.bool_)
-    count = 0
-    for t in range(order.shape[0]):
-        r = order[t]
-        lo = positions[starts[r]] - before
-        hi = positions[ends[r]] + after
-        need = 0
-        for j in range(n):
-            if positions[j] >= lo and positions[j] <= hi and not taken[j]:
-                need += 1
-        if count + need > cap:
-            continue
-        for j in range(n):
-            if positions[j] >= lo and positions[j] <= hi:
-                taken[j] = True
-        count += need
-    return positions[taken]
-
-
 def salient_runs(salient: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(start, end) indices, inclusive, of the maximal runs of True (non-zero) in ``salient``."""
     s = np.asarray(salient) > 0
@@ -113,11 +89,33 @@ def run_positions_ref(positions: np.ndarray, salient: np.ndarray, order: np.ndar
 
 def run_positions(positions: np.ndarray, salient: np.ndarray, order: np.ndarray, before: int,
                   after: int, cap: int) -> np.ndarray:
-    """Protected positions (ascending) for the salient runs in ``order``; see the reference."""
+    """Protected positions (ascending) for the salient runs in ``order``; see the reference.
+
+    Positions are ascending, so a widened run is an index interval (two binary searches);
+    the greedy walk over the runs is a loop of slice operations.
+    """
+    pos = np.asarray(positions, np.int64)
     starts, ends = salient_runs(salient)
-    return _run_positions_nb(np.ascontiguousarray(positions, np.int64), np.asarray(salient) > 0,
-                             np.ascontiguousarray(order, np.int64), starts, ends, int(before), int(after),
-                             int(cap))
+    order = np.asarray(order, np.int64)
+    lo = np.searchsorted(pos, pos[starts[order]] - before, side="left")
+    hi = np.searchsorted(pos, pos[ends[order]] + after, side="right")
+    return pos[greedy_intervals(len(pos), lo, hi, cap)]
+
+
+def greedy_intervals(n: int, lo: np.ndarray, hi: np.ndarray, cap: int) -> np.ndarray:
+    """bool [n]: index intervals ``[lo[i], hi[i])`` taken whole, in order, while the union
+    stays within ``cap`` indices (an interval that would pass it is skipped; a later,
+    shorter one may still fit)."""
+    taken = np.zeros(n, dtype=bool)
+    count = 0
+    for a, b in zip(lo.tolist(), hi.tolist()):
+        if count >= cap:
+            break
+        need = (b - a) - int(np.count_nonzero(taken[a:b]))
+        if need and count + need <= cap:
+            taken[a:b] = True
+            count += need
+    return taken
 
 
 def _earlier(keys: np.ndarray) -> np.ndarray:

@@ -10,10 +10,12 @@ An old token's score is its attention averaged over the window queries whose pos
 lets them see it.
 
 The Q K^T products (``_logits_nb`` / :func:`attention_logits_ref`), the masked softmax
-and the column average are numba kernels; the latter two are fused in
-``_softmax_colmean_nb`` (reference :func:`softmax_colmean_ref`). Pooling (max or
-average over ``kernel`` neighbouring positions, 'same' padding, SnapKV style) has the
-pair ``_pool_nb`` / :func:`pool_ref`.
+and the column average are numba kernels, loaded at their first call (:mod:`.jit`): only
+layers read to the host need them; the latter two are fused in ``_softmax_colmean_nb``
+(reference :func:`softmax_colmean_ref`). Pooling (max or average over ``kernel``
+neighbouring positions, 'same' padding, SnapKV style) is vectorised numpy,
+:func:`pool_scores` (reference :func:`pool_ref`), since every layer's scores pass
+through it, including the layers scored in the patch.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 
 from .inputs import Geometry, LayerInput
+from .jit import lazy_njit
 from .stages import WindowScorer
 
 # Logit of a (token, KV head) pair the store no longer holds. Finite on purpose: the
@@ -31,7 +33,7 @@ from .stages import WindowScorer
 UNAVAILABLE_LOGIT = np.float32(-1e30)
 
 
-@njit(cache=True, fastmath=True, nogil=True)
+@lazy_njit(cache=True, fastmath=True, nogil=True)
 def _softmax_colmean_nb(
     logits_old: np.ndarray,  # f32 [H, w, n]
     logits_rec: np.ndarray,  # f32 [H, w, r]
@@ -107,53 +109,44 @@ def softmax_colmean_ref(
     return (a.sum(axis=1) / np.maximum(count, 1)[None, :]).astype(np.float32)
 
 
-@njit(cache=True, nogil=True)
-def _pool_nb(scores: np.ndarray, kernel: int, mode_max: bool) -> np.ndarray:
+def pool_ref(scores: np.ndarray, kernel: int, mode: str) -> np.ndarray:
+    """Loop reference of :func:`pool_scores`: 'same'-size 1-D pooling, the window
+    ``[a - kernel // 2, a - kernel // 2 + kernel)`` of each position clipped to the valid part."""
     n_h, n = scores.shape
     out = np.empty_like(scores)
     half = kernel // 2
     for h in range(n_h):
         for a in range(n):
-            lo = max(0, a - half)
-            hi = min(n, a - half + kernel)
-            if mode_max:
-                m = scores[h, lo]
-                for b in range(lo + 1, hi):
-                    if scores[h, b] > m:
-                        m = scores[h, b]
-                out[h, a] = m
-            else:
-                s = 0.0
-                for b in range(lo, hi):
-                    s += scores[h, b]
-                out[h, a] = s / (hi - lo)
+            win = scores[h, max(0, a - half): min(n, a - half + kernel)]
+            out[h, a] = win.max() if mode == "max" else win.astype(np.float64).mean()
     return out
 
 
-def pool_ref(scores: np.ndarray, kernel: int, mode: str) -> np.ndarray:
-    """Numpy reference of ``_pool_nb``: 'same'-size 1-D pooling; edges use the valid part only."""
+def pool_scores(scores: np.ndarray, kernel: int, mode: str | None) -> np.ndarray:
+    """Pool [H, n] scores over neighbouring positions (array order = position order).
+
+    Vectorised numpy over ``H x n`` floats (reference :func:`pool_ref`): the maximum over
+    ``kernel`` shifted views of the ``-inf``-padded scores; the average from running sums.
+    """
+    if mode in (None, "none") or kernel <= 1 or scores.shape[1] == 0:
+        return scores
     n_h, n = scores.shape
     half = kernel // 2
     pad_l, pad_r = half, kernel - 1 - half
     if mode == "max":
         padded = np.pad(scores, ((0, 0), (pad_l, pad_r)), constant_values=-np.inf)
-        win = np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=1)
-        return win.max(axis=2).astype(scores.dtype)
-    padded = np.pad(scores.astype(np.float64), ((0, 0), (pad_l, pad_r)))
-    ones = np.pad(np.ones(n), (pad_l, pad_r))
-    win = np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=1).sum(axis=2)
-    cnt = np.lib.stride_tricks.sliding_window_view(ones, kernel).sum(axis=1)
-    return (win / cnt[None, :]).astype(scores.dtype)
+        out = padded[:, :n].copy()
+        for k in range(1, kernel):  # kernel - 1 elementwise passes
+            np.maximum(out, padded[:, k:k + n], out=out)
+        return out
+    csum = np.zeros((n_h, n + 1))
+    np.cumsum(scores, axis=1, dtype=np.float64, out=csum[:, 1:])
+    a = np.arange(n)
+    lo, hi = np.maximum(0, a - half), np.minimum(n, a - half + kernel)
+    return ((csum[:, hi] - csum[:, lo]) / (hi - lo)[None, :]).astype(scores.dtype)
 
 
-def pool_scores(scores: np.ndarray, kernel: int, mode: str | None) -> np.ndarray:
-    """Pool [H, n] scores over neighbouring positions (array order = position order)."""
-    if mode in (None, "none") or kernel <= 1 or scores.shape[1] == 0:
-        return scores
-    return _pool_nb(np.ascontiguousarray(scores), int(kernel), mode == "max")
-
-
-@njit(cache=True, fastmath=True, nogil=True)
+@lazy_njit(cache=True, fastmath=True, nogil=True)
 def _logits_nb(q: np.ndarray, k: np.ndarray, g: int, scale: np.float32) -> np.ndarray:
     w, n_h, d = q.shape
     n = k.shape[0]
@@ -201,7 +194,7 @@ def window_scores(
     with pooling, the sinks' own scores are zeroed before pooling): :func:`pool_window_scores`
     of :func:`raw_window_scores`."""
     raw = raw_window_scores(inp, geometry, scorer, scale=scale, use_numba=use_numba, logits=logits)
-    return pool_window_scores(raw, inp, scorer, sinks=sinks, use_numba=use_numba)
+    return pool_window_scores(raw, inp, scorer, sinks=sinks)
 
 
 def raw_window_scores(
@@ -251,8 +244,7 @@ def raw_window_scores(
     return s
 
 
-def pool_window_scores(raw: np.ndarray, inp: LayerInput, scorer: WindowScorer, *, sinks: int,
-                       use_numba: bool = True) -> np.ndarray:
+def pool_window_scores(raw: np.ndarray, inp: LayerInput, scorer: WindowScorer, *, sinks: int) -> np.ndarray:
     """``raw`` [H, n] pooled along positions (``scorer.pooling``; a copy, ``raw`` is kept).
 
     Tokens are scored in the order of ``inp.positions``; pooling assumes that order is the
@@ -268,9 +260,7 @@ def pool_window_scores(raw: np.ndarray, inp: LayerInput, scorer: WindowScorer, *
     order = np.argsort(pos_old, kind="stable")
     sorted_already = bool(np.all(order == np.arange(len(pos_old))))
     ss = s if sorted_already else s[:, order]
-    ss = pool_scores(ss, scorer.kernel, scorer.pooling) if use_numba else pool_ref(
-        ss, scorer.kernel, scorer.pooling
-    )
+    ss = pool_scores(ss, scorer.kernel, scorer.pooling)
     if sorted_already:
         return ss
     out = np.empty_like(ss)

@@ -7,8 +7,9 @@
   in the round-robin; more when its next choices were stored for other heads anyway, which
   costs nothing); a token two heads want is stored once.
   Round-robin is the same as "largest common ``k`` whose union fits" but also spends the
-  slots that a strict common ``k`` would leave empty. Numba ``_union_select_nb`` with the
-  reference :func:`union_select_ref`.
+  slots that a strict common ``k`` would leave empty. Vectorised numpy (scores are
+  ``n_head x tokens`` floats, small enough that no compiled kernel is needed), with the
+  loop reference :func:`union_select_ref`.
 * :func:`group_select` (SnapKV/PyramidKV): scores averaged over the group, one top-``S``,
   every query head sees every kept slot.
 
@@ -19,45 +20,6 @@ come first for every head, so no tie can evict them.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
-
-
-@njit(cache=True, nogil=True)
-def _union_select_nb(scores: np.ndarray, n_slots: int) -> tuple[np.ndarray, np.ndarray]:
-    g, n = scores.shape
-    if n_slots >= n:
-        return np.arange(n), np.ones((g, n), dtype=np.bool_)
-    order = np.empty((g, n), dtype=np.int64)
-    for j in range(g):
-        order[j] = np.argsort(-scores[j], kind="mergesort")
-    in_union = np.zeros(n, dtype=np.bool_)
-    seen = np.zeros((g, n), dtype=np.bool_)
-    taken = np.zeros(g, dtype=np.int64)  # how far down its ranking each head went
-    cnt = 0
-    t = 0
-    while cnt < n_slots:
-        for j in range(g):
-            a = order[j, t]
-            seen[j, a] = True
-            taken[j] = t + 1
-            if not in_union[a]:
-                in_union[a] = True
-                cnt += 1
-                if cnt == n_slots:
-                    break
-        t += 1
-    # each head extends its own top-k while its next token is already stored (free)
-    for j in range(g):
-        t = taken[j]
-        while t < n and in_union[order[j, t]]:
-            seen[j, order[j, t]] = True
-            t += 1
-    sel = np.nonzero(in_union)[0]
-    mask = np.empty((g, sel.shape[0]), dtype=np.bool_)
-    for j in range(g):
-        for s in range(sel.shape[0]):
-            mask[j, s] = seen[j, sel[s]]
-    return sel, mask
 
 
 def union_select_ref(scores: np.ndarray, n_slots: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,9 +52,48 @@ def union_select_ref(scores: np.ndarray, n_slots: int) -> tuple[np.ndarray, np.n
     return sel, mask
 
 
+def _round_robin(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(order [g, n], rank of each token in its best head, that head, round-robin order [n]).
+
+    The round robin visits (rank 0, head 0), (0, 1), ..., (1, 0), ...; a token enters at its
+    first visit, the lexicographically smallest (rank, head) among its heads.
+    """
+    g, n = scores.shape
+    order = np.argsort(-scores, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    rank[np.arange(g)[:, None], order] = np.arange(n)[None, :]
+    best_rank = rank.min(axis=0)
+    best_head = rank.argmin(axis=0)  # the first head with that rank
+    return order, best_rank, best_head, np.argsort(best_rank * g + best_head, kind="stable").astype(np.int64)
+
+
 def union_select(scores: np.ndarray, n_slots: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-query-head top-k with a shared union of ``n_slots`` tokens (see module doc)."""
-    return _union_select_nb(np.ascontiguousarray(scores, dtype=np.float32), int(n_slots))
+    """Per-query-head top-k with a shared union of ``n_slots`` tokens (see module doc).
+
+    Vectorised form of :func:`union_select_ref`: the union is the first ``n_slots`` tokens
+    of the round-robin order; the visit that adds the last of them, (rank ``t``, head
+    ``j``), fixes how far each head went (``t + 1`` for heads up to ``j``, ``t`` after
+    it), and each head then extends its own top-k over tokens already in the union.
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    g, n = scores.shape
+    if n_slots >= n:
+        return np.arange(n), np.ones((g, n), dtype=bool)
+    if n_slots <= 0:
+        return np.zeros(0, np.int64), np.zeros((g, 0), dtype=bool)
+    order, best_rank, best_head, prio = _round_robin(scores)
+    chosen = prio[:n_slots]
+    t, j_last = int(best_rank[chosen[-1]]), int(best_head[chosen[-1]])
+    in_union = np.zeros(n, dtype=bool)
+    in_union[chosen] = True
+    seen = np.zeros((g, n), dtype=bool)
+    for j in range(g):
+        k = t + 1 if j <= j_last else t
+        tail = in_union[order[j, k:]]
+        k += tail.size if tail.all() else int(np.argmin(tail))
+        seen[j, order[j, :k]] = True
+    sel = np.nonzero(in_union)[0].astype(np.int64)
+    return sel, seen[:, sel]
 
 
 def union_priority(scores: np.ndarray) -> np.ndarray:
@@ -100,15 +101,7 @@ def union_priority(scores: np.ndarray) -> np.ndarray:
 
     The codebook layers use this order to trim a codebook built on a larger set.
     """
-    g, n = scores.shape
-    order = np.argsort(-scores, axis=1, kind="stable")
-    # round-robin order = sort by (rank in the best head, that head's index)
-    rank = np.empty_like(order)
-    rows = np.arange(g)[:, None]
-    rank[rows, order] = np.arange(n)[None, :]
-    best_rank = rank.min(axis=0)
-    best_head = rank.argmin(axis=0)
-    return np.lexsort((best_head, best_rank)).astype(np.int64)
+    return _round_robin(np.asarray(scores))[3]
 
 
 def group_aggregate(scores: np.ndarray, how: str = "mean") -> np.ndarray:
