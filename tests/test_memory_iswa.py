@@ -29,7 +29,7 @@ WINDOW_CELL = 15 * 1 * (256 + 256) * 2
 
 
 def _window(ubatch: int = 256) -> WindowCache:
-    return WindowCache(n_layer=15, bytes_per_cell=WINDOW_CELL, n_swa=512, ubatch=ubatch)
+    return WindowCache(bytes_per_cell=WINDOW_CELL, n_swa=512, ubatch=ubatch)
 
 
 def _plan(kv_mem: int, wc: WindowCache, **kw) -> object:

@@ -254,7 +254,7 @@ class Engine:
         layers = [lg for lg in g.layers if not lg.has_kv]
         if not self._windowed or not layers:
             return 0
-        cache = WindowCache(n_layer=len(layers), n_swa=g.n_swa, ubatch=self.ubatch,
+        cache = WindowCache(n_swa=g.n_swa, ubatch=self.ubatch,
                             bytes_per_cell=int(sum(lg.n_head_kv * (lg.head_dim_k + lg.head_dim_v)
                                                    for lg in layers) * CACHE_VALUE_BYTES[cache_type]))
         return cache.nbytes(self.ctx.n_ctx)

@@ -81,7 +81,6 @@ class WindowCache:
     for a ubatch.
     """
 
-    n_layer: int  # window layers
     bytes_per_cell: int  # one cell of every window layer, K and V, in the cache's type
     n_swa: int
     ubatch: int
@@ -142,7 +141,7 @@ def kv_shape(meta: ModelMeta, *, ubatch: int) -> KvShape:
     n_global = meta.n_layer - len(swa)
     if not swa or n_global == 0:
         return KvShape(meta.n_layer * per_layer, meta.n_layer)
-    cache = WindowCache(n_layer=len(swa), bytes_per_cell=len(swa) * per_layer, n_swa=int(meta.sliding_window),
+    cache = WindowCache(bytes_per_cell=len(swa) * per_layer, n_swa=int(meta.sliding_window),
                         ubatch=ubatch)
     return KvShape(n_global * per_layer, n_global, cache)
 
