@@ -14,7 +14,8 @@ The target of issue 18 is printed next to each compressed row: the full cache's 
 RSS minus half of the full-cache KV bytes, both from the same run.
 
 Modes: ``full`` (``--policy full``), ``q4_0`` (``--policy full --cache-type q4_0``),
-``kvmem`` (``--kv-mem``) and a policy name (``--kv-budget``). ``full`` allocates the KV
+``kvmem`` (``--kv-mem``) and a policy name (``--kv-budget``), optionally with stage
+settings as ``--set`` takes them, joined by ``+``: ``spindle:codebooks=off``. ``full`` allocates the KV
 cache as stock llama.cpp does (a sliding-window model's window layers get ``n_swa +
 ubatch`` cells, as llama-server and llama-cli give them). ``--kv-mem-frac F`` sets the
 ``kvmem`` cap at each length to F times the full cache's KV bytes at that length, or
@@ -69,6 +70,7 @@ def _store_slots(eng) -> float:
 def worker(args: argparse.Namespace) -> dict:
     from spindle_local.eval.texts import load_text
     from spindle_local.policy.plan import full_cache_bytes
+    from spindle_local.runtime.config import apply_settings
     from spindle_local.runtime.engine import Engine, EngineConfig
     from spindle_local.runtime.gguf_meta import read_meta
     from spindle_local.runtime.lowlevel import LlamaModel
@@ -92,7 +94,9 @@ def worker(args: argparse.Namespace) -> dict:
         if args.kv_mem_frac:
             cfg.kv_mem = kv_mem_for(meta, args.tokens, args.kv_mem_frac, cfg)
     else:
-        cfg = EngineConfig(policy=args.mode, kv_budget=args.budget, n_threads=args.threads)
+        policy, _, settings = args.mode.partition(":")
+        cfg = EngineConfig(policy=policy, kv_budget=args.budget, n_threads=args.threads)
+        apply_settings(cfg, [p for p in settings.split("+") if p])
     eng = Engine(path, cfg, model=model)
     first = [0.0, 0]  # the first plan's seconds (it loads the policy's compiled kernels), tokens read by then
 

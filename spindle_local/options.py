@@ -25,7 +25,8 @@ from spindle_local.runtime.config import EngineConfig, apply_settings
 #: Stage settings with a flag of their own: (flag, help, default, click type).
 STAGE_FLAGS: dict[str, tuple[str, str, object, Any]] = {
     "codebooks.layers": ("--codebook-layers", "Shallow layers that use codebook replacement: a number, or 'auto' "
-                         "to measure per layer.", "auto", str),
+                         "to measure per layer. Any codebook flag turns the codebook stage on (off in the "
+                         "default policy).", "auto", str),
     "codebooks.theta_k": ("--theta-k", "Cosine threshold for sharing a key codebook entry.", 0.98,
                           click.FloatRange(0, 1, min_open=True)),
     "codebooks.theta_v": ("--theta-v", "Cosine threshold for sharing a value codebook entry.", 0.95,
@@ -106,6 +107,7 @@ def engine_config(*, settings: tuple[str, ...] = (), **given: Any) -> EngineConf
             continue
         if name.replace("__", ".") in STAGE_FLAGS:
             cfg.stages[name.replace("__", ".")] = value
+            cfg.stages.setdefault("codebooks", "on")  # a codebook flag asks for codebook layers
         elif name == "kv_mem":
             cfg.kv_mem = parse_size(value) if isinstance(value, str) else int(value)
         elif name == "rpc":

@@ -74,7 +74,7 @@ def _compare_scores(eng: Engine, cut: int) -> None:
 @pytest.mark.parametrize("name", list(TINY))
 @pytest.mark.parametrize("flash_attn", [False, True])
 def test_patch_scores_match_numpy_reference_tiny(tiny_paths: dict[str, Path], name: str, flash_attn: bool) -> None:
-    eng = _engine(tiny_paths[name], flash_attn=flash_attn, stages={"codebooks.layers": 1})
+    eng = _engine(tiny_paths[name], flash_attn=flash_attn, stages={"codebooks": "on", "codebooks.layers": 1})
     try:
         toks = _tokens(eng.model, 700)
         eng.feed(toks[:400])  # fits: no plan yet, the window queries are the prompt's last tokens
@@ -181,7 +181,7 @@ def test_gather_of_every_token_keeps_the_logits(tiny_paths: dict[str, Path]) -> 
 
 @pytest.mark.parametrize("policy,options,host_layers", [
     ("snapkv", {}, 0), ("pyramidkv", {}, 0), ("streaming", {}, 0),
-    ("spindle", {"stages": {"codebooks.layers": 0}}, 0), ("spindle", {}, None),
+    ("spindle", {}, 0), ("spindle", {"stages": {"codebooks": "on"}}, None),
 ])
 def test_plans_read_no_eviction_layer_to_the_host(default_model: Path, pydoc_tokens: list[int], monkeypatch,
                                                   policy: str, options: dict, host_layers: int | None) -> None:
@@ -233,7 +233,7 @@ def test_plan_source_scores_once_per_layer(default_model: Path, pydoc_tokens: li
 
 
 def test_plan_source_counts_host_bytes(default_model: Path, pydoc_tokens: list[int]) -> None:
-    eng = _engine(default_model, n_cells=768, recent=256, chunk=256)
+    eng = _engine(default_model, n_cells=768, recent=256, chunk=256, stages={"codebooks": "on"})
     try:
         eng.feed(pydoc_tokens[:600])
         src = PlanSource(eng, cut=eng.n_past - 256, lookahead=None)
@@ -261,7 +261,7 @@ eng.close()
 
 
 @pytest.mark.parametrize("policy,stages,loads", [
-    ("snapkv", {}, False), ("spindle", {"codebooks": "off"}, False), ("spindle", {}, True),
+    ("snapkv", {}, False), ("spindle", {}, False), ("spindle", {"codebooks": "on"}, True),
 ])
 def test_eviction_plans_do_not_load_numba(default_model: Path, pydoc_tokens: list[int], tmp_path: Path,
                                           policy: str, stages: dict, loads: bool) -> None:

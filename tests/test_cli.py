@@ -96,9 +96,10 @@ def test_set_reaches_engine_and_stage_settings() -> None:
     from spindle_local.runtime.config import EngineConfig, apply_settings
 
     cfg = apply_settings(EngineConfig(), ["salient.share=0.2", "copy_spans.tokens=none", "keep_start=32",
-                                          "lazy_plans=off", "codebooks.layers=2", "allocator=pyramid"])
-    assert cfg.stages == {"salient.share": "0.2", "copy_spans.tokens": "none", "codebooks.layers": "2",
-                          "allocator": "pyramid"}
+                                          "lazy_plans=off", "codebooks=on", "codebooks.layers=2",
+                                          "allocator=pyramid"])
+    assert cfg.stages == {"salient.share": "0.2", "copy_spans.tokens": "none", "codebooks": "on",
+                          "codebooks.layers": "2", "allocator": "pyramid"}
     assert cfg.keep_start == 32 and cfg.lazy_plans is False
     st = cfg.resolved_stages()
     assert st.salient.share == 0.2 and st.copy_spans.tokens is None and st.codebooks.layers == 2
@@ -110,7 +111,9 @@ def test_set_reaches_engine_and_stage_settings() -> None:
     with pytest.raises(UsageError, match="salient stage is off"):
         apply_settings(EngineConfig(policy="snapkv"), ["salient.share=0.1"]).validate()
     with pytest.raises(UsageError, match="expected float"):
-        apply_settings(EngineConfig(), ["codebooks.theta_k=high"]).validate()
+        apply_settings(EngineConfig(), ["codebooks=on", "codebooks.theta_k=high"]).validate()
+    with pytest.raises(UsageError, match="codebooks stage is off"):  # off in the default policy
+        apply_settings(EngineConfig(), ["codebooks.theta_k=0.9"]).validate()
 
 
 def test_option_table_matches_the_config_dataclass() -> None:
@@ -121,7 +124,7 @@ def test_option_table_matches_the_config_dataclass() -> None:
 
     from spindle_local.cli import main
     from spindle_local.options import STAGE_FLAGS, flagged_fields
-    from spindle_local.policy.presets import preset
+    from spindle_local.policy.stages import Codebooks
     from spindle_local.runtime.config import EngineConfig, apply_settings
 
     base = EngineConfig()
@@ -146,7 +149,7 @@ def test_option_table_matches_the_config_dataclass() -> None:
         want = {True: "on", False: "off", None: "none", (): "none"}.get(value, value) \
             if isinstance(value, (bool, type(None), tuple)) else value
         assert f"[default: {want}]" in lines[key], (flag, lines[key])
-    cb = preset("spindle").codebooks
+    cb = Codebooks()  # the stage's defaults (the default policy has it off)
     for key, (flag, _, default, _) in STAGE_FLAGS.items():
         assert default == getattr(cb, key.split(".")[1])
         assert f"[default: {default}]" in lines[flag]
@@ -181,3 +184,12 @@ def test_the_command_line_loads_no_web_framework() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_codebook_flag_turns_the_codebook_stage_on() -> None:
+    from spindle_local.options import engine_config
+
+    assert engine_config().resolved_stages().codebooks is None  # the default policy has none
+    st = engine_config(codebooks__layers="2", theta_v=None).resolved_stages()
+    assert st.codebooks.layers == 2
+    assert engine_config(codebooks__theta_v=0.99).resolved_stages().codebooks.theta_v == 0.99

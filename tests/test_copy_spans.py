@@ -72,7 +72,7 @@ def test_boost_ranks_spans_first_but_keeps_sinks_and_absent_pairs() -> None:
 
 def test_spindle_keeps_copy_spans_in_every_deep_head() -> None:
     layers = make_layers(GEO, n=400, w=8, r=12, seed=3)
-    cfg = {"codebooks.layers": 0, "copy_spans.span": 12, "copy_spans.share": 0.3, "copy_spans.from_layer": 3,
+    cfg = {"codebooks": "off", "copy_spans.span": 12, "copy_spans.share": 0.3, "copy_spans.from_layer": 3,
            "copy_spans.min_share": 0.0}
     pol = make_policy("spindle", cfg)
     target = int(0.2 * sum(inp.n for inp in layers) * GEO.n_head_kv * 2 * (GEO.head_dim_k + GEO.head_dim_v))
@@ -91,5 +91,5 @@ def test_spindle_keeps_copy_spans_in_every_deep_head() -> None:
         for hs in st.heads:
             assert set(kept.tolist()) <= set(hs.positions.tolist())
     # without copy spans the deep heads do not all hold them: the option changes the plan
-    off = make_policy("spindle", {"codebooks.layers": 0, "copy_spans": "off"}).plan(layers, GEO, target)
+    off = make_policy("spindle", {"codebooks": "off", "copy_spans": "off"}).plan(layers, GEO, target)
     assert any(not set(kept.tolist()) <= set(hs.positions.tolist()) for st in off[3:] for hs in st.heads)

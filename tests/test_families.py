@@ -284,7 +284,7 @@ def test_codebook_layer_scores_match_the_reference(models: _Models, i: int) -> N
     over the store (codebook keys re-roped there) equal the numpy reference on the store as
     the engine reads it back to the host."""
     spec, model = models.case(i)
-    eng = _engine(spec, model, stages={"codebooks.layers": 1})
+    eng = _engine(spec, model, stages={"codebooks": "on", "codebooks.layers": 1})
     try:
         toks = _tokens(spec, 700, seed=40 + i)
         eng.feed(toks)

@@ -35,9 +35,12 @@ def layers():
 
 
 def policy(name: str = "spindle", *, sinks: int = 4, threads: int | None = None, **settings):
-    """make_policy with stage settings written ``stage__field`` (``codebooks__layers=0``)."""
-    return make_policy(name, {k.replace("__", "."): v for k, v in settings.items()},
-                       PlanContext(sinks=sinks, threads=threads))
+    """make_policy with stage settings written ``stage__field`` (``codebooks__layers=0``); a
+    ``codebooks__*`` field turns the codebook stage on (the default preset has it off)."""
+    cfg = {k.replace("__", "."): v for k, v in settings.items()}
+    if any(k.startswith("codebooks.") for k in cfg):
+        cfg.setdefault("codebooks", "on")
+    return make_policy(name, cfg, PlanContext(sinks=sinks, threads=threads))
 
 
 def scores_of(inp, geo=GEO, *, sinks: int = 4, **scorer):

@@ -18,16 +18,17 @@ GEO = Geometry(n_layer=6, n_head=6, n_head_kv=2, head_dim_k=16, head_dim_v=16)
 RECORDED = Path(__file__).parent / "data" / "recorded_plans.json"
 
 # The configurations recorded (with the policies as they were before they became stage
-# compositions), written as presets plus settings.
+# compositions), written as presets plus settings. The spindle rows were recorded when the
+# preset had codebook layers (now off by default), so they turn them on.
 CONFIGS = {
     "streaming": ("streaming", {}),
     "snapkv": ("snapkv", {}),
     "pyramidkv": ("pyramidkv", {}),
-    "spindle": ("spindle", {}),
+    "spindle": ("spindle", {"codebooks": "on"}),
     "spindle-paper": ("spindle-paper", {"copy_spans": "on"}),
-    "spindle-cb2": ("spindle", {"codebooks.layers": 2}),
-    "spindle-flat-max": ("spindle", {"allocator": "flat", "selector.rule": "max"}),
-    "spindle-window-only": ("spindle", {"salient": "off", "copy_spans": "off"}),
+    "spindle-cb2": ("spindle", {"codebooks": "on", "codebooks.layers": 2}),
+    "spindle-flat-max": ("spindle", {"codebooks": "on", "allocator": "flat", "selector.rule": "max"}),
+    "spindle-window-only": ("spindle", {"codebooks": "on", "salient": "off", "copy_spans": "off"}),
 }
 BUDGETS = (0.4, 0.25, 0.15)
 
@@ -87,7 +88,8 @@ def test_presets_reproduce_the_recorded_plans(kind):
 def test_presets_are_built_from_stages():
     assert set(PRESETS) == {"streaming", "snapkv", "pyramidkv", "spindle", "spindle-paper"}
     sp = preset("spindle")
-    assert isinstance(sp.allocator, MassShares) and sp.copy_spans and sp.salient and sp.codebooks
+    assert isinstance(sp.allocator, MassShares) and sp.copy_spans and sp.salient and sp.codebooks is None
+    assert isinstance(preset("spindle-paper").codebooks, Codebooks)
     paper = preset("spindle-paper")
     assert isinstance(paper.allocator, PyramidShares) and paper.copy_spans is None and paper.salient is None
     assert (paper.selector.rule, paper.selector.masks) == ("union", "own")
@@ -97,7 +99,8 @@ def test_presets_are_built_from_stages():
 
 def test_settings_apply_kinds_then_fields():
     st = apply_settings(preset("spindle"), {"allocator.beta": "10", "allocator": "pyramid", "salient": "off",
-                                            "codebooks.layers": "2", "scorer.value_weight": "no"})
+                                            "codebooks.layers": "2", "codebooks": "on",
+                                            "scorer.value_weight": "no"})
     assert isinstance(st.allocator, PyramidShares) and st.allocator.beta == 10.0
     assert st.salient is None and st.codebooks.layers == 2 and st.scorer.value_weight is False
     assert preset("spindle").salient is not None  # the preset itself is unchanged
@@ -111,9 +114,10 @@ def test_settings_apply_kinds_then_fields():
     ({"allocator.floor": 0.2, "allocator": "flat"}, "FlatShares has no setting 'floor'"),
     ({"salient.share": 0.1, "salient": "off"}, "stage is off"),
     ({"allocator": "wide"}, "choose from flat, pyramid, mass"),
-    ({"codebooks.theta_k": "high"}, "expected float"),
-    ({"codebooks.theta_k": 1.5}, r"in \(0, 1\]"),
-    ({"scorer": "recency"}, "codebook layers need the window scorer"),
+    ({"codebooks.theta_k": "high", "codebooks": "on"}, "expected float"),
+    ({"codebooks.theta_k": 1.5, "codebooks": "on"}, r"in \(0, 1\]"),
+    ({"scorer": "recency", "codebooks": "on"}, "codebook layers need the window scorer"),
+    ({"codebooks.layers": 2}, r"codebooks stage is off in this policy \(--set codebooks=on first\)"),
 ])
 def test_bad_settings_are_one_clear_error(settings, match):
     with pytest.raises(ValueError, match=match):
@@ -128,7 +132,7 @@ def test_every_setting_key_is_reachable():
         if "." not in key:
             continue
         slot, _, field = key.partition(".")
-        st = apply_settings(preset("spindle"), switch.get(key, {}))
+        st = apply_settings(preset("spindle"), switch.get(key, {slot: "on"} if slot == "codebooks" else {}))
         value = getattr(getattr(st, slot), field)
         changed = 1 if value is None else value
         got = apply_settings(st, {key: changed})
@@ -139,7 +143,9 @@ def test_codebook_candidates_follow_the_stage():
     assert Codebooks().candidates(30) == 3 and Codebooks(layers=5).candidates(30) == 5
     assert Codebooks(max_layers=1).candidates(30) == 1
     assert make_policy("snapkv").codebook_candidates(30) == 0
-    assert make_policy("spindle", {"codebooks.layers": 2}).codebook_candidates(30) == 2
+    assert make_policy("spindle").codebook_candidates(30) == 0
+    assert make_policy("spindle", {"codebooks": "on"}).codebook_candidates(30) == 3
+    assert make_policy("spindle", {"codebooks": "on", "codebooks.layers": 2}).codebook_candidates(30) == 2
     with pytest.raises(ValueError, match="no stage settings"):
         make_policy("full", {"salient.share": 0.1})
 

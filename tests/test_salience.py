@@ -87,8 +87,8 @@ def test_spindle_keeps_salient_runs_in_every_layer() -> None:
         assert np.array_equal(inp.positions, np.arange(600))
         inp.salient = flags
     target = 60_000
-    base = make_policy("spindle", {"codebooks.layers": 0, "salient": "off"}).plan(layers, GEO, target)
-    on = make_policy("spindle", {"codebooks.layers": 0, "salient.share": 0.25, "salient.before": 6,
+    base = make_policy("spindle", {"codebooks": "off", "salient": "off"}).plan(layers, GEO, target)
+    on = make_policy("spindle", {"codebooks": "off", "salient.share": 0.25, "salient.before": 6,
                                  "salient.after": 2}).plan(layers, GEO, target)
     want = set(range(294, 307))  # 6 before, the run 300-304, 2 after
     pos0 = 0

@@ -99,6 +99,8 @@ class Session:
         for old, new in _FLAT_SETTINGS.items():
             if old in saved and saved[old] != _FLAT_DEFAULTS[old]:
                 stages.setdefault(new, saved[old])
+        if saved.get("policy", "spindle") == "spindle" and any(k in saved for k in _FLAT_SETTINGS):
+            stages.setdefault("codebooks", "on")  # the spindle preset had codebook layers then
         known = {f.name for f in fields(EngineConfig)} - {"rpc", "gpu_layers"}  # placement: the command's
         cfg = EngineConfig(**{k: v for k, v in saved.items() if k in known and k != "stages"}, stages=stages)
         cfg.validate()
