@@ -1,4 +1,4 @@
-"""KV-cache compression policies (pure numpy + numba; no llama.cpp import).
+"""KV-cache compression policies (numpy, with numba kernels loaded at first use; no llama.cpp import).
 
 Entry points: :func:`make_policy` with a preset name (``spindle``, ``snapkv``, ...; the
 stages each is built from are in :mod:`.stages` and :mod:`.presets`), then

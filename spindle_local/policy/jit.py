@@ -17,13 +17,6 @@ from typing import Any, Callable
 _lock = threading.Lock()
 
 
-def numba_loaded() -> bool:
-    """Whether numba has been imported in this process (tests check the eviction path)."""
-    import sys
-
-    return "numba" in sys.modules
-
-
 def lazy_njit(**options: Any) -> Callable[[Callable], Callable]:
     """``numba.njit(**options)`` applied at the kernel's first call instead of at import.
 
