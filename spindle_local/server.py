@@ -114,8 +114,33 @@ class Job:
         except RuntimeError:  # the event loop is closed (the server has stopped): nobody listens
             self.cancel.set()
 
-    async def next(self) -> tuple[str, Any]:
-        return await self.events.get()
+    async def next(self, stopping: asyncio.Event) -> tuple[str, Any]:
+        """The next event, or ``("stop", None)`` once shutdown has begun and none is queued.
+
+        Why not wait for the engine thread's final event after a shutdown: the thread stops
+        only between tokens, and on a loaded machine one token can outlast the grace period
+        the responses get, so a waiting client would be cut off without its 503.
+        """
+        return await _first_or_stop(self.events.get(), stopping, ("stop", None))
+
+
+async def _first_or_stop(aw: Any, stopping: asyncio.Event, stopped: Any) -> Any:
+    """``await aw``, unless ``stopping`` is set first: then ``aw`` is cancelled and ``stopped`` returned."""
+    task = asyncio.ensure_future(aw)
+    if stopping.is_set() and not task.done():
+        await asyncio.sleep(0)  # let an already queued result come through first
+    if not task.done():
+        stop = asyncio.ensure_future(stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return stopped
 
 
 class ServerState:
@@ -204,10 +229,13 @@ class ServerState:
             raise shutdown_error()
         self.jobs.add(job)
         try:
-            await self.lock.acquire()
+            turn = await _first_or_stop(self.lock.acquire(), self.stopping, "stop")
         except BaseException:
             self.jobs.discard(job)
             raise
+        if turn == "stop":  # shutdown began while we queued: never run
+            self.jobs.discard(job)
+            raise shutdown_error()
         if self.shutting_down:
             job.cancel.set()  # shutdown began while we queued: _run returns at once
         try:
@@ -392,9 +420,11 @@ async def _handle(state: ServerState, request: Request, *, chat: bool) -> Any:
     watcher = asyncio.create_task(_watch_disconnect(request, job))
     try:
         await state.submit(job)
-        kind, value = await job.next()
+        kind, value = await job.next(state.stopping)
         if kind == "error":
             raise value
+        if kind == "stop":
+            raise shutdown_error()
     except BaseException:
         job.cancel.set()
         watcher.cancel()
@@ -414,11 +444,13 @@ async def _handle(state: ServerState, request: Request, *, chat: bool) -> Any:
     try:
         pieces = [echo]
         while True:
-            kind, value = await job.next()
+            kind, value = await job.next(state.stopping)
             if kind == "text":
                 pieces.append(value)
             elif kind == "error":
                 raise value
+            elif kind == "stop":
+                raise shutdown_error()
             else:
                 break
     finally:
@@ -465,13 +497,13 @@ async def _stream(state: ServerState, job: Job, watcher: asyncio.Task, ident: st
         elif echo:
             yield _sse(chunk(echo, None))
         while True:
-            kind, value = await job.next()
+            kind, value = await job.next(state.stopping)
             if kind == "text":
                 yield _sse(chunk(value, None))
             elif kind == "error":  # after the first event only internal errors can come
                 yield _sse(value.body())
                 break
-            elif job.result.finish_reason == "cancelled" and state.shutting_down:
+            elif kind == "stop" or (job.result.finish_reason == "cancelled" and state.shutting_down):
                 yield _sse(shutdown_error().body())
                 break
             else:

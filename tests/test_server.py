@@ -653,3 +653,35 @@ def test_cancel_between_tokens_and_between_chunks(fake_chat) -> None:
     assert m.engine.tokens == [1, 2] and m.engine.rolled_back == 0
     with pytest.raises(UsageError, match="empty"):
         _complete(m, [], max_tokens=10)
+
+
+def test_a_waiting_response_ends_at_shutdown_without_the_engine_thread() -> None:
+    """After a shutdown begins, a request waiting for its next token (or for its turn) is
+    answered from the event loop: a busy engine thread (a slow token on a loaded machine)
+    cannot hold it past the grace period. Events already queued still come first."""
+    import asyncio
+
+    from spindle_local.server import FifoLock, _first_or_stop
+
+    async def scenario() -> list[Any]:
+        stopping = asyncio.Event()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        events.put_nowait(("text", "a"))
+        got = [await _first_or_stop(events.get(), stopping, ("stop", None))]
+        waiter = asyncio.ensure_future(_first_or_stop(events.get(), stopping, ("stop", None)))
+        lock = FifoLock()
+        await lock.acquire()  # the engine thread's turn, never released here
+        queued = asyncio.ensure_future(_first_or_stop(lock.acquire(), stopping, "stop"))
+        await asyncio.sleep(0.01)
+        assert not waiter.done() and not queued.done() and lock.waiting == 1
+        stopping.set()
+        got += [await asyncio.wait_for(waiter, 1), await asyncio.wait_for(queued, 1)]
+        assert lock.waiting == 0  # the cancelled turn left the queue
+        events.put_nowait(("text", "b"))  # nothing was consumed by the cancelled wait
+        events.put_nowait(("end", None))
+        got += [await _first_or_stop(events.get(), stopping, ("stop", None)) for _ in range(2)]
+        got.append(await _first_or_stop(events.get(), stopping, ("stop", None)))
+        return got
+
+    assert asyncio.run(scenario()) == [("text", "a"), ("stop", None), "stop", ("text", "b"), ("end", None),
+                                       ("stop", None)]
