@@ -23,6 +23,7 @@ import llama_cpp.llama_cpp as C
 
 from spindle_local.errors import ModelError, SpindleError
 from spindle_local.policy.plan import HeadStore, LayerStore
+from spindle_local.runtime.heap import fix_mmap_threshold
 
 # ggml types accepted for the regular cache (enum ggml_type values from ggml.h)
 CACHE_TYPES: dict[str, int] = {
@@ -52,6 +53,7 @@ def init_backend() -> None:
     global _backend_ready, _log_cb
     if _backend_ready:
         return
+    fix_mmap_threshold()  # before llama.cpp allocates anything (see runtime/heap.py)
     if os.environ.get("SPINDLE_LLAMA_LOG", "") not in ("1", "true", "yes"):
         _log_cb = C.llama_log_callback(_quiet_log)
         C.llama_log_set(_log_cb, ctypes.c_void_p())
