@@ -280,3 +280,31 @@ def test_eviction_plans_do_not_load_numba(default_model: Path, pydoc_tokens: lis
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["compressions"] >= 2
     assert got["numba"] is loads
+
+
+def test_compression_graphs_share_one_allocation_freed_after_each_plan(default_model: Path,
+                                                                       pydoc_tokens: list[int]) -> None:
+    """The score graphs of all layers reuse one allocation (grown to the largest), which the
+    engine frees when a compression is done: nothing stays allocated between plans."""
+    eng = _engine(default_model, n_cells=1024, recent=256, chunk=256, window=48)
+    try:
+        eng.feed(pydoc_tokens[:1500])
+        assert eng.stats.compressions >= 1
+        assert native.scratch_free(eng.ctx) == 0  # the engine freed it after its last plan
+        _compare_scores(eng, cut=eng.n_past - 256)  # queries in two chunks, summed: as the reference
+        native.scratch_free(eng.ctx)
+        q, q_pos = eng.window(eng.store_layer_ids[0])
+        assert len(q_pos) > 32  # more than one chunk of queries (the scores are summed over chunks)
+        sizes = []
+        for il in eng.store_layer_ids[:3]:
+            meta = eng._store_meta[il]
+            native.layer_scores(eng.ctx, il, *eng.window(il), 0.125, meta[1].shape[1], eng.cells)
+            sizes.append(native.scratch_free(eng.ctx))
+        assert all(s > 0 for s in sizes)
+        for il in eng.store_layer_ids[:3]:  # kept: the second and third layers allocate nothing new
+            meta = eng._store_meta[il]
+            native.layer_scores(eng.ctx, il, *eng.window(il), 0.125, meta[1].shape[1], eng.cells)
+        assert native.scratch_free(eng.ctx) == max(sizes)
+        assert native.scratch_free(eng.ctx) == 0
+    finally:
+        eng.close()

@@ -57,9 +57,13 @@ CASES = [
 IDS = [f"{f}-h{h}-kv{kv}-d{d}" for f, h, kv, d, _ in CASES]
 GEMMA = {"n_layer": 4, "n_embd": 128, "n_head": 4, "n_head_kv": 2, "head_dim": 64, "n_swa": 32, "swa_pattern": 2}
 
-# max |logits - full cache's|: lossless store without / with flash attention, one-entry codebook
+# max |logits - full cache's|: lossless store without / with flash attention, one-entry codebook.
+# A one-entry codebook key is the pre-RoPE key rounded to f16 and re-roped in f32, where the
+# cache holds the post-RoPE key rounded to f16: one more rounding per key, which the CPU's
+# f16 product kernels turn into up to 5.4e-3 on an AVX-512 CPU (gemma3-h8-kv1-d64), against
+# under 5e-3 on AVX2; still 5 times below MATTERS.
 LOSSLESS_ATOL = {False: 2e-3, True: 5e-3}
-CODEBOOK_ATOL = 5e-3
+CODEBOOK_ATOL = 1e-2
 MATTERS = 5e-2  # dropping the stored tokens moves the logits by more than this
 # One thread: models this small gain nothing from more, and ggml's spinning workers slow
 # down several times over when the machine's cores are busy with other work.

@@ -11,6 +11,9 @@ tokens at ``--kv-budget 0.25`` peaked about 65 MiB higher than with the threshol
 A fixed threshold (``mallopt(M_MMAP_THRESHOLD, ...)``, which also turns the adjustment
 off) returns every large block to the system when it is freed.
 
+Freed blocks below the threshold stay in the heap; :func:`release_free_memory` hands the
+free pages among them back after a compression (the planner's numpy temporaries).
+
 Nothing is changed when ``MALLOC_MMAP_THRESHOLD_`` is set in the environment (the user's
 choice) or when the C library is not glibc.
 """
@@ -42,3 +45,19 @@ def fix_mmap_threshold() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+
+
+_trim = None
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (``malloc_trim``; nothing outside glibc)."""
+    global _trim
+    if _trim is None:
+        try:
+            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+            fn.argtypes = [ctypes.c_size_t]
+            _trim = lambda: fn(0)  # noqa: E731
+        except (OSError, AttributeError):  # not glibc (macOS, musl)
+            _trim = lambda: None  # noqa: E731
+    _trim()

@@ -21,7 +21,7 @@ from spindle_local.policy.inputs import Geometry as AttentionShape
 from spindle_local.policy.plan import Codebook, HeadStore, LayerStore
 
 #: The ``LLAMA_SPINDLE_API_VERSION`` this module was written against.
-API_VERSION = 7
+API_VERSION = 8
 
 ERR_ARG = -1
 ERR_UNSUPPORTED = -2
@@ -136,6 +136,7 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "llama_spindle_store_buffer_bytes": ([_P, _I32, _I32], _I64),
     "llama_spindle_cache_bytes": ([_P, _I32, ctypes.POINTER(_I64), ctypes.POINTER(_I64)], _I32),
     "llama_spindle_compact": ([_P, _I32], _I32),
+    "llama_spindle_scratch_free": ([_P], _I64),
     "llama_spindle_compact_window": ([_P, _I32], _I32),
     "llama_spindle_seq_rm": ([_P, _I32, _I32, _I32], _I32),
     "llama_spindle_attn_scale": ([_P, _I32], ctypes.c_float),
@@ -562,6 +563,12 @@ def compact(ctx: Any, seq: int = 0) -> int:
     """Move the sequence's regular-cache cells to the front (see llama_spindle_compact)."""
     n = native()
     return n.check(n.spindle_compact(ctx_ptr(ctx), seq), "compact the KV cache")
+
+
+def scratch_free(ctx: Any) -> int:
+    """Free what the compression graphs keep allocated between calls; the bytes it held."""
+    n = native()
+    return n.check(n.spindle_scratch_free(ctx_ptr(ctx)), "free the compression scratch")
 
 
 def compact_window(ctx: Any, seq: int = 0) -> int:

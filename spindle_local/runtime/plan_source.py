@@ -87,6 +87,7 @@ class PlanSource:
         # only spindle builds codebooks, in its first codebook_candidates layers at most
         self.host_layers = engine.policy.codebook_candidates(len(self.ids))
         self.host_bytes_read = 0  # K/V bytes read to the host by this plan (tests check it)
+        self.installing = False
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -117,5 +118,8 @@ class PlanSource:
 
     def install(self, i: int, st: LayerStore) -> None:
         with self.lock:
+            if not self.installing:  # scoring is over: its graphs' (larger) allocation goes first
+                native.scratch_free(self.engine.ctx)
+                self.installing = True
             self.scored.pop(i, None)
             self.engine.install_store(self.ids[i], st)
