@@ -127,14 +127,18 @@ class Job:
 async def _first_or_stop(aw: Any, stopping: asyncio.Event, stopped: Any) -> Any:
     """``await aw``, unless ``stopping`` is set first: then ``aw`` is cancelled and ``stopped`` returned."""
     task = asyncio.ensure_future(aw)
-    if stopping.is_set() and not task.done():
-        await asyncio.sleep(0)  # let an already queued result come through first
-    if not task.done():
-        stop = asyncio.ensure_future(stopping.wait())
-        try:
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
+    try:
+        if stopping.is_set() and not task.done():
+            await asyncio.sleep(0)  # let an already queued result come through first
+        if not task.done():
+            stop = asyncio.ensure_future(stopping.wait())
+            try:
+                await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+    except BaseException:  # we were cancelled: so is ``aw`` (a lock waiter must not outlive us)
+        task.cancel()
+        raise
     if task.done():
         return task.result()
     task.cancel()

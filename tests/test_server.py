@@ -671,6 +671,13 @@ def test_a_waiting_response_ends_at_shutdown_without_the_engine_thread() -> None
         waiter = asyncio.ensure_future(_first_or_stop(events.get(), stopping, ("stop", None)))
         lock = FifoLock()
         await lock.acquire()  # the engine thread's turn, never released here
+        gone = asyncio.ensure_future(_first_or_stop(lock.acquire(), stopping, "stop"))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # a request cancelled while it queued leaves no waiter behind
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+        await asyncio.sleep(0)
+        assert lock.waiting == 0
         queued = asyncio.ensure_future(_first_or_stop(lock.acquire(), stopping, "stop"))
         await asyncio.sleep(0.01)
         assert not waiter.done() and not queued.done() and lock.waiting == 1

@@ -28,6 +28,23 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD = 128 * 1024  # glibc's default starting threshold, kept fixed
 
 _done = False
+_libc: ctypes.CDLL | None = None
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
+    global _libc
+    if _libc is None:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            lib.gnu_get_libc_version, lib.mallopt, lib.malloc_trim  # noqa: B018  (glibc only)
+        except (OSError, AttributeError):  # macOS, musl
+            return None
+        lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.mallopt.restype = ctypes.c_int
+        lib.malloc_trim.argtypes = [ctypes.c_size_t]
+        _libc = lib
+    return _libc
 
 
 def fix_mmap_threshold() -> bool:
@@ -36,28 +53,12 @@ def fix_mmap_threshold() -> bool:
     if _done or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     _done = True
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # only glibc has both # noqa: B018
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-
-
-_trim = None
+    libc = _glibc()
+    return libc is not None and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
 
 
 def release_free_memory() -> None:
     """Give the heap's free pages back to the system (``malloc_trim``; nothing outside glibc)."""
-    global _trim
-    if _trim is None:
-        try:
-            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-            fn.argtypes = [ctypes.c_size_t]
-            _trim = lambda: fn(0)  # noqa: E731
-        except (OSError, AttributeError):  # not glibc (macOS, musl)
-            _trim = lambda: None  # noqa: E731
-    _trim()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
