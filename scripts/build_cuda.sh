@@ -17,10 +17,24 @@ VPY="${VPY:-$PWD/.venv/bin/python}"
 # libraries), unpacked once into the cache and handed to CMake.
 cuda_root="${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}"
 extra=()
+# An `nvidia-cublas` wheel already installed in this Python (PyTorch's images carry one)
+# serves as well as a download.
+installed_cublas=$("$VPY" - <<'EOF' 2>/dev/null
+import glob, os, sys
+for base in sys.path:
+    for h in sorted(glob.glob(os.path.join(base, "nvidia", "**", "include", "cublas_v2.h"), recursive=True)):
+        root = os.path.dirname(os.path.dirname(h))
+        if glob.glob(os.path.join(root, "lib", "libcublas.so*")):
+            print(root)
+            sys.exit(0)
+EOF
+)
 if ! ls "$cuda_root"/include/cublas_v2.h /usr/local/cuda/include/cublas_v2.h /usr/include/cublas_v2.h >/dev/null 2>&1 \
         && ! ls "$cuda_root"/targets/*/include/cublas_v2.h >/dev/null 2>&1; then
-    cublas="${XDG_CACHE_HOME:-$HOME/.cache}/spindle-local/cublas"
-    if [ ! -f "$cublas/include/cublas_v2.h" ]; then
+    cublas="${installed_cublas:-${XDG_CACHE_HOME:-$HOME/.cache}/spindle-local/cublas}"
+    if [ -n "$installed_cublas" ]; then
+        for so in "$cublas"/lib/lib*.so.*; do [ -e "${so%%.so.*}.so" ] || ln -sf "$(basename "$so")" "${so%%.so.*}.so" 2>/dev/null || true; done
+    elif [ ! -f "$cublas/include/cublas_v2.h" ]; then
         echo "no cuBLAS next to nvcc ($cuda_root): fetching NVIDIA's nvidia-cublas wheel into $cublas" >&2
         rm -rf "$cublas.tmp" && mkdir -p "$cublas.tmp"
         "$VPY" -m pip download --quiet --no-deps --only-binary=:all: -d "$cublas.tmp" nvidia-cublas >&2 \
@@ -34,9 +48,16 @@ if ! ls "$cuda_root"/include/cublas_v2.h /usr/local/cuda/include/cublas_v2.h /us
 fi
 
 # ggml's CUDA backend also links the driver library (libcuda.so), which comes with the GPU
-# driver, not the toolkit. Without a driver or the toolkit's stubs, an empty stand-in is
-# linked: this build is only compiled here, never loaded.
-if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so ' && ! ls "$cuda_root"/lib64/stubs/libcuda.so "$cuda_root"/targets/*/lib/stubs/libcuda.so >/dev/null 2>&1; then
+# driver, not the toolkit. A driver that installed only libcuda.so.1 is linked by that name;
+# without a driver or the toolkit's stubs, an empty stand-in is linked: that build is only
+# compiled, never loaded.
+driver=$(ldconfig -p 2>/dev/null | awk '/libcuda\.so\.1 /{print $NF; exit}')
+driver="${driver:-$(ls /usr/local/nvidia/lib64/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 /usr/lib64/libcuda.so.1 2>/dev/null | head -1)}"
+if ldconfig -p 2>/dev/null | grep -q 'libcuda\.so ' || ls "$cuda_root"/lib64/stubs/libcuda.so "$cuda_root"/targets/*/lib/stubs/libcuda.so >/dev/null 2>&1; then
+    :
+elif [ -n "$driver" ]; then
+    extra+=(-DCUDA_cuda_driver_LIBRARY="$driver")
+else
     stub="$WORK/driver-stub/libcuda.so"
     mkdir -p "$(dirname "$stub")"
     echo 'void spindle_cuda_driver_stub(void) {}' | cc -shared -fPIC -x c - -o "$stub"

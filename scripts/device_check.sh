@@ -1,45 +1,78 @@
 #!/usr/bin/env bash
-# The GPU check, for a machine with an NVIDIA GPU and nvcc: build the CUDA runtime for that
-# GPU's architecture, run the store, backend-plan and engine tests with every layer on the
-# GPU, and measure `eval speed` at 8K tokens. Prints a compact summary at the end; the full
-# logs stay in $OUT (default ./device_check).
+# The GPU check, for a machine with an NVIDIA GPU and nvcc:
+#   1. compile the patched llama.cpp for that GPU's architecture (scripts/build_cuda.sh);
+#   2. load it in place of the installed runtime (LLAMA_CPP_LIB_PATH) and check that the
+#      default model's layers, its KV cache and the SpindleKV store land on the GPU;
+#   3. run the store, backend-plan, engine and family tests with every layer there;
+#   4. measure `eval speed` at 8K tokens (spindle at 0.25 against the same library with an
+#      empty store, whose graph is stock).
+# Prints a compact summary at the end; the logs stay in $OUT (default ./device_check).
 #
-#   bash scripts/device_check.sh            # about 8 minutes on 16 cores
+#   make setup && bash scripts/device_check.sh      # about 8 minutes on 16 cores
+#
+# It needs a Python that imports spindle_local and its dependencies (VPY, default
+# .venv/bin/python, else python3) and the default model in the cache: `make setup` gives
+# both. Once the llama-cpp-python source is in the cache, nothing is downloaded.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-device_check}"
 mkdir -p "$OUT"
 ARCH="${CUDA_ARCH:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d .)}"
 ARCH="${ARCH:-90}"
-export SPINDLE_BACKEND=cuda
-export SPINDLE_CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$ARCH ${SPINDLE_CMAKE_ARGS:-}"
-export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+VPY="${VPY:-.venv/bin/python}"
+[ -x "$VPY" ] || VPY="$(command -v python3)"
+export WORK="${WORK:-${TMPDIR:-/tmp}/spindle-cuda-build}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-300}"
 
-status() { printf '%-28s %s\n' "$1" "$2" | tee -a "$OUT/summary.txt"; }
+status() { printf '%-30s %s\n' "$1" "$2" | tee -a "$OUT/summary.txt"; }
 : > "$OUT/summary.txt"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
-status "gpu" "$(head -1 "$OUT/gpu.txt")"
+status "gpu" "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
+status "commit" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 t0=$(date +%s)
-if make setup > "$OUT/setup.log" 2>&1; then
+if VPY="$VPY" JOBS="${JOBS:-$(nproc)}" bash scripts/build_cuda.sh "$ARCH" > "$OUT/build.log" 2>&1; then
     status "build (sm_$ARCH)" "ok in $(( $(date +%s) - t0 )) s"
 else
-    status "build (sm_$ARCH)" "FAILED (tail of $OUT/setup.log:)"
-    tail -20 "$OUT/setup.log" | tee -a "$OUT/summary.txt"
+    status "build (sm_$ARCH)" "FAILED in $(( $(date +%s) - t0 )) s (tail of $OUT/build.log:)"
+    tail -20 "$OUT/build.log" | tee -a "$OUT/summary.txt"
+    tail -40 "$WORK/build.log" > "$OUT/build_tail.log" 2>/dev/null
     exit 1
 fi
+export LLAMA_CPP_LIB_PATH="$WORK/build/bin"
+
+# Placement: llama.cpp's own log lines say where the layers, the KV cache and the store went.
+placed=$(SPINDLE_LLAMA_LOG=1 "$VPY" - 2> "$OUT/placement.log" <<'EOF'
+from spindle_local.eval.texts import load_text
+from spindle_local.runtime.engine import Engine, EngineConfig
+from spindle_local.runtime.model_files import default_model_path
+
+cfg = EngineConfig(policy="spindle", kv_budget=0.25, max_tokens=4096)
+eng = Engine(str(default_model_path(fetch=False)), cfg)
+toks = eng.model.tokenize(load_text(None), add_special=False)[:3000]
+eng.feed(toks)
+s = eng.refresh_stats()
+print(f"3000 tokens: compressions={s.compressions} reserve_ratio={s.reserve_ratio:.3f} kv_bytes={s.kv_bytes}")
+EOF
+)
+rc=$?
+status "placement" "rc=$rc, $(grep -h -o -m1 'offloaded [0-9]*/[0-9]* layers to GPU' "$OUT/placement.log")"
+grep -h -E 'CUDA0 (KV|compute) buffer size|spindle.*CUDA|CUDA.*spindle' "$OUT/placement.log" | head -4 | sed 's/^/  /' | tee -a "$OUT/summary.txt"
+echo "$placed" | sed 's/^/  /' | tee -a "$OUT/summary.txt"
+[ $rc -eq 0 ] || tail -5 "$OUT/placement.log" | sed 's/^/  /' | tee -a "$OUT/summary.txt"
 
 t0=$(date +%s)
-.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_store.py tests/test_backend_plan.py tests/test_engine.py \
+timeout "$TEST_TIMEOUT" "$VPY" -m pytest -q -p no:cacheprovider \
+    tests/test_store.py tests/test_backend_plan.py tests/test_engine.py tests/test_families.py \
     > "$OUT/tests.log" 2>&1
 rc=$?
-status "tests (store, plan, engine)" "rc=$rc, $(tail -1 "$OUT/tests.log") in $(( $(date +%s) - t0 )) s"
+status "tests (store,plan,engine,fam)" "rc=$rc, $(tail -1 "$OUT/tests.log") in $(( $(date +%s) - t0 )) s"
+grep -E '^(FAILED|ERROR) ' "$OUT/tests.log" | head -15 | sed 's/^/  /' | tee -a "$OUT/summary.txt"
 
 t0=$(date +%s)
-.venv/bin/spindle-local eval speed --context 8000 --gen 64 --reps 2 --policy spindle --kv-budget 0.25 --json \
+"$VPY" -m spindle_local.cli eval speed --context 8000 --gen 64 --reps 2 --policy spindle --kv-budget 0.25 --json \
     > "$OUT/speed.json" 2> "$OUT/speed.log"
 status "eval speed 8K (spindle 0.25)" "rc=$?, $(( $(date +%s) - t0 )) s"
-.venv/bin/python - "$OUT/speed.json" <<'EOF' | tee -a "$OUT/summary.txt"
+"$VPY" - "$OUT/speed.json" <<'EOF' | tee -a "$OUT/summary.txt"
 import json, sys
 try:
     r = json.load(open(sys.argv[1]))
@@ -47,7 +80,9 @@ except Exception as e:  # noqa: BLE001
     print(f"  no speed result ({e})")
     sys.exit(0)
 for k in ("decode_tps", "decode_tps_stock", "decode_ratio", "prefill_tps", "prefill_tps_stock",
-          "prefill_ratio", "compress_fraction_of_prefill", "reserve_ratio", "stock_library"):
+          "prefill_ratio", "compress_seconds", "compress_fraction_of_prefill", "reserve_ratio",
+          "stock_library"):
     if k in r:
-        print(f"  {k:24s} {r[k]}")
+        v = r[k]
+        print(f"  {k:30s} {v:.4g}" if isinstance(v, float) else f"  {k:30s} {v}")
 EOF
