@@ -60,9 +60,10 @@ elif [ -n "$driver" ]; then
 else
     stub="$WORK/driver-stub/libcuda.so"
     mkdir -p "$(dirname "$stub")"
-    echo 'void spindle_cuda_driver_stub(void) {}' | cc -shared -fPIC -x c - -o "$stub"
+    # named as the driver's library is (libcuda.so.1), so that the build loads where a driver is
+    echo 'void spindle_cuda_driver_stub(void) {}' | cc -shared -fPIC -Wl,-soname,libcuda.so.1 -x c - -o "$stub"
     extra+=(-DCUDA_cuda_driver_LIBRARY="$stub")
-    echo "no CUDA driver library on this machine: linking an empty stand-in (compile-only check)" >&2
+    echo "no CUDA driver library on this machine: linking an empty stand-in named libcuda.so.1" >&2
 fi
 
 src=$("$VPY" - "$WORK" <<'EOF'

@@ -9,6 +9,7 @@
 # Prints a compact summary at the end; the logs stay in $OUT (default ./device_check).
 #
 #   make setup && bash scripts/device_check.sh      # about 8 minutes on 16 cores
+#   CUDA_LIB_DIR=DIR bash scripts/device_check.sh    # with a build made beforehand (build_cuda.sh)
 #
 # It needs a Python that imports spindle_local and its dependencies (VPY, default
 # .venv/bin/python, else python3) and the default model in the cache: `make setup` gives
@@ -30,7 +31,11 @@ status "gpu" "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format
 status "commit" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 t0=$(date +%s)
-if VPY="$VPY" JOBS="${JOBS:-$(nproc)}" bash scripts/build_cuda.sh "$ARCH" > "$OUT/build.log" 2>&1; then
+if [ -n "${CUDA_LIB_DIR:-}" ]; then
+    # a build made beforehand (scripts/build_cuda.sh's $WORK/build/bin, from this checkout)
+    [ -e "$CUDA_LIB_DIR/libggml-cuda.so" ] || { status "build" "no libggml-cuda.so in CUDA_LIB_DIR=$CUDA_LIB_DIR"; exit 1; }
+    status "build (sm_$ARCH)" "made beforehand: $CUDA_LIB_DIR"
+elif VPY="$VPY" JOBS="${JOBS:-$(nproc)}" bash scripts/build_cuda.sh "$ARCH" > "$OUT/build.log" 2>&1; then
     status "build (sm_$ARCH)" "ok in $(( $(date +%s) - t0 )) s"
 else
     status "build (sm_$ARCH)" "FAILED in $(( $(date +%s) - t0 )) s (tail of $OUT/build.log:)"
@@ -38,7 +43,7 @@ else
     tail -40 "$WORK/build.log" > "$OUT/build_tail.log" 2>/dev/null
     exit 1
 fi
-export LLAMA_CPP_LIB_PATH="$WORK/build/bin"
+export LLAMA_CPP_LIB_PATH="${CUDA_LIB_DIR:-$WORK/build/bin}"
 
 # Placement: llama.cpp's own log lines say where the layers, the KV cache and the store went.
 placed=$(SPINDLE_LLAMA_LOG=1 "$VPY" - 2> "$OUT/placement.log" <<'EOF'
