@@ -62,7 +62,8 @@ else
     mkdir -p "$(dirname "$stub")"
     # named as the driver's library is (libcuda.so.1), so that the build loads where a driver is
     echo 'void spindle_cuda_driver_stub(void) {}' | cc -shared -fPIC -Wl,-soname,libcuda.so.1 -x c - -o "$stub"
-    extra+=(-DCUDA_cuda_driver_LIBRARY="$stub")
+    # recorded as needed although it defines nothing, so the built library loads the driver
+    extra+=(-DCUDA_cuda_driver_LIBRARY="$stub" -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--no-as-needed)
     echo "no CUDA driver library on this machine: linking an empty stand-in named libcuda.so.1" >&2
 fi
 
