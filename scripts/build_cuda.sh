@@ -13,13 +13,16 @@ JOBS="${JOBS:-$(nproc)}"
 command -v nvcc >/dev/null || { echo "error: nvcc not found on PATH" >&2; exit 2; }
 VPY="${VPY:-$PWD/.venv/bin/python}"
 # ggml's CUDA backend links cuBLAS. A toolkit installed without it (nvcc and the runtime
-# only) gets NVIDIA's own cuBLAS from PyPI (the `nvidia-cublas` wheel: headers and shared
-# libraries), unpacked once into the cache and handed to CMake.
+# only) gets NVIDIA's own cuBLAS (the `nvidia-cublas` wheel: headers and shared libraries),
+# installed in this Python or else fetched from PyPI, in the cache, handed to CMake.
 cuda_root="${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}"
 extra=()
-# An `nvidia-cublas` wheel already installed in this Python (PyTorch's images carry one)
-# serves as well as a download.
-installed_cublas=$("$VPY" - <<'EOF' 2>/dev/null
+if ! ls "$cuda_root"/include/cublas_v2.h /usr/local/cuda/include/cublas_v2.h /usr/include/cublas_v2.h >/dev/null 2>&1 \
+        && ! ls "$cuda_root"/targets/*/include/cublas_v2.h >/dev/null 2>&1; then
+    cublas="${XDG_CACHE_HOME:-$HOME/.cache}/spindle-local/cublas"
+    # an `nvidia-cublas` wheel already installed in this Python (PyTorch's images carry one)
+    # serves as well as a download: its folder is linked into the cache, never written to
+    installed=$("$VPY" - <<'EOF' 2>/dev/null
 import glob, os, sys
 for base in sys.path:
     for h in sorted(glob.glob(os.path.join(base, "nvidia", "**", "include", "cublas_v2.h"), recursive=True)):
@@ -29,11 +32,10 @@ for base in sys.path:
             sys.exit(0)
 EOF
 )
-if ! ls "$cuda_root"/include/cublas_v2.h /usr/local/cuda/include/cublas_v2.h /usr/include/cublas_v2.h >/dev/null 2>&1 \
-        && ! ls "$cuda_root"/targets/*/include/cublas_v2.h >/dev/null 2>&1; then
-    cublas="${installed_cublas:-${XDG_CACHE_HOME:-$HOME/.cache}/spindle-local/cublas}"
-    if [ -n "$installed_cublas" ]; then
-        for so in "$cublas"/lib/lib*.so.*; do [ -e "${so%%.so.*}.so" ] || ln -sf "$(basename "$so")" "${so%%.so.*}.so" 2>/dev/null || true; done
+    if [ -n "$installed" ]; then
+        rm -rf "$cublas" && mkdir -p "$cublas/lib"
+        ln -s "$installed/include" "$cublas/include"
+        for so in "$installed"/lib/lib*.so.*; do ln -s "$so" "$cublas/lib/"; done
     elif [ ! -f "$cublas/include/cublas_v2.h" ]; then
         echo "no cuBLAS next to nvcc ($cuda_root): fetching NVIDIA's nvidia-cublas wheel into $cublas" >&2
         rm -rf "$cublas.tmp" && mkdir -p "$cublas.tmp"
@@ -42,8 +44,9 @@ if ! ls "$cuda_root"/include/cublas_v2.h /usr/local/cuda/include/cublas_v2.h /us
         (cd "$cublas.tmp" && "$VPY" -m zipfile -e ./*.whl unpacked)
         sub=$(dirname "$(dirname "$(ls "$cublas.tmp"/unpacked/nvidia/*/include/cublas_v2.h | head -1)")")
         rm -rf "$cublas" && mv "$sub" "$cublas" && rm -rf "$cublas.tmp"
-        for so in "$cublas"/lib/lib*.so.*; do ln -sf "$(basename "$so")" "${so%%.so.*}.so"; done
     fi
+    # CMake looks for the unversioned names
+    for so in "$cublas"/lib/lib*.so.*; do ln -sf "$(basename "$so")" "${so%%.so.*}.so"; done
     extra=(-DCMAKE_LIBRARY_PATH="$cublas/lib" -DCMAKE_CUDA_FLAGS="-I$cublas/include" -DCMAKE_CXX_FLAGS="-I$cublas/include")
 fi
 
