@@ -5,7 +5,9 @@
 #      default model's layers, its KV cache and the SpindleKV store land on the GPU;
 #   3. run the store, backend-plan, engine and family tests with every layer there;
 #   4. measure `eval speed` at 8K tokens (spindle at 0.25 against the same library with an
-#      empty store, whose graph is stock).
+#      empty store, whose graph is stock);
+#   5. profile the same 8K prompt and 64 tokens (scripts/profile_engine.py): time in
+#      llama_decode against plans and Python, with a store and with the full cache.
 # Prints a compact summary at the end; the logs stay in $OUT (default ./device_check).
 #
 #   make setup && bash scripts/device_check.sh      # about 8 minutes on 16 cores
@@ -91,3 +93,22 @@ for k in ("decode_tps", "decode_tps_stock", "decode_ratio", "prefill_tps", "pref
         v = r[k]
         print(f"  {k:30s} {v:.4g}" if isinstance(v, float) else f"  {k:30s} {v}")
 EOF
+
+# Where the time goes: the prompt and the generated tokens under cProfile, with a store and
+# with the full cache (llama_decode against plans and the rest of the Python).
+for pol in spindle full; do
+    "$VPY" scripts/profile_engine.py --context 8000 --gen 64 --policy "$pol" --json \
+        > "$OUT/profile_$pol.json" 2> "$OUT/profile_$pol.log"
+    status "profile 8K ($pol)" "rc=$?"
+    "$VPY" - "$OUT/profile_$pol.json" <<'PYEOF' | tee -a "$OUT/summary.txt"
+import json, sys
+try:
+    r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+except Exception as e:  # noqa: BLE001
+    print(f"  no profile ({e})")
+    sys.exit(0)
+for phase in ("prefill", "decode"):
+    p = r[phase]
+    print(f"  {phase:8s} " + ", ".join(f"{k} {v:.3f}" for k, v in p.items() if v))
+PYEOF
+done
