@@ -301,6 +301,32 @@ def test_masks_match_reference(tiny: dict, flash_attn: bool) -> None:
         assert float(np.abs(outs[0] - outs[1]).max()) > 5e-2  # the masks matter
 
 
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["nofa", "fa"])
+@pytest.mark.parametrize("n_new", [1, 3], ids=["split", "joined"])
+def test_stale_slots_are_hidden(tiny: dict, flash_attn: bool, n_new: int) -> None:
+    """After a rewind below stored positions, the slots at or after the new tokens' positions
+    are hidden: the logits are those of a full cache that never held them. The default stores
+    (every query head sees every slot) take one mask shared by the heads, which cannot hide a
+    slot per head: the graph built for the token before the rewind must not be reused."""
+    model, _ = tiny["gqa"]
+    tokens = _tiny_tokens(model, 52, seed=9)
+    new = tokens[-n_new:]
+    with LlamaContext(model, n_ctx=512, n_batch=128, flash_attn=flash_attn) as ctx, \
+            LlamaContext(model, n_ctx=512, n_batch=128, flash_attn=flash_attn) as ref:
+        ctx.decode(tokens[:47], logits="none")
+        ctx.move_to_store(0, 36)
+        ctx.decode(new, list(range(47, 47 + n_new)))  # a graph with shared masks, slots all older
+        shown = ctx.logits().copy()
+        ctx.seq_rm(30, -1)  # the store keeps positions 30..35: stale from here on
+        ctx.decode(new, list(range(30, 30 + n_new)))  # same ubatch shape as the graph above
+        got = ctx.logits().copy()
+        ref.decode(tokens[:30], logits="none")
+        ref.decode(new, list(range(30, 30 + n_new)))
+        want = ref.logits().copy()
+    assert float(np.abs(got - want).max()) < REF_ATOL
+    assert float(np.abs(shown - want).max()) > 5e-2  # the check has teeth: other context, other logits
+
+
 def test_uneven_heads_roundtrip_and_bytes(tiny: dict) -> None:
     model, _ = tiny["gqa"]
     with LlamaContext(model, n_ctx=256) as ctx:
