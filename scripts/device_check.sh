@@ -12,6 +12,7 @@
 #
 #   make setup && bash scripts/device_check.sh      # about 8 minutes on 16 cores
 #   CUDA_LIB_DIR=DIR bash scripts/device_check.sh    # with a build made beforehand (build_cuda.sh)
+#   MODEL=shape ...                                    # a random model of the default's shape
 #
 # It needs a Python that imports spindle_local and its dependencies (VPY, default
 # .venv/bin/python, else python3) and the default model in the cache: `make setup` gives
@@ -47,15 +48,29 @@ else
 fi
 export LLAMA_CPP_LIB_PATH="${CUDA_LIB_DIR:-$WORK/build/bin}"
 
+# MODEL: the GGUF the placement, speed and profile steps read (default: the default model).
+# MODEL=shape writes a random-weight model of the default model's shape instead, for a
+# machine the model cannot be copied to (the tests still need the default model).
+if [ "${MODEL:-}" = shape ]; then
+    MODEL="$OUT/smollm2_shape.gguf"
+    "$VPY" -c "from spindle_local.testing.tiny_gguf import write_tiny_llama as w; w('$MODEL', n_layer=30, n_embd=576, n_head=9, n_head_kv=3, head_dim=64, n_ff=1536, n_vocab=49152, n_ctx_train=16384, seed=1)"
+    status "model" "random weights, SmolLM2-135M's shape: $MODEL"
+fi
+export MODEL="${MODEL:-}"
+MODEL_ARGS=()
+[ -n "$MODEL" ] && MODEL_ARGS=(--model "$MODEL")
+
 # Placement: llama.cpp's own log lines say where the layers, the KV cache and the store went.
 placed=$(SPINDLE_LLAMA_LOG=1 "$VPY" - 2> "$OUT/placement.log" <<'EOF'
-from spindle_local.eval.texts import load_text
+import os
+
+from spindle_local.eval.texts import load_text, prefix_tokens
 from spindle_local.runtime.engine import Engine, EngineConfig
 from spindle_local.runtime.model_files import default_model_path
 
 cfg = EngineConfig(policy="spindle", kv_budget=0.25, max_tokens=4096)
-eng = Engine(str(default_model_path(fetch=False)), cfg)
-toks = eng.model.tokenize(load_text(None), add_special=False)[:3000]
+eng = Engine(os.environ.get("MODEL") or str(default_model_path(fetch=False)), cfg)
+toks = prefix_tokens(lambda t: eng.model.tokenize(t, add_special=False), load_text(None), 3000)
 eng.feed(toks)
 s = eng.refresh_stats()
 print(f"3000 tokens: compressions={s.compressions} reserve_ratio={s.reserve_ratio:.3f} kv_bytes={s.kv_bytes}")
@@ -76,7 +91,7 @@ status "tests (store,plan,engine,fam)" "rc=$rc, $(tail -1 "$OUT/tests.log") in $
 grep -E '^(FAILED|ERROR) ' "$OUT/tests.log" | head -15 | sed 's/^/  /' | tee -a "$OUT/summary.txt"
 
 t0=$(date +%s)
-"$VPY" -m spindle_local.cli eval speed --context 8000 --gen 64 --reps 2 --policy spindle --kv-budget 0.25 --json \
+"$VPY" -m spindle_local.cli eval speed ${MODEL:+"$MODEL"} --context 8000 --gen 64 --reps 2 --policy spindle --kv-budget 0.25 --json \
     > "$OUT/speed.json" 2> "$OUT/speed.log"
 status "eval speed 8K (spindle 0.25)" "rc=$?, $(( $(date +%s) - t0 )) s"
 "$VPY" - "$OUT/speed.json" <<'EOF' | tee -a "$OUT/summary.txt"
@@ -97,7 +112,7 @@ EOF
 # Where the time goes: the prompt and the generated tokens under cProfile, with a store and
 # with the full cache (llama_decode against plans and the rest of the Python).
 for pol in spindle full; do
-    "$VPY" scripts/profile_engine.py --context 8000 --gen 64 --policy "$pol" --json \
+    "$VPY" scripts/profile_engine.py "${MODEL_ARGS[@]}" --context 8000 --gen 64 --policy "$pol" --json \
         > "$OUT/profile_$pol.json" 2> "$OUT/profile_$pol.log"
     status "profile 8K ($pol)" "rc=$?"
     "$VPY" - "$OUT/profile_$pol.json" <<'PYEOF' | tee -a "$OUT/summary.txt"

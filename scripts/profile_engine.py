@@ -52,17 +52,6 @@ def _top(prof: cProfile.Profile, n: int) -> str:
     return buf.getvalue()
 
 
-def _prefix_tokens(model, text: str, n: int) -> list[int]:
-    """The first ``n`` tokens of ``text``, tokenizing only as long a prefix as it takes (some
-    tokenizers are slow on a whole book)."""
-    k = 8 * n
-    while True:
-        toks = model.tokenize(text[:k], add_special=False)
-        if len(toks) > n or k >= len(text):
-            return toks[:n]
-        k *= 2
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="GGUF file (default: the default model)")
@@ -78,7 +67,7 @@ def main() -> int:
 
     import numpy as np
 
-    from spindle_local.eval.texts import load_text
+    from spindle_local.eval.texts import load_text, prefix_tokens
     from spindle_local.runtime.engine import Engine, EngineConfig
     from spindle_local.runtime.model_files import default_model_path
 
@@ -86,7 +75,7 @@ def main() -> int:
     cfg = EngineConfig(policy=a.policy, kv_budget=a.kv_budget, flash_attn=not a.no_flash_attn,
                        max_tokens=a.context + a.gen + 64)
     eng = Engine(model_path, cfg)
-    toks = _prefix_tokens(eng.model, load_text(a.text), a.context)
+    toks = prefix_tokens(lambda t: eng.model.tokenize(t, add_special=False), load_text(a.text), a.context)
     if len(toks) < a.context:
         print(f"error: the text has only {len(toks)} tokens", file=sys.stderr)
         return 2

@@ -125,3 +125,24 @@ def test_kld_text_too_short(tmp_path: Path) -> None:
     short.write_text("just a few words\n")
     proc = run_cli("eval", "kld", "--text", str(short), "--context", "500", "--json")
     assert proc.returncode == 2 and "fewer than" in proc.stderr
+
+
+@pytest.mark.parametrize("n", [1, 50, 400, 5000])
+def test_prefix_tokens_equal_the_whole_texts_first_tokens(n: int) -> None:
+    """Tokenizing a prefix gives the whole text's first ``n`` tokens (a word-level and a
+    byte-level tokenizer), and all of them when the text has fewer."""
+    from spindle_local.eval.texts import prefix_tokens, pydoc_text
+
+    text = pydoc_text()[:20000]
+    calls: list[int] = []
+
+    def words(t: str) -> list[int]:
+        calls.append(len(t))
+        return [hash(w) for w in t.split()]
+
+    def octets(t: str) -> list[int]:
+        return list(t.encode())
+
+    for tok in (words, octets):
+        assert prefix_tokens(tok, text, n) == tok(text)[:n]
+    assert max(calls[:-1]) < len(text) or n >= len(text.split()) - 16  # only a prefix was read

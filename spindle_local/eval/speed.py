@@ -26,7 +26,7 @@ def _worker(args: dict) -> dict:
     """Runs inside the child process: one measurement, printed as JSON."""
     import numpy as np
 
-    from spindle_local.eval.texts import load_text
+    from spindle_local.eval.texts import load_text, prefix_tokens
     from spindle_local.runtime.lowlevel import LlamaContext, LlamaModel
 
     if args["mode"] == "stock":
@@ -35,7 +35,7 @@ def _worker(args: dict) -> dict:
         from spindle_local.runtime.config import EngineConfig
 
         model = EngineConfig(**args["engine"]).load_model(args["model"])
-    toks = model.tokenize(load_text(args.get("text")), add_special=False)[: args["context"]]
+    toks = prefix_tokens(lambda t: model.tokenize(t, add_special=False), load_text(args.get("text")), args["context"])
     if len(toks) < args["context"]:
         raise SpindleError(f"the text has only {len(toks)} tokens, fewer than --context {args['context']}")
     gen = args["gen"]

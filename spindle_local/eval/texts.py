@@ -8,6 +8,7 @@ prose with code. Other texts are kept for independent checks rather than tuning.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from spindle_local.errors import UsageError
 
@@ -33,3 +34,19 @@ def load_text(path: str | Path | None) -> str:
     if not text.strip():
         raise UsageError(f"text file is empty: {p}")
     return text
+
+
+def prefix_tokens(tokenize: Callable[[str], list[int]], text: str, n: int) -> list[int]:
+    """The first ``n`` tokens of ``text``, tokenizing only as long a prefix as it takes.
+
+    A whole book costs some tokenizers minutes (SentencePiece-style vocabularies without
+    pre-splitting); a prefix of about eight characters per token is enough for any real
+    vocabulary, and it doubles until the tokens run past ``n`` with a margin, so the cut
+    cannot change the tokens kept. Fewer than ``n`` only when the whole text has fewer.
+    """
+    k = 8 * n
+    while True:
+        toks = tokenize(text[:k])
+        if len(toks) >= n + 16 or k >= len(text):
+            return toks[:n]
+        k *= 2
