@@ -232,20 +232,13 @@ def _store_then_compare(models: _Models, i: int, flash_attn: bool, install, atol
         a = eng.feed(toks[200:260])  # joined path (a prompt chunk)
         b = [r.feed(toks[200:260]) for r in refs]
         if joined_plain:
-            # plain math on the store's layers, flash attention on a window model's window layers
-            spread = float(np.abs(b[0] - b[-1]).max()) if eng.geometry.swa_layers() else 0.0
-            diff = min(float(np.abs(a - r).max()) for r in (b if spread else b[:1]))
-            assert diff < atol + spread, f"joined path: max |store - full| = {diff:.2e} (full caches: {spread:.2e})"
+            _assert_non_flash(eng, a, b, atol, "joined path")
         else:
             diff = float(np.abs(a - b[-1]).max())
             assert diff < atol, f"joined path: max |store - full| = {diff:.2e}"
         a = eng.step(toks[260])  # split path (one token)
         b = [r.step(toks[260]) for r in refs]
-        # the store's layers run non-flash math; a sliding-window model's window layers keep
-        # flash attention: the logits are a mix of the two full caches', within their spread
-        spread = float(np.abs(b[0] - b[-1]).max()) if eng.geometry.swa_layers() else 0.0
-        diff = min(float(np.abs(a - r).max()) for r in (b if spread else b[:1]))
-        assert diff < atol + spread, f"split path: max |store - full| = {diff:.2e} (full caches: {spread:.2e})"
+        _assert_non_flash(eng, a, b, atol, "split path")
         assert a.argmax() == b[0].argmax() == b[-1].argmax()
         # the stored tokens matter: the same step without them gives other logits
         eng.ctx.store_clear()
@@ -256,6 +249,15 @@ def _store_then_compare(models: _Models, i: int, flash_attn: bool, install, atol
         eng.close()
         for r in refs:
             r.close()
+
+
+def _assert_non_flash(eng: Engine, a: np.ndarray, refs: list[np.ndarray], atol: float, what: str) -> None:
+    """``a`` came from non-flash math on the store's layers: within ``atol`` of the full cache
+    without flash attention (``refs[0]``). A sliding-window model's window layers keep flash
+    attention, so there the logits are a mix of the two full caches', within their spread."""
+    spread = float(np.abs(refs[0] - refs[-1]).max()) if eng.geometry.swa_layers() else 0.0
+    diff = min(float(np.abs(a - r).max()) for r in (refs if spread else refs[:1]))
+    assert diff < atol + spread, f"{what}: max |store - full| = {diff:.2e} (full caches: {spread:.2e})"
 
 
 def _gather_all(eng: Engine, il: int, p1: int) -> None:
