@@ -11,6 +11,7 @@ from spindle_local.policy.anchors import (
     anchor_strength,
     boost,
     copy_spans,
+    layer_strength,
     span_positions,
     span_positions_ref,
 )
@@ -38,13 +39,21 @@ def test_copy_spans_follow_the_strongest_deep_anchor() -> None:
     scores = [np.full((GEO.n_head, inp.n), 1.0, np.float32) for inp in layers]
     scores[4][2, 50] = 400.0  # one deep query head puts most of its attention on position 50
     scores[1][0, 120] = 4000.0  # a shallow one does too, more strongly: not a deep anchor
-    kept = copy_spans(layers, scores, first_layer=3, span=10, cap=30, sinks=4, min_share=0.05)
+    strengths = [layer_strength(sc, inp.positions, 4) for inp, sc in zip(layers, scores)]
+    kept = copy_spans(layers, strengths, first_layer=3, span=10, cap=30, min_share=0.05)
     assert np.array_equal(kept, np.arange(50, 61))
-    pos, strength = anchor_strength(layers, scores, 3, 4)
+    pos, strength = anchor_strength(layers, strengths, 3)
     assert pos[np.argmax(strength)] == 50
     # nothing reaches the threshold: no spans; a cap below one run: no spans
-    assert len(copy_spans(layers, scores, first_layer=3, span=10, cap=30, sinks=4, min_share=0.9)) == 0
-    assert len(copy_spans(layers, scores, first_layer=3, span=10, cap=5, sinks=4, min_share=0.05)) == 0
+    assert len(copy_spans(layers, strengths, first_layer=3, span=10, cap=30, min_share=0.9)) == 0
+    assert len(copy_spans(layers, strengths, first_layer=3, span=10, cap=5, min_share=0.05)) == 0
+
+
+def test_layer_strength_is_the_best_head_share_and_ignores_sinks() -> None:
+    s = np.array([[9.0, 1.0, 3.0, np.inf], [5.0, 4.0, 1.0, -np.inf]], np.float32)
+    got = layer_strength(s, np.array([0, 5, 6, 7]), sinks=1)  # position 0 is a sink
+    # head 0: shares 0, 1/4, 3/4, 0; head 1: 0, 4/5, 1/5, 0
+    assert np.allclose(got, [0.0, 0.8, 0.75, 0.0])
 
 
 def test_a_run_that_does_not_fit_is_skipped_not_the_end() -> None:
@@ -84,7 +93,8 @@ def test_spindle_keeps_copy_spans_in_every_deep_head() -> None:
     used = pol.last_report[3]["copy_span_tokens"]
     slots = np.array([st.heads[0].n_slots for st in stores])
     assert used <= 0.3 * slots.mean() + 1
-    kept = copy_spans(layers, raw, first_layer=3, span=12, cap=used, sinks=4, min_share=0.0)
+    strengths = [layer_strength(r, inp.positions, 4) for inp, r in zip(layers, raw)]
+    kept = copy_spans(layers, strengths, first_layer=3, span=12, cap=used, min_share=0.0)
     assert len(kept) == used
     assert len(kept) >= 12
     for st in stores[3:]:

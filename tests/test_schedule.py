@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spindle_local.runtime.schedule import Schedule, compress_due, needs_compress
+from spindle_local.runtime.schedule import Schedule, compress_due, needs_compress, prompt_take
 
 T = 23_040  # SmolLM2-135M: bytes per token of the f16 cache
 
@@ -69,3 +69,16 @@ def test_mid_prompt_targets_the_prompt_length_and_a_cap_overrides_everything():
 def test_when_a_compression_is_due(regular, incoming, cells, allowance, capped, needs, due):
     assert needs_compress(regular=regular, incoming=incoming, allowance=allowance, capped=capped) is needs
     assert compress_due(regular=regular, incoming=incoming, cells=cells, allowance=allowance, capped=capped) is due
+
+
+@pytest.mark.parametrize("room, take, chunk, expected", [
+    (600, 512, 512, 512),   # the chunk fits
+    (480, 512, 512, 480),   # the part that fits is read before the plan
+    (128, 512, 512, 128),   # a quarter of a chunk still is
+    (127, 512, 512, 0),     # less is not worth a batch: compress first
+    (0, 512, 512, 0),
+    (3, 3, 16, 3),          # a prompt's last tokens that fit
+    (2, 3, 16, 0),
+])
+def test_prompt_take(room, take, chunk, expected):
+    assert prompt_take(room=room, take=take, chunk=chunk) == expected

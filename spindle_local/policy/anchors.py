@@ -23,9 +23,10 @@ Only sharp targets are anchors: a token must hold at least ``anchor_min_share`` 
 tenth) of some deep head's window attention. With 1 % the cap filled up with runs after
 ordinary tokens once misfits were skipped, and a 6,000-token key was lost at 0.25.
 
-Kernels: :func:`anchor_strength` (numpy; per position, the best share over layers and
-query heads) and :func:`span_positions` / :func:`span_positions_ref` (index intervals / sets:
-anchors → protected positions under the cap).
+Kernels: :func:`layer_strength` and :func:`anchor_strength` (numpy; per position, the best
+share over query heads, then over layers) and :func:`span_positions` /
+:func:`span_positions_ref` (index intervals / sets: anchors → protected positions under
+the cap).
 """
 
 from __future__ import annotations
@@ -44,18 +45,24 @@ def head_shares(scores: np.ndarray, positions: np.ndarray, sinks: int) -> np.nda
     return s / np.where(tot > 0, tot, 1.0)
 
 
-def anchor_strength(layers: list[LayerInput], scores: list[np.ndarray], first_layer: int,
-                    sinks: int) -> tuple[np.ndarray, np.ndarray]:
-    """(positions ascending, strength): per position, the largest share of window attention
-    any query head of a layer >= ``first_layer`` gives it."""
-    deep = [(inp, sc) for inp, sc in zip(layers, scores) if inp.layer >= first_layer and inp.n]
+def layer_strength(scores: np.ndarray, positions: np.ndarray, sinks: int) -> np.ndarray:
+    """Per token of one layer, the largest share of window attention any of its query heads
+    gives it (scores [H, n] before pooling): all that anchors need of a layer's scores."""
+    return head_shares(scores, positions, sinks).max(axis=0)
+
+
+def anchor_strength(layers: list[LayerInput], strengths: list[np.ndarray],
+                    first_layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions ascending, strength): per position, the largest :func:`layer_strength`
+    of a layer >= ``first_layer``."""
+    deep = [(inp, st) for inp, st in zip(layers, strengths) if inp.layer >= first_layer and inp.n]
     if not deep:
         return np.zeros(0, np.int64), np.zeros(0)
     union = np.unique(np.concatenate([np.asarray(inp.positions, np.int64) for inp, _ in deep]))
     best = np.zeros(len(union))
-    for inp, sc in deep:
+    for inp, st in deep:
         rows = np.searchsorted(union, np.asarray(inp.positions, np.int64))
-        np.maximum.at(best, rows, head_shares(sc, inp.positions, sinks).max(axis=0))
+        np.maximum.at(best, rows, st)
     return union, best
 
 
@@ -82,16 +89,16 @@ def span_positions(positions: np.ndarray, order: np.ndarray, span: int, cap: int
     return pos[greedy_intervals(len(pos), order, hi, cap)]
 
 
-def copy_spans(layers: list[LayerInput], scores: list[np.ndarray], *, first_layer: int, span: int,
-               cap: int, sinks: int, min_share: float) -> np.ndarray:
+def copy_spans(layers: list[LayerInput], strengths: list[np.ndarray], *, first_layer: int, span: int,
+               cap: int, min_share: float) -> np.ndarray:
     """Positions to protect in the layers from ``first_layer`` on (ascending, at most ``cap``).
 
-    Anchors are positions whose strength (:func:`anchor_strength`) is at least
-    ``min_share``, strongest first.
+    Anchors are positions whose strength (:func:`anchor_strength` of the layers'
+    :func:`layer_strength`) is at least ``min_share``, strongest first.
     """
     if cap <= 0 or span < 0:
         return np.zeros(0, np.int64)
-    pos, strength = anchor_strength(layers, scores, first_layer, sinks)
+    pos, strength = anchor_strength(layers, strengths, first_layer)
     order = np.argsort(-strength, kind="stable")
     order = order[strength[order] >= min_share]
     if len(order) == 0:

@@ -7,10 +7,11 @@ keeps everything and ignores the budget: it is the reference run). Sinks (positi
 ValueError says how many bytes are needed.
 
 Plans stream over layers (:mod:`.sources`): a first pass scores each layer and keeps only
-its scores and token positions; the cross-layer decisions (byte shares, copy spans,
-salient runs, slot allocation) read those; a second pass reloads each layer, builds its
-store and hands it to ``install`` at once. At no time does a plan hold more than one
-layer's vectors per planning thread.
+its scores, token positions and per-token anchor strength (and the gather sources of a
+layer scored where its KV lives); the cross-layer decisions (byte shares, copy spans,
+salient runs, slot allocation) read those; a second pass builds each layer's store and
+hands it to ``install`` at once, reloading only layers whose store is built from host
+vectors. At no time does a plan hold more than one layer's vectors per planning thread.
 
 After a plan the policy's ``last_report`` lists, per layer, the role, token count,
 slots and bytes (staged policies add the layer's byte share ``share_bytes`` and, with
@@ -26,7 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .anchors import anchor_strength, boost, copy_spans
+from .anchors import anchor_strength, boost, copy_spans, layer_strength
 from .budgets import allocate_slots, mass_slots, pyramid_weights, raw_slot_bytes, sink_slots
 from .inputs import Geometry, LayerInput
 from .layer_plans import evict_layer, fit_codebook_layer, head_store, layer_gains, protect
@@ -217,11 +218,11 @@ class StagedPolicy(Policy):
             )
         return allocate_slots(weights, lo, hi, target_bytes // unit)
 
-    def _copy_spans(self, metas, raw, scores, slots, geometry):
-        """Scores with copy spans (:mod:`.anchors`) raised in the layers that keep them."""
+    def _copy_spans(self, metas, strengths, scores, slots, geometry) -> None:
+        """Raise copy spans (:mod:`.anchors`) in ``scores`` of the layers that keep them (in place)."""
         cs = self.stages.copy_spans
         if cs is None or cs.span <= 0 or cs.share <= 0:
-            return scores
+            return
         first = geometry.n_layer // 2 if cs.from_layer is None else cs.from_layer
         # What a question points at (a key, a name) does not grow with the budget, so the
         # absolute cap keeps spans from crowding out scored tokens at large budgets; the
@@ -230,18 +231,17 @@ class StagedPolicy(Policy):
         cap = cap if cs.tokens is None else min(cap, int(cs.tokens))
         # anchors from attention before pooling: max-pooling copies a target's score to
         # its neighbours, so a span could start a few tokens late and lose the first digit
-        kept = copy_spans(metas, raw, first_layer=first, span=cs.span, cap=cap, sinks=self.context.sinks,
-                          min_share=cs.min_share)
-        for m in metas:
+        kept = copy_spans(metas, strengths, first_layer=first, span=cs.span, cap=cap, min_share=cs.min_share)
+        for i, m in enumerate(metas):
             if m.layer >= first:
                 self._extra_report[m.layer]["copy_span_tokens"] = int(len(kept))
-        return [boost(sc, m.positions, kept) if m.layer >= first else sc for m, sc in zip(metas, scores)]
+                scores[i] = boost(scores[i], m.positions, kept)
 
-    def _salient(self, metas, raw, scores, slots):
-        """Scores with salient runs (:mod:`.salience`) raised in every layer, capped."""
+    def _salient(self, metas, strengths, scores, slots) -> None:
+        """Raise salient runs (:mod:`.salience`) in every layer's ``scores``, capped (in place)."""
         sr = self.stages.salient
         if sr is None or sr.share <= 0:
-            return scores
+            return
         sinks = self.context.sinks
         kept = np.zeros(0, np.int64)
         with_flags = [inp for inp in metas if inp.salient is not None and inp.n]
@@ -251,31 +251,32 @@ class StagedPolicy(Policy):
             union, first = np.unique(pos, return_index=True)
             sal = flags[first]
             sal[union < sinks] = 0.0  # sinks are kept anyway
-            u_pos, strength = anchor_strength(metas, raw, 0, sinks)
+            u_pos, strength = anchor_strength(metas, strengths, 0)
             aligned = np.zeros(len(union))
             found = np.searchsorted(u_pos, union)
             ok = (found < len(u_pos)) & (u_pos[np.minimum(found, len(u_pos) - 1)] == union)
             aligned[ok] = strength[found[ok]]
             kept = salient_positions(union, sal, aligned, before=sr.before, after=sr.after,
                                      cap=int(sr.share * slots.min()))
-        for m in metas:
+        for i, m in enumerate(metas):
             self._extra_report[m.layer]["salient_tokens"] = int(len(kept))
-        return [boost(sc, m.positions, kept) for m, sc in zip(metas, scores)]
+            scores[i] = boost(scores[i], m.positions, kept)
 
     def _plan_into(self, source, geometry, target_bytes, put):
         st, ctx = self.stages, self.context
         unit = raw_slot_bytes(geometry)
         mass = isinstance(st.allocator, MassShares)
 
-        # pass 1: scores and token positions of every layer (the vectors are dropped)
+        # pass 1: per layer, its tokens (LayerMeta), scores and anchor strength; the input
+        # (vectors, or the runtime's attention arrays) is dropped as soon as they are taken
         def score(i: int):
             inp = source.load(i)
             raw, sc = self._raw_and_scores(inp, geometry)
-            return LayerMeta.of(inp), raw, sc
+            return LayerMeta.of(inp), layer_strength(raw, inp.positions, ctx.sinks), sc
 
         out = self._each(score, len(source))
         metas = [o[0] for o in out]
-        raw = [o[1] for o in out]
+        strengths = [o[1] for o in out]
         scores = [o[2] for o in out]
         del out
 
@@ -285,9 +286,9 @@ class StagedPolicy(Policy):
         budgets = slots * unit
         n_min = np.array([min(sink_slots(m.positions, ctx.sinks), m.n) for m in metas], dtype=np.int64)
         self._extra_report = {m.layer: {"share_bytes": int(b)} for m, b in zip(metas, budgets)}
-        scores = self._copy_spans(metas, raw, scores, slots, geometry)
-        scores = self._salient(metas, raw, scores, slots)
-        del raw
+        self._copy_spans(metas, strengths, scores, slots, geometry)
+        self._salient(metas, strengths, scores, slots)
+        del strengths
 
         # pass 2a: codebook layers, shallowest first, one layer's vectors at a time
         planned: set[int] = set()
@@ -312,8 +313,10 @@ class StagedPolicy(Policy):
             self._extra_report[metas[i].layer]["slots_planned"] = s
 
         def evict(i: int) -> None:
-            store = evict_layer(source.load(i), geometry, scores[i], planned_slots[i], per_query_head=True,
+            inp = metas[i] if metas[i].scored else source.load(i)
+            store = evict_layer(inp, geometry, scores[i], planned_slots[i], per_query_head=True,
                                 union_visible=st.selector.masks == "union", select=st.selector.rule)
+            scores[i] = None  # type: ignore[call-overload]  # planned: drop the layer's scores
             put(i, metas[i], store)
 
         pmap(evict, rest, ctx.threads)

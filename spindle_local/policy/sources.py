@@ -47,7 +47,9 @@ class LayerMeta:
     """What cross-layer decisions read from a layer: its tokens, not their vectors.
 
     Same field names as :class:`LayerInput`, so the budget, copy-span and salience
-    helpers accept either.
+    helpers accept either. A layer scored where its KV lives (no vectors on the host)
+    also keeps its gather ``source``: eviction plans such a layer from its meta and
+    scores alone, without loading (and scoring) it a second time.
     """
 
     layer: int
@@ -55,10 +57,22 @@ class LayerMeta:
     positions: np.ndarray
     available: np.ndarray | None
     salient: np.ndarray | None
+    source: np.ndarray | None = None  # [n, n_head_kv] of a scored layer, None when it has vectors
+
+    # a meta never holds vectors (what :func:`~.layer_plans.head_store` checks)
+    k = None
+    v = None
+    k_pre = None
 
     @classmethod
     def of(cls, inp: LayerInput) -> LayerMeta:
-        return cls(inp.layer, inp.n, np.asarray(inp.positions), inp.available_mask(), inp.salient)
+        source = np.asarray(inp.source) if inp.k is None and inp.source is not None else None
+        return cls(inp.layer, inp.n, np.asarray(inp.positions), inp.available_mask(), inp.salient, source)
+
+    @property
+    def scored(self) -> bool:
+        """Planned from scores alone: its store is gathered from ``source``."""
+        return self.source is not None
 
     def available_mask(self) -> np.ndarray | None:
         return self.available

@@ -72,21 +72,22 @@ def assemble_scored_input(layer: int, sc: native.LayerScores, n_slot_head: np.nd
 class PlanSource:
     """The policy's :class:`~spindle_local.policy.sources.LayerSource` for one compression.
 
-    Scored layers are computed once per plan and kept (small arrays); host layers (codebook
-    candidates) are read afresh at each load. Loads are serialised: llama.cpp is used from
-    one thread at a time.
+    Every load reads the runtime afresh: a scored layer is scored again if loaded again
+    (the policies load it once: eviction plans it from the first load's
+    :class:`~spindle_local.policy.sources.LayerMeta`), a host layer (codebook candidate)
+    is read again. Loads are serialised: llama.cpp is used from one thread at a time.
     """
 
     def __init__(self, engine: Engine, cut: int, lookahead) -> None:
         self.engine, self.cut, self.lookahead = engine, cut, lookahead
         self.lock = threading.Lock()
-        self.scored: dict[int, pin.LayerInput] = {}
         # the policy's layer i is the model's layer ids[i] (all layers, or a sliding-window
         # model's global ones)
         self.ids = engine.store_layer_ids
         # only spindle builds codebooks, in its first codebook_candidates layers at most
         self.host_layers = engine.policy.codebook_candidates(len(self.ids))
         self.host_bytes_read = 0  # K/V bytes read to the host by this plan (tests check it)
+        self.unscored = set(range(self.host_layers, len(self.ids)))  # scored layers not loaded yet
         self.installing = False
 
     def __len__(self) -> int:
@@ -99,10 +100,13 @@ class PlanSource:
                 self.host_bytes_read += inp.k.nbytes + inp.v.nbytes
                 inp.layer = i
                 return inp
-            inp = self.scored.get(i)
-            if inp is None:
-                inp = self.scored[i] = self._score(self.ids[i])
-                inp.layer = i
+            inp = self._score(self.ids[i])
+            inp.layer = i
+            self.unscored.discard(i)
+            if not self.unscored:
+                # every layer is scored: the score graphs' allocation (the largest of the
+                # plan) goes before the cross-layer decisions, not after them
+                native.scratch_free(self.engine.ctx)
             return inp
 
     def _score(self, il: int) -> pin.LayerInput:
@@ -121,5 +125,4 @@ class PlanSource:
             if not self.installing:  # scoring is over: its graphs' (larger) allocation goes first
                 native.scratch_free(self.engine.ctx)
                 self.installing = True
-            self.scored.pop(i, None)
             self.engine.install_store(self.ids[i], st)
