@@ -73,27 +73,3 @@ def test_tokens_read_after_a_lazy_plan_are_closer_to_the_full_cache(runs) -> Non
     kld = {name: compare_logits(full[after], out[name][0][after], targets).mean_kld for name in ("lazy", "eager")}
     assert kld["lazy"] < kld["eager"], kld
 
-
-def test_a_mid_prompt_plan_waits_until_the_regular_cache_is_full(default_model: Path) -> None:
-    # A chunk that does not fit whole is read in part first (schedule.prompt_take): every
-    # mid-prompt plan finds less than a quarter of a chunk free, so each moves about a full
-    # cache's worth of tokens, and a long prompt needs fewer plans (each scores the whole store).
-    cfg = EngineConfig(policy="spindle", kv_budget=0.25, n_cells=768, n_threads=2)
-    eng = Engine(default_model, cfg)
-    try:
-        tokens = eng.model.tokenize(pydoc_text()[:40_000], add_special=True)[:2600]
-        free_before = []  # cells the next chunk could still use when a mid-prompt plan starts
-        orig = eng._compress
-
-        def record(**kw):
-            if eng.n_past < eng._prompt_end:
-                free_before.append(eng.cells - eng.regular_count() - eng.config.window)
-            orig(**kw)
-
-        eng._compress = record
-        eng.feed(tokens)
-        assert len(free_before) >= 3
-        assert max(free_before) < cfg.chunk // 4, free_before
-        assert eng.refresh_stats().reserve_ratio <= 0.25 + 1e-9
-    finally:
-        eng.close()

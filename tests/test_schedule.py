@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spindle_local.runtime.schedule import Schedule, compress_due, needs_compress, prompt_take
+from spindle_local.runtime.schedule import Schedule, compress_due, needs_compress
 
 T = 23_040  # SmolLM2-135M: bytes per token of the f16 cache
 
@@ -70,15 +70,3 @@ def test_when_a_compression_is_due(regular, incoming, cells, allowance, capped, 
     assert needs_compress(regular=regular, incoming=incoming, allowance=allowance, capped=capped) is needs
     assert compress_due(regular=regular, incoming=incoming, cells=cells, allowance=allowance, capped=capped) is due
 
-
-@pytest.mark.parametrize("room, take, chunk, expected", [
-    (600, 512, 512, 512),   # the chunk fits
-    (480, 512, 512, 480),   # the part that fits is read before the plan
-    (128, 512, 512, 128),   # a quarter of a chunk still is
-    (127, 512, 512, 0),     # less is not worth a batch: compress first
-    (0, 512, 512, 0),
-    (3, 3, 16, 3),          # a prompt's last tokens that fit
-    (2, 3, 16, 0),
-])
-def test_prompt_take(room, take, chunk, expected):
-    assert prompt_take(room=room, take=take, chunk=chunk) == expected

@@ -57,7 +57,7 @@ from spindle_local.runtime.memory import (
     format_size,
     plan_model_memory,
 )
-from spindle_local.runtime.schedule import Schedule, compress_due, needs_compress, prompt_take
+from spindle_local.runtime.schedule import Schedule, compress_due, needs_compress
 from spindle_local.runtime.plan_source import PlanSource
 from spindle_local.runtime.window import WindowQueries
 
@@ -409,8 +409,7 @@ class Engine:
             take = min(chunk, len(tokens) - done)
             reserve = 0  # cells kept free for the look-ahead probe at the next plan
             if compressing:
-                # Compress *before* a chunk that does not fit in the regular cache any more
-                # (after reading the part that does, :func:`.schedule.prompt_take`).
+                # Compress *before* a chunk that does not fit in the regular cache any more.
                 # Compressing as late as the allocation allows keeps the observation window
                 # as close as possible to the end of the prompt (where the question is):
                 # what an early plan evicts never comes back, so mid-prompt plans also look
@@ -425,7 +424,7 @@ class Engine:
                 reserve = w if probe else 0
                 room = self.cells - self.regular_count() - reserve
                 eager = self.config.eager_compress and self._needs_compress(take)
-                if prompt_take(room=room, take=take, chunk=chunk) == 0 or eager:
+                if room < take or eager:
                     self._before_irreversible()  # a transaction must be able to undo what follows
                     ahead = self._probe(tokens[-w:], end - w) if probe and room >= 0 else None
                     # Lazy: keep in the regular cache whatever the rest of the prompt leaves room

@@ -97,16 +97,3 @@ def compress_due(*, regular: int, incoming: int, cells: int, allowance: int | No
     return regular + incoming > cells or needs_compress(regular=regular, incoming=incoming,
                                                         allowance=allowance, capped=capped)
 
-
-def prompt_take(*, room: int, take: int, chunk: int) -> int:
-    """Prompt tokens to read before the next compression (0: compress first).
-
-    ``room`` is what the regular cache can still take, ``take`` the next chunk. A chunk
-    that does not fit whole is read in part while the part is at least a quarter of a
-    chunk: a plan then moves a full cache's worth of tokens (cells − recent) instead of
-    one chunk's, so a long prompt needs about half as many plans (and look-ahead probes),
-    each scoring the whole store. Smaller parts are not worth a batch of their own.
-    """
-    if room >= take:
-        return take
-    return room if room >= max(1, chunk // 4) else 0
