@@ -72,4 +72,3 @@ def test_tokens_read_after_a_lazy_plan_are_closer_to_the_full_cache(runs) -> Non
     targets = np.asarray(tokens[n_mid + 1:N])
     kld = {name: compare_logits(full[after], out[name][0][after], targets).mean_kld for name in ("lazy", "eager")}
     assert kld["lazy"] < kld["eager"], kld
-

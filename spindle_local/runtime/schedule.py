@@ -96,4 +96,3 @@ def compress_due(*, regular: int, incoming: int, cells: int, allowance: int | No
     """Must a compression come before ``incoming`` more tokens (cache full, or the plan's allowance)?"""
     return regular + incoming > cells or needs_compress(regular=regular, incoming=incoming,
                                                         allowance=allowance, capped=capped)
-
