@@ -88,7 +88,7 @@ class PlanSource:
         self.host_layers = engine.policy.codebook_candidates(len(self.ids))
         self.host_bytes_read = 0  # K/V bytes read to the host by this plan (tests check it)
         self.unscored = set(range(self.host_layers, len(self.ids)))  # scored layers not loaded yet
-        self.installing = False
+        self.scoring = True
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -104,10 +104,15 @@ class PlanSource:
             inp.layer = i
             self.unscored.discard(i)
             if not self.unscored:
-                # every layer is scored: the score graphs' allocation (the largest of the
-                # plan) goes before the cross-layer decisions, not after them
-                native.scratch_free(self.engine.ctx)
+                self._end_scoring()
             return inp
+
+    def _end_scoring(self) -> None:
+        """Free the score graphs' allocation (the largest of the plan) once every layer is
+        scored, before the cross-layer decisions; at the first install at the latest."""
+        if self.scoring:
+            native.scratch_free(self.engine.ctx)
+            self.scoring = False
 
     def _score(self, il: int) -> pin.LayerInput:
         e = self.engine
@@ -122,7 +127,5 @@ class PlanSource:
 
     def install(self, i: int, st: LayerStore) -> None:
         with self.lock:
-            if not self.installing:  # scoring is over: its graphs' (larger) allocation goes first
-                native.scratch_free(self.engine.ctx)
-                self.installing = True
+            self._end_scoring()
             self.engine.install_store(self.ids[i], st)
