@@ -112,6 +112,20 @@ def test_needle_grid_over_cells_answers_the_full_cache_once(tmp_path: Path) -> N
     assert all(PROVENANCE <= r["provenance"].keys() for r in rows)
 
 
+@pytest.mark.model
+def test_needle_rows_of_a_quantized_cache_are_measured_against_f16(tmp_path: Path) -> None:
+    """--policy full with a q4_0 cache is a configuration of its own, not the f16 reference."""
+    out = tmp_path / "needle.jsonl"
+    proc = run_cli("eval", "needle", "--cells", "600:0.5", "--samples", "1", "--policy", "full",
+                   "--set", "cache_type=f16,q4_0", "--threads", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    f16, q4 = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["provenance"]["engine"]["cache_type"] for r in (f16, q4)] == ["f16", "q4_0"]
+    assert f16["reserve_ratio"] == 1.0
+    assert 0.2 < q4["reserve_ratio"] < 0.4  # q4_0 holds 4.5 bits of 16: measured on the quantized engine
+    assert q4["full_cache_runs"] == 0 and q4["accuracy_full"] == f16["accuracy_full"]
+
+
 @pytest.mark.parametrize("args, phrase", [
     (["--cells", "3500"], "--cells"),
     (["--cells", "3500:deep"], "--cells"),

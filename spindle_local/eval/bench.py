@@ -76,13 +76,12 @@ def run_bench(model: str, out_dir: Path, grid: BenchGrid, engine_config, text: s
             kld = run_kld(model, text=text, context=grid.kld_context, continuation=grid.kld_continuation,
                           engine_config=cfg, cache_type=ctype, model=loaded, ref=ref)
             row = {"label": label, "policy": policy, "kv_budget": budget, "cache_type": ctype, "kld": kld}
-            if ctype == "f16":
-                for protocol in grid.protocols:
-                    if progress:
-                        progress(f"{label}: needle {protocol}")
-                    row[NEEDLE_KEYS[protocol]] = run_needle(
-                        model, lengths=grid.lengths, depths=grid.depths, samples=grid.samples, seed=grid.seed,
-                        engine_config=cfg, haystack=text, full_results=full_memo, protocol=protocol, model=loaded)
+            for protocol in grid.protocols:
+                if progress:
+                    progress(f"{label}: needle {protocol}")
+                row[NEEDLE_KEYS[protocol]] = run_needle(
+                    model, lengths=grid.lengths, depths=grid.depths, samples=grid.samples, seed=grid.seed,
+                    engine_config=cfg, haystack=text, full_results=full_memo, protocol=protocol, model=loaded)
             row["provenance"] = provenance(cfg)
             results.append(row)
             (out_dir / "results.json").write_text(json.dumps(

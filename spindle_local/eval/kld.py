@@ -226,7 +226,6 @@ def run_kld(model_path: str, *, text: str, context: int, continuation: int, engi
     the full-cache reference of these tokens (default: :func:`reference`, with ``base``).
     """
     from spindle_local.runtime.engine import Engine, EngineConfig
-    from spindle_local.runtime.memory import CACHE_VALUE_BYTES
 
     own = model is None
     if own:
@@ -245,9 +244,7 @@ def run_kld(model_path: str, *, text: str, context: int, continuation: int, engi
         try:
             comp_logits = _score(eng, ref.context, ref.continuation)
             s = eng.refresh_stats()
-            # Quantized caches: same token count, fewer bytes per element.
-            factor = CACHE_VALUE_BYTES[cache_type] / 2.0
-            kv_bytes = int(s.kv_bytes * factor) if cfg.policy == "full" else s.kv_bytes
+            kv_bytes = s.kv_bytes  # a quantized cache's bytes in its own type, the full cache's in f16
             # The ratio is taken after the whole continuation has been read (the state at the end).
             res = compare_logits(ref.logits, comp_logits, np.asarray(ref.continuation))
             ref.uses += 1

@@ -155,7 +155,8 @@ def key_found(answer: str, key: str) -> bool:
 class EnginePair:
     """The full-cache reference and the compressed engine on one loaded model (an evaluation's set-up).
 
-    ``comp`` is None when the configuration is the full cache itself. ``longest`` sizes the
+    ``comp`` is None when the configuration is the full f16 cache itself (llama.cpp's quantized
+    caches, ``--policy full --set cache_type=q4_0``, are measured against f16). ``longest`` sizes the
     reference's cache (every prompt, question, scored answer and generated token).
     ``model``: an already loaded model to share (a grid of configurations loads it once);
     the pair then leaves it open.
@@ -173,7 +174,7 @@ class EnginePair:
             self.full = Engine(model_path, EngineConfig(policy="full", n_cells=longest, max_tokens=longest,
                                                         n_threads=engine_config.n_threads,
                                                         flash_attn=engine_config.flash_attn), model=self.model)
-            if engine_config.policy != "full":
+            if engine_config.policy != "full" or engine_config.cache_type != "f16":
                 self.comp = Engine(model_path, replace(engine_config), model=self.model)
         except BaseException:
             self.close()

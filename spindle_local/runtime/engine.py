@@ -149,6 +149,8 @@ class Engine:
         self.bytes_per_token = full_cache_bytes(1, pg.n_layer, pg.n_head_kv, pg.head_dim_k, pg.head_dim_v)
         self.fixed_bytes = self._window_cache_bytes("f16")
         self.window_cache_bytes = self._window_cache_bytes(cfg.cache_type)  # what llama.cpp allocated
+        # what one regular-cache token holds in the cache's own type (q8_0 / q4_0: fewer bytes)
+        self.regular_token_bytes = round(self.bytes_per_token * CACHE_VALUE_BYTES[cfg.cache_type] / 2.0)
         self.rope_ok = roper.rope_supported(g.rope_type, g.ext_factor)
         # per-frequency factors the graph's RoPE divides by (Llama 3.1 style); host RoPE too
         self.rope_factors = read_rope_factors(model_path) if self.meta.rope_factors else None
@@ -264,7 +266,7 @@ class Engine:
         s = self.stats
         s.tokens_seen = self.n_past
         s.store_bytes = self.ctx.store_bytes() if self._store_layers else 0
-        s.regular_bytes = self.regular_count() * self.bytes_per_token + self.fixed_bytes
+        s.regular_bytes = self.regular_count() * self.regular_token_bytes + self.window_cache_bytes
         s.full_bytes = self.n_past * self.bytes_per_token + self.fixed_bytes
         return s
 
