@@ -244,7 +244,6 @@ def run_kld(model_path: str, *, text: str, context: int, continuation: int, engi
         try:
             comp_logits = _score(eng, ref.context, ref.continuation)
             s = eng.refresh_stats()
-            kv_bytes = s.kv_bytes  # a quantized cache's bytes in its own type, the full cache's in f16
             # The ratio is taken after the whole continuation has been read (the state at the end).
             res = compare_logits(ref.logits, comp_logits, np.asarray(ref.continuation))
             ref.uses += 1
@@ -258,8 +257,8 @@ def run_kld(model_path: str, *, text: str, context: int, continuation: int, engi
             "context_tokens": context,
             "continuation_tokens": continuation,
             "offset_tokens": offset,
-            "reserve_ratio": kv_bytes / s.full_bytes if s.full_bytes else 1.0,
-            "kv_bytes": kv_bytes,
+            "reserve_ratio": s.reserve_ratio,  # a quantized cache's bytes in its own type over f16's
+            "kv_bytes": s.kv_bytes,
             "kv_bytes_full": s.full_bytes,
             **res.as_dict(),
             "reference": ref.origin(),
