@@ -132,3 +132,18 @@ def test_a_code_stated_once_is_news_and_its_second_copy_is_not() -> None:
     assert prio[22] > prio[29] > 0 and prio[22] > prio[20]  # the first copy of the code ranks first
     names = [i for i in range(len(ids)) if ids[i] == 7]
     assert prio[names[-1]] < prio[names[0]]  # a name said again is worth less each time
+
+
+def test_a_restatement_close_by_is_ranked_with_the_first_copy_and_a_distant_copy_is_not() -> None:
+    # 20..24 = a code stated, restated 2 tokens later, and copied again far away; 1..6 = prose
+    prose = [1, 2, 3, 4, 5, 6] * 12
+    code = [20, 21, 22, 23, 24]
+    ids = np.array(prose[:20] + code + [2, 3] + code + prose[:40] + code + prose[40:50])
+    sal = np.isin(ids, code)
+    near, far = 27, 27 + 5 + 40
+    plain = run_priority(ids, sal)
+    echoed = run_priority(ids, sal, echo=8)
+    assert plain[near] < plain[20] and plain[far] < plain[20]
+    assert echoed[near] == echoed[20] == plain[20]  # the restatement takes the statement's rank
+    assert echoed[far] == plain[far]  # 40 tokens on, a copy is a copy
+    assert np.array_equal(run_priority(ids, sal, echo=0), plain)

@@ -35,7 +35,7 @@ from .parallel import pmap
 from .plan import LayerStore, layer_store_bytes
 from .presets import PRESETS, Stages, apply_settings, preset
 from .roles import RoleMemory, decide_role
-from .salience import salient_positions
+from .salience import run_priority, salient_positions
 from .scores import layer_logits, pool_window_scores, raw_window_scores
 from .sources import LayerMeta, LayerSource, ListSource
 from .stages import MassShares, PlanContext, PyramidShares, Recency
@@ -78,6 +78,10 @@ class Policy(ABC):
     def wants_salience(self) -> bool:
         """Whether plans read ``LayerInput.salient`` (the engine computes it only then)."""
         return False
+
+    def salient_priority(self, ids: np.ndarray, salient: np.ndarray) -> np.ndarray:
+        """float [n]: run priority of the salient tokens ``salient`` (bool) of ``ids`` (:mod:`.salience`)."""
+        return run_priority(ids, salient)
 
     def codebook_candidates(self, n_layer: int) -> int:
         """How many leading layers may become codebook layers (the engine reads ``k_pre`` for these)."""
@@ -177,6 +181,10 @@ class StagedPolicy(Policy):
 
     def wants_salience(self) -> bool:
         return self.stages.salient is not None and self.stages.salient.share > 0
+
+    def salient_priority(self, ids: np.ndarray, salient: np.ndarray) -> np.ndarray:
+        sr = self.stages.salient
+        return run_priority(ids, salient, echo=0 if sr is None else sr.echo)
 
     def codebook_candidates(self, n_layer: int) -> int:
         cb = self.stages.codebooks

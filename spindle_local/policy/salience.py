@@ -16,8 +16,11 @@ model of the text read so far, backed off to the token's frequency in the whole 
 the property that matters: what the text has already said, or keeps saying, is cheap (a
 name the text repeats, a copyright line, the second copy of a code stated twice), while a
 number or name stated once, unlike anything before it, is expensive to lose — no later
-copy or pattern can restore it. Ties go to the runs the window attends to most, then the
-newest.
+copy or pattern can restore it. A copy of a run a few tokens after it ("K. Remember it.
+K is the pass key.") is the exception: the text restates that fact, and a question that
+follows may be answered from either statement, so the copy ranks with the first
+(``echo``); a copy farther away is a repeat and ranks by its own information. Ties go to
+the runs the window attends to most, then the newest.
 
 Classification needs token text, which the policy does not have: the engine passes
 :func:`salient_tokens` of the token pieces (a plain-Python function, kept here with the
@@ -175,17 +178,30 @@ def token_information_ref(ids: np.ndarray, prior: float = 1.0) -> np.ndarray:
     return out
 
 
-def run_priority(ids: np.ndarray, salient: np.ndarray) -> np.ndarray:
+def run_priority(ids: np.ndarray, salient: np.ndarray, echo: int = 0) -> np.ndarray:
     """float [n]: each salient token's run priority (the summed :func:`token_information`
-    of its run, module docstring); 0 where not salient."""
+    of its run, module docstring); 0 where not salient.
+
+    ``echo``: a run that repeats the tokens of a run ending at most ``echo`` tokens before
+    it is a restatement of the same fact ("K. Remember it. K is ...") and takes that run's
+    priority, so the two are ranked together; a copy farther away keeps its own (low)
+    priority, as a name the text keeps repeating should."""
     ids = np.asarray(ids, np.int64)
     out = np.zeros(len(ids))
     starts, ends = salient_runs(salient)
     if len(starts) == 0:
         return out
     info = np.concatenate([[0.0], np.cumsum(token_information(ids))])
-    for s, e in zip(starts, ends):
-        out[s:e + 1] = info[e + 1] - info[s]
+    last: dict[tuple[int, ...], tuple[int, float]] = {}  # run tokens -> (end, priority) of its latest copy
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        prio = info[e + 1] - info[s]
+        if echo > 0:
+            key = tuple(ids[s:e + 1].tolist())
+            prev = last.get(key)
+            if prev is not None and s - prev[0] <= echo:
+                prio = max(prio, prev[1])
+            last[key] = (e, prio)
+        out[s:e + 1] = prio
     return out
 
 

@@ -79,10 +79,11 @@ class SalientRuns:
     share: float = knob(0.25, "at most this share of the smallest layer's slots (0: none)")
     before: int = knob(8, "tokens kept before each run (what introduces a number or name)")
     after: int = knob(2, "tokens kept after each run")
+    echo: int = knob(32, "a copy of a run at most this many tokens after it ranks with it (0: none)")
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.share <= 1.0) or self.before < 0 or self.after < 0:
-            raise ValueError("salient.share must be in [0, 1], salient.before and salient.after >= 0")
+        if not (0.0 <= self.share <= 1.0) or min(self.before, self.after, self.echo) < 0:
+            raise ValueError("salient.share must be in [0, 1], salient.before, salient.after and salient.echo >= 0")
 
 
 @dataclass

@@ -783,7 +783,7 @@ class Engine:
         salient is kept from plan to plan and extended by the tokens read since (the
         classification runs in Python, one piece at a time, and would otherwise cost every
         plan time in proportion to the whole conversation); the priorities are numpy."""
-        from spindle_local.policy.salience import run_priority, salient_scan
+        from spindle_local.policy.salience import salient_scan
 
         memo = self._salient_memo
         if memo is not None and memo[0] == self.tokens:
@@ -799,7 +799,7 @@ class Engine:
             pieces.append(piece)
         more, prev_end = salient_scan(pieces, prev_end)
         flags = np.concatenate([flags, more])
-        prio = run_priority(np.asarray(self.tokens), flags)
+        prio = self.policy.salient_priority(np.asarray(self.tokens), flags)
         self._salient_memo = (list(self.tokens), flags, prev_end, prio)
         return prio
 
