@@ -710,6 +710,8 @@ class Engine:
             raise SpindleError("internal: no window queries captured before compression")
         q_pos = self.queries.positions
         if lookahead is not None:
+            if lookahead[1][il] is None:
+                raise SpindleError(f"internal: layer {il}'s look-ahead queries were used up by this plan")
             q = np.concatenate([q, lookahead[1][il]])
             q_pos = np.concatenate([q_pos, lookahead[0]])
         return q, q_pos

@@ -105,6 +105,7 @@ class PlanSource:
             self.unscored.discard(i)
             if not self.unscored:
                 self._end_scoring()
+                self._drop_lookahead()
             return inp
 
     def _end_scoring(self) -> None:
@@ -113,6 +114,15 @@ class PlanSource:
         if self.scoring:
             native.scratch_free(self.engine.ctx)
             self.scoring = False
+
+    def _drop_lookahead(self) -> None:
+        """Every scored layer is scored: the probe's query rows of those layers are consumed
+        (the list is the plan's own, built by the probe). Host layers keep theirs: a codebook
+        candidate is read again when its codebook is fitted."""
+        if self.lookahead is not None:
+            rows = self.lookahead[1]
+            for i in range(self.host_layers, len(self.ids)):
+                rows[self.ids[i]] = None
 
     def _score(self, il: int) -> pin.LayerInput:
         e = self.engine

@@ -44,10 +44,11 @@ class WindowQueries:
             pos = positions[-rows.shape[0]:]
             prev = self._q[il]
             merged = rows if prev is None or len(self._pos) == 0 else np.concatenate([prev, rows])
-            self._q[il] = merged[-self.window:]
+            # a copy: a view would keep the whole joined array (twice the window) alive
+            self._q[il] = merged[-self.window:].copy() if merged.shape[0] > self.window else merged
             if new_pos is None:
                 merged_pos = pos if len(self._pos) == 0 else np.concatenate([self._pos, pos])
-                new_pos = merged_pos[-self.window:]
+                new_pos = merged_pos[-self.window:].copy()
         if new_pos is not None:
             self._pos = new_pos.astype(np.int32)
 
