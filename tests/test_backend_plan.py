@@ -146,6 +146,41 @@ def test_gathered_store_holds_the_cached_rows(tiny_paths: dict[str, Path], flash
         eng.close()
 
 
+@pytest.mark.parametrize("flash_attn", [True, False])
+def test_gather_in_several_chunks_holds_the_cached_rows(default_model: Path, pydoc_tokens: list[int],
+                                                        flash_attn: bool) -> None:
+    """A layer keeping more slots than one gather chunk holds (SmolLM2: 1 MiB of F32 rows,
+    1,365 slots) is written chunk by chunk into views of its K and (transposed) V: every
+    slot still holds exactly the f16 row llama.cpp cached."""
+    eng = Engine(default_model, EngineConfig(policy="snapkv", kv_budget=0.9, n_threads=2, flash_attn=flash_attn))
+    try:
+        rows: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+        compress = eng._compress
+
+        def recording(**kw):
+            for il in range(eng.geometry.n_layer):  # what the cache holds before the plan
+                k, v, pos = eng.ctx.read_layer_kv(il)
+                for j, p in enumerate(pos):
+                    rows.setdefault(il, {})[int(p)] = (k[j], v[j])
+            compress(**kw)
+
+        eng._compress = recording
+        eng.feed(pydoc_tokens[:2600])
+        assert eng.stats.compressions >= 2  # the second plan gathers from the store too
+        chunk = (1 << 20) // (max(eng.pgeo.head_dim_k, eng.pgeo.head_dim_v) * eng.pgeo.n_head_kv * 4)
+        big = [il for il in range(eng.geometry.n_layer) if eng._store_meta[il][1].shape[1] > chunk]
+        assert big  # the case under test: layers gathered in more than one chunk
+        for il in big:
+            st = eng.ctx.store_get(il)
+            for h, hs in enumerate(st.heads):
+                assert len(hs.positions) > chunk
+                for s, p in enumerate(hs.positions):
+                    k, v = rows[il][int(p)]
+                    assert np.array_equal(hs.k_raw[s], k[h]) and np.array_equal(hs.v_raw[s], v[h])
+    finally:
+        eng.close()
+
+
 def test_gather_of_every_token_keeps_the_logits(tiny_paths: dict[str, Path]) -> None:
     """A store gathered from every old cell attends like the full cache (split and joined paths)."""
     path = tiny_paths["gqa"]
