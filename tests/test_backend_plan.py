@@ -115,33 +115,45 @@ def test_capture_reads_the_graphs_queries(tiny_paths: dict[str, Path]) -> None:
         eng.close()
 
 
+def _record_cache_rows(eng: Engine) -> dict[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """Every (layer, position)'s cached K/V rows, recorded before each plan of ``eng``."""
+    rows: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    compress = eng._compress
+
+    def recording(**kw):
+        for il in range(eng.geometry.n_layer):
+            k, v, pos = eng.ctx.read_layer_kv(il)
+            for j, p in enumerate(pos):
+                rows.setdefault(il, {})[int(p)] = (k[j], v[j])
+        compress(**kw)
+
+    eng._compress = recording
+    return rows
+
+
+def _assert_store_rows(eng: Engine, rows, layers, more_than: int = 0) -> None:
+    """Every raw slot of ``layers`` holds exactly the f16 row the cache held at its position."""
+    for il in layers:
+        st = eng.ctx.store_get(il)
+        assert st.heads and all(h.k_raw is not None for h in st.heads)
+        for h, hs in enumerate(st.heads):
+            assert len(hs.positions) > more_than
+            for s, p in enumerate(hs.positions):
+                k, v = rows[il][int(p)]
+                assert np.array_equal(hs.k_raw[s], k[h]) and np.array_equal(hs.v_raw[s], v[h])
+
+
 @pytest.mark.parametrize("flash_attn", [False, True])
 def test_gathered_store_holds_the_cached_rows(tiny_paths: dict[str, Path], flash_attn: bool) -> None:
     """After plans, every raw slot of a gathered layer holds exactly the f16 row llama.cpp cached."""
     eng = _engine(tiny_paths["gqa"], flash_attn=flash_attn, policy="snapkv")
     try:
         toks = _tokens(eng.model, 1200, seed=4)
-        rows: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
-        compress = eng._compress
-
-        def recording(**kw):
-            for il in range(eng.geometry.n_layer):  # what the cache holds before the plan
-                k, v, pos = eng.ctx.read_layer_kv(il)
-                for j, p in enumerate(pos):
-                    rows.setdefault(il, {})[int(p)] = (k[j], v[j])
-            compress(**kw)
-
-        eng._compress = recording
+        rows = _record_cache_rows(eng)
         for done in range(0, len(toks), 128):
             eng.feed(toks[done:done + 128])
         assert eng.stats.compressions >= 2  # the later plans gather from the store too
-        for il in range(eng.geometry.n_layer):
-            st = eng.ctx.store_get(il)
-            assert st.heads and all(h.k_raw is not None for h in st.heads)
-            for h, hs in enumerate(st.heads):
-                for s, p in enumerate(hs.positions):
-                    k, v = rows[il][int(p)]
-                    assert np.array_equal(hs.k_raw[s], k[h]) and np.array_equal(hs.v_raw[s], v[h])
+        _assert_store_rows(eng, rows, range(eng.geometry.n_layer))
     finally:
         eng.close()
 
@@ -154,29 +166,13 @@ def test_gather_in_several_chunks_holds_the_cached_rows(default_model: Path, pyd
     slot still holds exactly the f16 row llama.cpp cached."""
     eng = Engine(default_model, EngineConfig(policy="snapkv", kv_budget=0.9, n_threads=2, flash_attn=flash_attn))
     try:
-        rows: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
-        compress = eng._compress
-
-        def recording(**kw):
-            for il in range(eng.geometry.n_layer):  # what the cache holds before the plan
-                k, v, pos = eng.ctx.read_layer_kv(il)
-                for j, p in enumerate(pos):
-                    rows.setdefault(il, {})[int(p)] = (k[j], v[j])
-            compress(**kw)
-
-        eng._compress = recording
+        rows = _record_cache_rows(eng)
         eng.feed(pydoc_tokens[:2600])
         assert eng.stats.compressions >= 2  # the second plan gathers from the store too
         chunk = (1 << 20) // (max(eng.pgeo.head_dim_k, eng.pgeo.head_dim_v) * eng.pgeo.n_head_kv * 4)
         big = [il for il in range(eng.geometry.n_layer) if eng._store_meta[il][1].shape[1] > chunk]
         assert big  # the case under test: layers gathered in more than one chunk
-        for il in big:
-            st = eng.ctx.store_get(il)
-            for h, hs in enumerate(st.heads):
-                assert len(hs.positions) > chunk
-                for s, p in enumerate(hs.positions):
-                    k, v = rows[il][int(p)]
-                    assert np.array_equal(hs.k_raw[s], k[h]) and np.array_equal(hs.v_raw[s], v[h])
+        _assert_store_rows(eng, rows, big, more_than=chunk)
     finally:
         eng.close()
 
