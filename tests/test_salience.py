@@ -7,6 +7,8 @@ import pytest
 
 from spindle_local.policy import Geometry, make_policy
 from spindle_local.policy.salience import (
+    ENDS,
+    OPENS,
     run_order,
     run_priority,
     run_positions,
@@ -15,6 +17,8 @@ from spindle_local.policy.salience import (
     salient_runs,
     salient_scan,
     salient_tokens,
+    scan_pieces,
+    run_tails,
     token_information,
     token_information_ref,
 )
@@ -44,6 +48,39 @@ def test_salient_tokens_in_parts(cut: int) -> None:
     assert np.concatenate([head, tail]).tolist() == salient_tokens(pieces).tolist()
 
 
+def test_sentence_marks() -> None:
+    pieces = ["The", " key", " is", " ", "4", "8", ".", " ", "4", "8", " is", " the", " key", ".", "\n", "Bob"]
+    flags, marks, ended = scan_pieces(pieces)
+    assert np.array_equal(flags, salient_tokens(pieces)) and ended is False
+    opens = [i for i, m in enumerate(marks) if m & OPENS]
+    ends = [i for i, m in enumerate(marks) if m & ENDS]
+    assert opens == [0, 7, 8, 14, 15]  # the start, then each piece after a sentence end up to a word
+    assert ends == [6, 13, 14]
+    head = scan_pieces(pieces[:8])
+    tail = scan_pieces(pieces[8:], head[2])
+    assert np.array_equal(np.concatenate([head[1], tail[1]]), marks)  # read in parts, as the engine does
+
+
+def test_a_run_that_opens_its_sentence_keeps_the_words_after_it() -> None:
+    # "The key is 48. 48 is the key. Later 7 and more." as positions 0..; runs at 4-5, 8-9, 16
+    n = 22
+    sal = np.zeros(n, bool)
+    sal[[4, 5, 8, 9, 16]] = True
+    marks = np.zeros(n, np.uint8)
+    marks[[0, 7, 8, 15]] |= OPENS
+    marks[[6, 13, 21]] |= ENDS
+    pos = np.arange(n)
+    assert run_tails(pos, sal, marks, after=2, opening=8).tolist() == [2, 4, 2]  # 8-9 keeps " is the key."
+    assert run_tails(pos, sal, marks, after=2, opening=3).tolist() == [2, 2, 2]  # its end is too far
+    assert run_tails(pos, sal, None, after=2, opening=8).tolist() == [2, 2, 2]
+    assert run_tails(pos, sal, marks, after=5, opening=8).tolist() == [5, 5, 5]  # never fewer than after
+    kept = salient_positions(pos, sal, np.zeros(n), before=1, after=1, cap=100, marks=marks, opening=8)
+    assert set(range(7, 14)) <= set(kept.tolist()) and 14 not in kept
+    gap = pos[pos != 13]  # the sentence end dropped everywhere: not seen, the run keeps after
+    g_sal, g_marks = sal[pos != 13], marks[pos != 13]
+    assert run_tails(gap, g_sal, g_marks, after=2, opening=8).tolist() == [2, 2, 2]
+
+
 def test_runs() -> None:
     s = np.array([0, 1, 1, 0, 0, 1, 0, 1, 1, 1], bool)
     starts, ends = salient_runs(s)
@@ -58,11 +95,12 @@ def test_run_kernel_matches_reference(seed: int) -> None:
     salient = rng.random(n) < 0.1
     n_runs = len(salient_runs(salient)[0])
     order = rng.permutation(n_runs)
-    for before, after in ((0, 0), (8, 2), (30, 30)):
+    tails = rng.integers(0, 12, n_runs)
+    for before, after in ((0, 0), (8, 2), (30, 30), (8, tails)):
         for cap in (0, 5, 40, 10_000):
             got = run_positions(positions, salient, order, before, after, cap)
             ref = run_positions_ref(positions, salient, order, before, after, cap)
-            assert np.array_equal(got, ref), (before, after, cap)
+            assert np.array_equal(got, ref), (before, cap)
             assert len(got) <= cap
             assert np.isin(got, positions).all()
 

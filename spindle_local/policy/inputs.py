@@ -73,6 +73,7 @@ class LayerInput:
     v_recent: np.ndarray | None = None
     available: np.ndarray | None = None
     salient: np.ndarray | None = None  # [n] salient tokens, bool or run priority (policy/salience.py); None: unknown
+    sentence: np.ndarray | None = None  # [n] uint8 sentence marks (salience.OPENS / ENDS); None: unknown
     attn: np.ndarray | None = None  # scored inputs: [H, n] window attention per query head
     v_norm: np.ndarray | None = None  # scored inputs: [n, Hkv] value norms
     source: np.ndarray | None = None  # scored inputs: [n, Hkv] where each pair lives (runtime's numbering)
@@ -122,6 +123,7 @@ class LayerInput:
         check("q_positions", self.q_positions, (self.q_window.shape[0],))
         check("available", self.available, (n, hkv))
         check("salient", self.salient, (n,))
+        check("sentence", self.sentence, (n,))
         check("attn", self.attn, (h, n))
         check("v_norm", self.v_norm, (n, hkv))
         check("source", self.source, (n, hkv))

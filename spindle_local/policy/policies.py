@@ -258,6 +258,9 @@ class StagedPolicy(Policy):
             flags = np.concatenate([np.asarray(inp.salient, np.float64) for inp in with_flags])
             union, first = np.unique(pos, return_index=True)
             sal = flags[first]
+            marks = None
+            if all(inp.sentence is not None for inp in with_flags):
+                marks = np.concatenate([np.asarray(inp.sentence, np.uint8) for inp in with_flags])[first]
             sal[union < sinks] = 0.0  # sinks are kept anyway
             u_pos, strength = anchor_strength(metas, strengths, 0)
             aligned = np.zeros(len(union))
@@ -265,7 +268,7 @@ class StagedPolicy(Policy):
             ok = (found < len(u_pos)) & (u_pos[np.minimum(found, len(u_pos) - 1)] == union)
             aligned[ok] = strength[found[ok]]
             kept = salient_positions(union, sal, aligned, before=sr.before, after=sr.after,
-                                     cap=int(sr.share * slots.min()))
+                                     cap=int(sr.share * slots.min()), marks=marks, opening=sr.opening)
         for i, m in enumerate(metas):
             self._extra_report[m.layer]["salient_tokens"] = int(len(kept))
             scores[i] = boost(scores[i], m.positions, kept)

@@ -22,6 +22,12 @@ follows may be answered from either statement, so the copy ranks with the first
 (``echo``); a copy farther away is a repeat and ranks by its own information. Ties go to
 the runs the window attends to most, then the newest.
 
+A run that opens its sentence ("K is the pass key.", "1984 was the year ...") has no
+introduction before it: the words that say what it is come after it. Such a run keeps the
+tokens after it up to its sentence's end, at most ``opening`` of them, where any other run
+keeps ``after`` (:func:`run_tails`). The engine marks where sentences open and end
+(:func:`scan_pieces`, the same scan that classifies the tokens).
+
 Classification needs token text, which the policy does not have: the engine passes
 :func:`salient_tokens` of the token pieces (a plain-Python function, kept here with the
 rule it implements). Kernels: :func:`run_positions` (index intervals) / :func:`run_positions_ref` (sets),
@@ -44,13 +50,27 @@ def salient_tokens(pieces: list[str]) -> np.ndarray:
     return salient_scan(pieces)[0]
 
 
+OPENS = 1  # sentence marks (:func:`scan_pieces`): the token follows a sentence end
+ENDS = 2  # ... the token ends a sentence
+
+
 def salient_scan(pieces: list[str], prev_end: bool = True) -> tuple[np.ndarray, bool]:
     """:func:`salient_tokens` of ``pieces`` that continue a text, and whether they end a
     sentence: a piece depends only on the pieces before it, through ``prev_end`` (does the
     text so far end a sentence; True at its start), so a growing text is classified a
     part at a time."""
+    flags, _, prev_end = scan_pieces(pieces, prev_end)
+    return flags, prev_end
+
+
+def scan_pieces(pieces: list[str], prev_end: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
+    """:func:`salient_scan` with each token's sentence marks: uint8 [n], ``OPENS`` when the
+    text before the token ends a sentence, ``ENDS`` when the token ends one."""
     out = np.zeros(len(pieces), dtype=bool)
+    marks = np.zeros(len(pieces), dtype=np.uint8)
     for i, piece in enumerate(pieces):
+        if prev_end:
+            marks[i] |= OPENS
         if any(c.isdigit() for c in piece):
             out[i] = True
         else:
@@ -62,7 +82,9 @@ def salient_scan(pieces: list[str], prev_end: bool = True) -> tuple[np.ndarray, 
             prev_end = stripped.endswith(_SENTENCE_END) or piece.endswith("\n")
         elif "\n" in piece:
             prev_end = True
-    return out, prev_end
+        if prev_end and stripped:
+            marks[i] |= ENDS
+    return out, marks, prev_end
 
 
 def salient_runs(salient: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,15 +96,42 @@ def salient_runs(salient: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.nonzero(d == 1)[0].astype(np.int64), (np.nonzero(d == -1)[0] - 1).astype(np.int64)
 
 
-def run_positions_ref(positions: np.ndarray, salient: np.ndarray, order: np.ndarray, before: int,
-                      after: int, cap: int) -> np.ndarray:
-    """Numpy reference of :func:`run_positions`: runs in ``order`` (indices into
-    :func:`salient_runs`), each widened by ``before``/``after`` positions, taken whole while
-    the union stays within ``cap`` (a run that would pass it is skipped)."""
+def run_tails(positions: np.ndarray, salient: np.ndarray, marks: np.ndarray | None, after: int,
+              opening: int) -> np.ndarray:
+    """int [runs]: positions each run of ``salient`` keeps after its end: ``after``, or, for
+    a run that opens its sentence (``marks[start] & OPENS``), as far as the first sentence
+    end (``ENDS``) within ``opening`` positions after it, when that is farther.
+
+    ``positions`` ascending with ``salient`` and ``marks`` aligned; a sentence end that is
+    not among ``positions`` (dropped everywhere) is not seen, and the run keeps ``after``.
+    """
     starts, ends = salient_runs(salient)
+    tails = np.full(len(starts), int(after), dtype=np.int64)
+    if marks is None or opening <= 0 or len(starts) == 0:
+        return tails
+    pos = np.asarray(positions, np.int64)
+    end_idx = np.nonzero(np.asarray(marks) & ENDS)[0]
+    nxt = np.searchsorted(end_idx, ends, side="right")  # first sentence end after each run
+    ok = nxt < len(end_idx)
+    dist = np.full(len(starts), -1, dtype=np.int64)
+    dist[ok] = pos[end_idx[nxt[ok]]] - pos[ends[ok]]
+    opens = (np.asarray(marks)[starts] & OPENS) > 0
+    use = opens & (dist > 0) & (dist <= opening)
+    tails[use] = np.maximum(tails[use], dist[use])
+    return tails
+
+
+def run_positions_ref(positions: np.ndarray, salient: np.ndarray, order: np.ndarray, before: int,
+                      after: int | np.ndarray, cap: int) -> np.ndarray:
+    """Numpy reference of :func:`run_positions`: runs in ``order`` (indices into
+    :func:`salient_runs`), each widened by ``before`` positions and ``after`` (one for
+    all, or per run: :func:`run_tails`), taken whole while the union stays within ``cap``
+    (a run that would pass it is skipped)."""
+    starts, ends = salient_runs(salient)
+    tails = np.broadcast_to(np.asarray(after, np.int64), starts.shape)
     taken: set[int] = set()
     for r in order:
-        lo, hi = positions[starts[r]] - before, positions[ends[r]] + after
+        lo, hi = positions[starts[r]] - before, positions[ends[r]] + tails[r]
         run = {int(p) for p in positions[(positions >= lo) & (positions <= hi)]}
         if len(taken | run) > cap:
             continue
@@ -91,7 +140,7 @@ def run_positions_ref(positions: np.ndarray, salient: np.ndarray, order: np.ndar
 
 
 def run_positions(positions: np.ndarray, salient: np.ndarray, order: np.ndarray, before: int,
-                  after: int, cap: int) -> np.ndarray:
+                  after: int | np.ndarray, cap: int) -> np.ndarray:
     """Protected positions (ascending) for the salient runs in ``order``; see the reference.
 
     Positions are ascending, so a widened run is an index interval (two binary searches);
@@ -100,8 +149,9 @@ def run_positions(positions: np.ndarray, salient: np.ndarray, order: np.ndarray,
     pos = np.asarray(positions, np.int64)
     starts, ends = salient_runs(salient)
     order = np.asarray(order, np.int64)
+    tails = np.broadcast_to(np.asarray(after, np.int64), starts.shape)
     lo = np.searchsorted(pos, pos[starts[order]] - before, side="left")
-    hi = np.searchsorted(pos, pos[ends[order]] + after, side="right")
+    hi = np.searchsorted(pos, pos[ends[order]] + tails[order], side="right")
     return pos[greedy_intervals(len(pos), lo, hi, cap)]
 
 
@@ -218,16 +268,19 @@ def run_order(positions: np.ndarray, salient: np.ndarray, strength: np.ndarray) 
 
 
 def salient_positions(positions: np.ndarray, salient: np.ndarray, strength: np.ndarray, *,
-                      before: int, after: int, cap: int) -> np.ndarray:
+                      before: int, after: int, cap: int, marks: np.ndarray | None = None,
+                      opening: int = 0) -> np.ndarray:
     """Positions to protect: salient runs with their context, at most ``cap`` of them.
 
-    ``positions`` ascending with ``salient`` (bool, or :func:`run_priority`) and
+    ``positions`` ascending with ``salient`` (bool, or :func:`run_priority`),
     ``strength`` (per position, e.g. the best window attention share any head gives it)
-    aligned to it.
+    and ``marks`` (sentence marks, or None: unknown) aligned to it; ``opening``: see
+    :func:`run_tails`.
     """
     if cap <= 0 or len(positions) == 0:
         return np.zeros(0, np.int64)
     order = run_order(positions, salient, strength)
     if len(order) == 0:
         return np.zeros(0, np.int64)
-    return run_positions(positions, salient, order, before, after, cap)
+    tails = run_tails(positions, salient, marks, after, opening)
+    return run_positions(positions, salient, order, before, tails, cap)

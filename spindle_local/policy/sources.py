@@ -58,6 +58,7 @@ class LayerMeta:
     available: np.ndarray | None
     salient: np.ndarray | None
     source: np.ndarray | None = None  # [n, n_head_kv] of a scored layer, None when it has vectors
+    sentence: np.ndarray | None = None  # [n] sentence marks (salience.OPENS / ENDS), None: unknown
 
     # a meta never holds vectors (what :func:`~.layer_plans.head_store` checks)
     k = None
@@ -67,7 +68,8 @@ class LayerMeta:
     @classmethod
     def of(cls, inp: LayerInput) -> LayerMeta:
         source = np.asarray(inp.source) if inp.k is None and inp.source is not None else None
-        return cls(inp.layer, inp.n, np.asarray(inp.positions), inp.available_mask(), inp.salient, source)
+        return cls(inp.layer, inp.n, np.asarray(inp.positions), inp.available_mask(), inp.salient, source,
+                   inp.sentence)
 
     @property
     def scored(self) -> bool:

@@ -176,8 +176,8 @@ class Engine:
         # step and generate look at it only between native calls and raise Interrupted.
         self.cancel = CancelFlag()
         self._checkpoint: _Checkpoint | None = None  # inside transaction(): the state to return to
-        # salient-token classification of the tokens so far, and token pieces by id (_salient_flags)
-        self._salient_memo: tuple[list[int], np.ndarray, bool, np.ndarray] | None = None
+        # salient-token classification of the tokens so far, and token pieces by id (_salience)
+        self._salient_memo: tuple[list[int], np.ndarray, np.ndarray, bool, np.ndarray] | None = None
         self._pieces: dict[int, str] = {}
         self.finish_reason: str | None = None  # why the last generate() ended: stop, length, context
 
@@ -746,11 +746,14 @@ class Engine:
             k_old, v_old, p_old, avail_old = (np.concatenate(x) for x in
                                               zip((ks, vs, ps, avail), (k_old, v_old, p_old, avail_old)))
         q, q_pos = self.window(il, lookahead)
-        salient = self._salient_flags()[p_old] if self.policy.wants_salience() else None
+        salient = sentence = None
+        if self.policy.wants_salience():
+            prio, marks = self._salience()
+            salient, sentence = prio[p_old], marks[p_old]
         return pin.LayerInput(layer=il, k=k_old, k_pre=k_pre, v=v_old, positions=p_old.astype(np.int32),
                               q_window=q, q_positions=q_pos,
                               k_recent=k_rec, recent_positions=p_rec.astype(np.int32), v_recent=v_rec,
-                              available=avail_old, salient=salient)
+                              available=avail_old, salient=salient, sentence=sentence)
 
     def install_store(self, il: int, st: LayerStore) -> None:
         """Install a planned store for layer ``il``: gathered where the KV lives when the plan
@@ -778,32 +781,34 @@ class Engine:
             self._store_layers.discard(il)
             self._store_meta.pop(il, None)
 
-    def _salient_flags(self) -> np.ndarray:
-        """float [n_past]: run priority of the conversation's salient tokens, 0 elsewhere (policy/salience.py).
+    def _salience(self) -> tuple[np.ndarray, np.ndarray]:
+        """float [n_past]: run priority of the conversation's salient tokens, 0 elsewhere, and
+        uint8 [n_past]: each token's sentence marks (policy/salience.py).
 
         Computed once per set of tokens (every layer of a plan reads it). Which tokens are
         salient is kept from plan to plan and extended by the tokens read since (the
         classification runs in Python, one piece at a time, and would otherwise cost every
         plan time in proportion to the whole conversation); the priorities are numpy."""
-        from spindle_local.policy.salience import salient_scan
+        from spindle_local.policy.salience import scan_pieces
 
         memo = self._salient_memo
         if memo is not None and memo[0] == self.tokens:
-            return memo[3]
-        done, flags, prev_end = 0, np.zeros(0, dtype=bool), True
+            return memo[4], memo[2]
+        done, flags, marks, prev_end = 0, np.zeros(0, dtype=bool), np.zeros(0, dtype=np.uint8), True
         if memo is not None and len(memo[0]) <= len(self.tokens) and self.tokens[:len(memo[0])] == memo[0]:
-            done, flags, prev_end = len(memo[0]), memo[1], memo[2]
+            done, flags, marks, prev_end = len(memo[0]), memo[1], memo[2], memo[3]
         pieces = []
         for t in self.tokens[done:]:
             piece = self._pieces.get(t)
             if piece is None:
                 piece = self._pieces[t] = self.model.token_to_piece(t)
             pieces.append(piece)
-        more, prev_end = salient_scan(pieces, prev_end)
+        more, more_marks, prev_end = scan_pieces(pieces, prev_end)
         flags = np.concatenate([flags, more])
+        marks = np.concatenate([marks, more_marks])
         prio = self.policy.salient_priority(np.asarray(self.tokens), flags)
-        self._salient_memo = (list(self.tokens), flags, prev_end, prio)
-        return prio
+        self._salient_memo = (list(self.tokens), flags, marks, prev_end, prio)
+        return prio, marks
 
     def _rope_args(self, il: int) -> dict:
         lg = self.geometry.layers[il]

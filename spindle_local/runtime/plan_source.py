@@ -132,7 +132,8 @@ class PlanSource:
         sc = native.layer_scores(e.ctx, il, q, q_pos, e.attn_scale(il), slot_pos.shape[1], e.cells)
         inp = assemble_scored_input(il, sc, n_slot_head, slot_pos, self.cut, e.pgeo.g, q, q_pos)
         if e.policy.wants_salience():
-            inp.salient = e._salient_flags()[inp.positions]
+            prio, marks = e._salience()
+            inp.salient, inp.sentence = prio[inp.positions], marks[inp.positions]
         return inp
 
     def install(self, i: int, st: LayerStore) -> None:
