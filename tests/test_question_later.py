@@ -66,3 +66,40 @@ def test_three_keys_asked_in_turn_are_found_as_by_the_full_cache(default_model: 
     assert full >= n // 2, r["cells"]
     assert both == full, r["turns"]
     assert all(t["correct_both"] == t["correct_full"] for t in r["turns"])
+
+
+def test_a_restatement_that_opens_its_sentence_is_kept_to_its_end(default_model: Path) -> None:
+    """"K is the pass key." opens its sentence: what the number is comes after it, and a
+    question read later needs those words. A document read at 0.15 keeps the whole needle
+    ("The pass key is K. Remember it. K is the pass key.") in every layer and KV head; with
+    ``salient.opening=0`` the restatement keeps only ``after`` tokens and the rest is left to
+    the window, which scores how the text goes on, not what the needle says."""
+    import numpy as np
+
+    from spindle_local.eval.needle import DEFAULT_NEEDLE, NeedleBuilder
+    from spindle_local.eval.texts import pydoc_text
+    from spindle_local.runtime import native
+    from spindle_local.runtime.config import EngineConfig
+    from spindle_local.runtime.engine import Engine
+
+    eng = Engine(str(default_model), EngineConfig(policy="spindle", kv_budget=0.15, n_threads=2, **SMALL))
+    try:
+        tok = lambda s: eng.model.tokenize(s, add_special=False)  # noqa: E731
+        builder = NeedleBuilder(tok, eng.model.token_to_piece, pydoc_text()[:80_000])
+        p = builder.build(1500, 0.5, "48152")
+        needle = range(p.needle_start, p.needle_start + len(tok("\n" + DEFAULT_NEEDLE.format(key="48152"))))
+        eng.feed(p.document)
+        assert eng.stats.compressions >= 2
+        _, _, regular = native.read_layer_kv(eng.ctx, eng.store_layer_ids[0])
+        assert min(needle) < int(regular.min())  # the needle was compressed
+        missing = {}
+        for il in eng.store_layer_ids:
+            n_slot_head, pos = eng._store_meta[il]
+            for h in range(len(n_slot_head)):
+                held = set(pos[h, :n_slot_head[h]].tolist()) | set(regular.tolist())
+                lost = [t for t in needle if t not in held]
+                if lost:
+                    missing[(il, h)] = [eng.model.token_to_piece(p.tokens[t]) for t in lost]
+        assert not missing, missing
+    finally:
+        eng.close()
