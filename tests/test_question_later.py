@@ -70,10 +70,11 @@ def test_three_keys_asked_in_turn_are_found_as_by_the_full_cache(default_model: 
 
 def test_a_restatement_that_opens_its_sentence_is_kept_to_its_end(default_model: Path) -> None:
     """"K is the pass key." opens its sentence: what the number is comes after it, and a
-    question read later needs those words. A document read at 0.15 keeps the whole needle
-    ("The pass key is K. Remember it. K is the pass key.") in every layer and KV head; with
-    ``salient.opening=0`` the restatement keeps only ``after`` tokens and the rest is left to
-    the window, which scores how the text goes on, not what the needle says."""
+    question read later needs those words. With ``salient.opening`` a document read at 0.15
+    keeps the whole needle ("The pass key is K. Remember it. K is the pass key.") in every
+    layer and KV head; with ``salient.opening=0`` (the default) the restatement keeps only
+    ``after`` tokens and the rest is left to the window, which scores how the text goes on,
+    not what the needle says (" pass key." is then lost in every layer)."""
     import numpy as np
 
     from spindle_local.eval.needle import DEFAULT_NEEDLE, NeedleBuilder
@@ -82,7 +83,8 @@ def test_a_restatement_that_opens_its_sentence_is_kept_to_its_end(default_model:
     from spindle_local.runtime.config import EngineConfig
     from spindle_local.runtime.engine import Engine
 
-    eng = Engine(str(default_model), EngineConfig(policy="spindle", kv_budget=0.15, n_threads=2, **SMALL))
+    eng = Engine(str(default_model), EngineConfig(policy="spindle", kv_budget=0.15, n_threads=2,
+                                                  stages={"salient.opening": 8}, **SMALL))
     try:
         tok = lambda s: eng.model.tokenize(s, add_special=False)  # noqa: E731
         builder = NeedleBuilder(tok, eng.model.token_to_piece, pydoc_text()[:80_000])

@@ -80,7 +80,7 @@ class SalientRuns:
     before: int = knob(8, "tokens kept before each run (what introduces a number or name)")
     after: int = knob(2, "tokens kept after each run")
     echo: int = knob(32, "a copy of a run at most this many tokens after it ranks with it (0: none)")
-    opening: int = knob(8, "a run that opens its sentence keeps the words after it to the sentence's end, "
+    opening: int = knob(0, "a run that opens its sentence keeps the words after it to the sentence's end, "
                            "at most this many (0: after only)")
 
     def __post_init__(self) -> None:
