@@ -93,6 +93,17 @@ class EngineStats:
 
 
 @dataclass
+class _Salience:
+    """The salience classification of ``tokens`` (:meth:`Engine._salience`), extended as they grow."""
+
+    tokens: list[int]
+    flags: np.ndarray  # bool: salient tokens
+    marks: np.ndarray  # uint8: sentence marks
+    ended: bool  # the text ends a sentence
+    priority: np.ndarray  # float: run priority
+
+
+@dataclass
 class _Checkpoint:
     """What :meth:`Engine.transaction` returns to; ``snapshot`` only once something irreversible happened."""
 
@@ -177,7 +188,7 @@ class Engine:
         self.cancel = CancelFlag()
         self._checkpoint: _Checkpoint | None = None  # inside transaction(): the state to return to
         # salient-token classification of the tokens so far, and token pieces by id (_salience)
-        self._salient_memo: tuple[list[int], np.ndarray, np.ndarray, bool, np.ndarray] | None = None
+        self._salient_memo: _Salience | None = None
         self._pieces: dict[int, str] = {}
         self.finish_reason: str | None = None  # why the last generate() ended: stop, length, context
 
@@ -792,11 +803,11 @@ class Engine:
         from spindle_local.policy.salience import scan_pieces
 
         memo = self._salient_memo
-        if memo is not None and memo[0] == self.tokens:
-            return memo[4], memo[2]
+        if memo is not None and memo.tokens == self.tokens:
+            return memo.priority, memo.marks
         done, flags, marks, prev_end = 0, np.zeros(0, dtype=bool), np.zeros(0, dtype=np.uint8), True
-        if memo is not None and len(memo[0]) <= len(self.tokens) and self.tokens[:len(memo[0])] == memo[0]:
-            done, flags, marks, prev_end = len(memo[0]), memo[1], memo[2], memo[3]
+        if memo is not None and len(memo.tokens) <= len(self.tokens) and self.tokens[:len(memo.tokens)] == memo.tokens:
+            done, flags, marks, prev_end = len(memo.tokens), memo.flags, memo.marks, memo.ended
         pieces = []
         for t in self.tokens[done:]:
             piece = self._pieces.get(t)
@@ -807,7 +818,7 @@ class Engine:
         flags = np.concatenate([flags, more])
         marks = np.concatenate([marks, more_marks])
         prio = self.policy.salient_priority(np.asarray(self.tokens), flags)
-        self._salient_memo = (list(self.tokens), flags, marks, prev_end, prio)
+        self._salient_memo = _Salience(list(self.tokens), flags, marks, prev_end, prio)
         return prio, marks
 
     def _rope_args(self, il: int) -> dict:
