@@ -9,6 +9,7 @@ from spindle_local.policy import Geometry, make_policy
 from spindle_local.policy.salience import (
     ENDS,
     OPENS,
+    run_heads,
     run_order,
     run_priority,
     run_positions,
@@ -81,6 +82,35 @@ def test_a_run_that_opens_its_sentence_keeps_the_words_after_it() -> None:
     assert run_tails(gap, g_sal, g_marks, after=2, opening=8).tolist() == [2, 2, 2]
 
 
+def test_a_run_keeps_context_within_its_sentence() -> None:
+    """With ``sentence`` the words kept around a run stop at its sentence's bounds: "x y.
+    The key is 48. 48 is the key. Later 7 and more." keeps "The key is 48." for the first
+    run (not the sentence before it) and "48 is the key." for the second (not the first's
+    end), where 8 before and 2 after would cross both bounds."""
+    n = 25
+    # x0 y1 .2 | The3 key4 is5 4-6 8-7 .8 | 4-9 8-10 is11 the12 key13 .14 | Later15 7-16 and17 more18 ...
+    sal = np.zeros(n, bool)
+    sal[[6, 7, 9, 10, 16]] = True
+    marks = np.zeros(n, np.uint8)
+    marks[[0, 3, 9, 15]] |= OPENS
+    marks[[2, 8, 14, 24]] |= ENDS
+    pos = np.arange(n)
+    assert run_heads(pos, sal, marks, before=8, sentence=True).tolist() == [3, 0, 1]
+    assert run_heads(pos, sal, marks, before=2, sentence=True).tolist() == [2, 0, 1]
+    assert run_heads(pos, sal, marks, before=8, sentence=False).tolist() == [8, 8, 8]
+    assert run_heads(pos, sal, None, before=8, sentence=True).tolist() == [8, 8, 8]  # marks unknown
+    assert run_tails(pos, sal, marks, after=2, opening=0, sentence=True).tolist() == [1, 2, 2]
+    assert run_tails(pos, sal, marks, after=2, opening=8, sentence=True).tolist() == [1, 4, 2]
+    assert run_tails(pos, sal, marks, after=2, opening=8, sentence=False).tolist() == [2, 4, 2]
+    kept = salient_positions(pos, sal, np.zeros(n), before=8, after=2, cap=100, marks=marks, opening=8,
+                             sentence=True)
+    assert kept.tolist() == list(range(3, 15)) + [15, 16, 17, 18]
+    wide = salient_positions(pos, sal, np.zeros(n), before=8, after=2, cap=100, marks=marks, opening=8)
+    assert set(range(0, 3)) <= set(wide.tolist())  # without the bound the sentence before is kept too
+    gap = pos[pos != 3]  # the opening token dropped everywhere: the sentence end before it bounds the run
+    assert run_heads(gap, sal[pos != 3], marks[pos != 3], before=8, sentence=True).tolist() == [3, 0, 1]
+
+
 def test_runs() -> None:
     s = np.array([0, 1, 1, 0, 0, 1, 0, 1, 1, 1], bool)
     starts, ends = salient_runs(s)
@@ -96,7 +126,8 @@ def test_run_kernel_matches_reference(seed: int) -> None:
     n_runs = len(salient_runs(salient)[0])
     order = rng.permutation(n_runs)
     tails = rng.integers(0, 12, n_runs)
-    for before, after in ((0, 0), (8, 2), (30, 30), (8, tails)):
+    heads = rng.integers(0, 12, n_runs)
+    for before, after in ((0, 0), (8, 2), (30, 30), (8, tails), (heads, tails)):
         for cap in (0, 5, 40, 10_000):
             got = run_positions(positions, salient, order, before, after, cap)
             ref = run_positions_ref(positions, salient, order, before, after, cap)

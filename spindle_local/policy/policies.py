@@ -268,7 +268,8 @@ class StagedPolicy(Policy):
             ok = (found < len(u_pos)) & (u_pos[np.minimum(found, len(u_pos) - 1)] == union)
             aligned[ok] = strength[found[ok]]
             kept = salient_positions(union, sal, aligned, before=sr.before, after=sr.after,
-                                     cap=int(sr.share * slots.min()), marks=marks, opening=sr.opening)
+                                     cap=int(sr.share * slots.min()), marks=marks, opening=sr.opening,
+                                     sentence=sr.sentence)
         for i, m in enumerate(metas):
             self._extra_report[m.layer]["salient_tokens"] = int(len(kept))
             scores[i] = boost(scores[i], m.positions, kept)

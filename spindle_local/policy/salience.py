@@ -97,41 +97,72 @@ def salient_runs(salient: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_tails(positions: np.ndarray, salient: np.ndarray, marks: np.ndarray | None, after: int,
-              opening: int) -> np.ndarray:
+              opening: int, sentence: bool = False) -> np.ndarray:
     """int [runs]: positions each run of ``salient`` keeps after its end: ``after``, or, for
     a run that opens its sentence (``marks[start] & OPENS``), as far as the first sentence
-    end (``ENDS``) within ``opening`` positions after it, when that is farther.
+    end (``ENDS``) within ``opening`` positions after it, when that is farther. With
+    ``sentence``, never past that sentence end (a run that ends its sentence keeps 0).
 
     ``positions`` ascending with ``salient`` and ``marks`` aligned; a sentence end that is
     not among ``positions`` (dropped everywhere) is not seen, and the run keeps ``after``.
     """
     starts, ends = salient_runs(salient)
     tails = np.full(len(starts), int(after), dtype=np.int64)
-    if marks is None or opening <= 0 or len(starts) == 0:
+    if marks is None or len(starts) == 0 or (opening <= 0 and not sentence):
         return tails
     pos = np.asarray(positions, np.int64)
     end_idx = np.nonzero(np.asarray(marks) & ENDS)[0]
-    nxt = np.searchsorted(end_idx, ends, side="right")  # first sentence end after each run
+    nxt = np.searchsorted(end_idx, ends, side="left")  # first sentence end at or after each run's end
     ok = nxt < len(end_idx)
     dist = np.full(len(starts), -1, dtype=np.int64)
     dist[ok] = pos[end_idx[nxt[ok]]] - pos[ends[ok]]
-    opens = (np.asarray(marks)[starts] & OPENS) > 0
-    use = opens & (dist > 0) & (dist <= opening)
-    tails[use] = np.maximum(tails[use], dist[use])
+    if opening > 0:
+        opens = (np.asarray(marks)[starts] & OPENS) > 0
+        use = opens & (dist > 0) & (dist <= opening)
+        tails[use] = np.maximum(tails[use], dist[use])
+    if sentence:
+        tails[ok] = np.minimum(tails[ok], dist[ok])
     return tails
 
 
-def run_positions_ref(positions: np.ndarray, salient: np.ndarray, order: np.ndarray, before: int,
-                      after: int | np.ndarray, cap: int) -> np.ndarray:
+def run_heads(positions: np.ndarray, salient: np.ndarray, marks: np.ndarray | None, before: int,
+              sentence: bool) -> np.ndarray:
+    """int [runs]: positions each run of ``salient`` keeps before its start: ``before``, and
+    with ``sentence`` never past the opening of its sentence (the last ``OPENS`` mark at or
+    before the run's start, or the position after the last ``ENDS`` mark before it; a run
+    that opens its sentence keeps 0). The words that
+    introduce a number or a name are in its own sentence; the ones before it belong to
+    another, which the run has no reason to keep."""
+    starts, _ = salient_runs(salient)
+    heads = np.full(len(starts), int(before), dtype=np.int64)
+    if marks is None or not sentence or len(starts) == 0:
+        return heads
+    pos = np.asarray(positions, np.int64)
+    m = np.asarray(marks)
+    open_idx = np.nonzero(m & OPENS)[0]
+    prev = np.searchsorted(open_idx, starts, side="right") - 1  # last opening at or before each start
+    ok = prev >= 0
+    heads[ok] = np.minimum(heads[ok], pos[starts[ok]] - pos[open_idx[prev[ok]]])
+    # the last sentence end before the start bounds it too (its opening may be dropped)
+    end_idx = np.nonzero(m & ENDS)[0]
+    prev = np.searchsorted(end_idx, starts, side="left") - 1
+    ok = prev >= 0
+    heads[ok] = np.minimum(heads[ok], pos[starts[ok]] - pos[end_idx[prev[ok]]] - 1)
+    return heads
+
+
+def run_positions_ref(positions: np.ndarray, salient: np.ndarray, order: np.ndarray,
+                      before: int | np.ndarray, after: int | np.ndarray, cap: int) -> np.ndarray:
     """Numpy reference of :func:`run_positions`: runs in ``order`` (indices into
-    :func:`salient_runs`), each widened by ``before`` positions and ``after`` (one for
-    all, or per run: :func:`run_tails`), taken whole while the union stays within ``cap``
-    (a run that would pass it is skipped)."""
+    :func:`salient_runs`), each widened by ``before`` positions and ``after`` (each one for
+    all, or per run: :func:`run_heads`, :func:`run_tails`), taken whole while the union
+    stays within ``cap`` (a run that would pass it is skipped)."""
     starts, ends = salient_runs(salient)
+    heads = np.broadcast_to(np.asarray(before, np.int64), starts.shape)
     tails = np.broadcast_to(np.asarray(after, np.int64), starts.shape)
     taken: set[int] = set()
     for r in order:
-        lo, hi = positions[starts[r]] - before, positions[ends[r]] + tails[r]
+        lo, hi = positions[starts[r]] - heads[r], positions[ends[r]] + tails[r]
         run = {int(p) for p in positions[(positions >= lo) & (positions <= hi)]}
         if len(taken | run) > cap:
             continue
@@ -139,8 +170,8 @@ def run_positions_ref(positions: np.ndarray, salient: np.ndarray, order: np.ndar
     return np.array(sorted(taken), dtype=np.int64)
 
 
-def run_positions(positions: np.ndarray, salient: np.ndarray, order: np.ndarray, before: int,
-                  after: int | np.ndarray, cap: int) -> np.ndarray:
+def run_positions(positions: np.ndarray, salient: np.ndarray, order: np.ndarray,
+                  before: int | np.ndarray, after: int | np.ndarray, cap: int) -> np.ndarray:
     """Protected positions (ascending) for the salient runs in ``order``; see the reference.
 
     Positions are ascending, so a widened run is an index interval (two binary searches);
@@ -149,8 +180,9 @@ def run_positions(positions: np.ndarray, salient: np.ndarray, order: np.ndarray,
     pos = np.asarray(positions, np.int64)
     starts, ends = salient_runs(salient)
     order = np.asarray(order, np.int64)
+    heads = np.broadcast_to(np.asarray(before, np.int64), starts.shape)
     tails = np.broadcast_to(np.asarray(after, np.int64), starts.shape)
-    lo = np.searchsorted(pos, pos[starts[order]] - before, side="left")
+    lo = np.searchsorted(pos, pos[starts[order]] - heads[order], side="left")
     hi = np.searchsorted(pos, pos[ends[order]] + tails[order], side="right")
     return pos[greedy_intervals(len(pos), lo, hi, cap)]
 
@@ -269,18 +301,19 @@ def run_order(positions: np.ndarray, salient: np.ndarray, strength: np.ndarray) 
 
 def salient_positions(positions: np.ndarray, salient: np.ndarray, strength: np.ndarray, *,
                       before: int, after: int, cap: int, marks: np.ndarray | None = None,
-                      opening: int = 0) -> np.ndarray:
+                      opening: int = 0, sentence: bool = False) -> np.ndarray:
     """Positions to protect: salient runs with their context, at most ``cap`` of them.
 
     ``positions`` ascending with ``salient`` (bool, or :func:`run_priority`),
     ``strength`` (per position, e.g. the best window attention share any head gives it)
-    and ``marks`` (sentence marks, or None: unknown) aligned to it; ``opening``: see
-    :func:`run_tails`.
+    and ``marks`` (sentence marks, or None: unknown) aligned to it; ``opening`` and
+    ``sentence``: see :func:`run_tails` and :func:`run_heads`.
     """
     if cap <= 0 or len(positions) == 0:
         return np.zeros(0, np.int64)
     order = run_order(positions, salient, strength)
     if len(order) == 0:
         return np.zeros(0, np.int64)
-    tails = run_tails(positions, salient, marks, after, opening)
-    return run_positions(positions, salient, order, before, tails, cap)
+    heads = run_heads(positions, salient, marks, before, sentence)
+    tails = run_tails(positions, salient, marks, after, opening, sentence)
+    return run_positions(positions, salient, order, heads, tails, cap)

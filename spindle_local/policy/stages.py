@@ -82,6 +82,7 @@ class SalientRuns:
     echo: int = knob(32, "a copy of a run at most this many tokens after it ranks with it (0: none)")
     opening: int = knob(0, "a run that opens its sentence keeps the words after it to the sentence's end, "
                            "at most this many (0: after only)")
+    sentence: bool = knob(False, "a run's before and after tokens stay within its sentence")
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.share <= 1.0) or min(self.before, self.after, self.echo, self.opening) < 0:
