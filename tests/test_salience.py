@@ -9,6 +9,7 @@ from spindle_local.policy import Geometry, make_policy
 from spindle_local.policy.salience import (
     ENDS,
     OPENS,
+    STOPS,
     run_heads,
     run_order,
     run_priority,
@@ -83,32 +84,43 @@ def test_a_run_that_opens_its_sentence_keeps_the_words_after_it() -> None:
 
 
 def test_a_run_keeps_context_within_its_sentence() -> None:
-    """With ``sentence`` the words kept around a run stop at its sentence's bounds: "x y.
-    The key is 48. 48 is the key. Later 7 and more." keeps "The key is 48." for the first
-    run (not the sentence before it) and "48 is the key." for the second (not the first's
-    end), where 8 before and 2 after would cross both bounds."""
-    n = 25
-    # x0 y1 .2 | The3 key4 is5 4-6 8-7 .8 | 4-9 8-10 is11 the12 key13 .14 | Later15 7-16 and17 more18 ...
+    """With ``sentence`` the words kept around a run stop at full stops (and line breaks): "x y. The key is
+    48. 48 is the key. Later: 7 and more." keeps "The key is 48." for the first run (not
+    the sentence before it), "48 is the key." for the second (not the first's end), and
+    "Later: 7 and" for the third (a colon does not bound it), where 8 before and 2 after
+    would cross the full stops."""
+    n = 26
+    # x0 y1 .2 | The3 key4 is5 4-6 8-7 .8 | 4-9 8-10 is11 the12 key13 .14 | Later15 :16 7-17 and18 more19 ...
     sal = np.zeros(n, bool)
-    sal[[6, 7, 9, 10, 16]] = True
+    sal[[6, 7, 9, 10, 17]] = True
     marks = np.zeros(n, np.uint8)
-    marks[[0, 3, 9, 15]] |= OPENS
-    marks[[2, 8, 14, 24]] |= ENDS
+    marks[[0, 3, 9, 15, 17]] |= OPENS
+    marks[[2, 8, 14, 25]] |= ENDS | STOPS
+    marks[16] |= ENDS
     pos = np.arange(n)
-    assert run_heads(pos, sal, marks, before=8, sentence=True).tolist() == [3, 0, 1]
-    assert run_heads(pos, sal, marks, before=2, sentence=True).tolist() == [2, 0, 1]
+    assert run_heads(pos, sal, marks, before=8, sentence=True).tolist() == [3, 0, 2]
+    assert run_heads(pos, sal, marks, before=2, sentence=True).tolist() == [2, 0, 2]
     assert run_heads(pos, sal, marks, before=8, sentence=False).tolist() == [8, 8, 8]
     assert run_heads(pos, sal, None, before=8, sentence=True).tolist() == [8, 8, 8]  # marks unknown
     assert run_tails(pos, sal, marks, after=2, opening=0, sentence=True).tolist() == [1, 2, 2]
-    assert run_tails(pos, sal, marks, after=2, opening=8, sentence=True).tolist() == [1, 4, 2]
-    assert run_tails(pos, sal, marks, after=2, opening=8, sentence=False).tolist() == [2, 4, 2]
+    assert run_tails(pos, sal, marks, after=2, opening=8, sentence=True).tolist() == [1, 4, 8]  # ":" opens one
+    assert run_tails(pos, sal, marks, after=2, opening=8, sentence=False).tolist() == [2, 4, 8]
     kept = salient_positions(pos, sal, np.zeros(n), before=8, after=2, cap=100, marks=marks, opening=8,
                              sentence=True)
-    assert kept.tolist() == list(range(3, 15)) + [15, 16, 17, 18]
+    assert kept.tolist() == list(range(3, 26))
     wide = salient_positions(pos, sal, np.zeros(n), before=8, after=2, cap=100, marks=marks, opening=8)
     assert set(range(0, 3)) <= set(wide.tolist())  # without the bound the sentence before is kept too
-    gap = pos[pos != 3]  # the opening token dropped everywhere: the sentence end before it bounds the run
-    assert run_heads(gap, sal[pos != 3], marks[pos != 3], before=8, sentence=True).tolist() == [3, 0, 1]
+    gap = pos != 14  # a full stop dropped everywhere is not seen: the bound is the one before it
+    assert run_heads(pos[gap], sal[gap], marks[gap], before=8, sentence=True).tolist() == [3, 0, 8]
+
+
+def test_full_stops_are_marked() -> None:
+    pieces = ["The", " key", " is", ":", " ", "4", "8", ".", " Bob", "?", "\n", "Eve", ".\n", "x", "y", "\n",
+              "Key", ":\n", "7", "-", "8"]
+    _, marks, _ = scan_pieces(pieces)
+    # full stops, "?" and line breaks; not a colon, a dash, or a line break after a colon (a label)
+    assert [i for i, m in enumerate(marks) if m & STOPS] == [7, 9, 10, 12, 15]
+    assert [i for i, m in enumerate(marks) if m & ENDS] == [3, 7, 9, 10, 12, 15, 17, 19]
 
 
 def test_runs() -> None:

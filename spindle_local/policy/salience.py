@@ -51,7 +51,17 @@ def salient_tokens(pieces: list[str]) -> np.ndarray:
 
 
 OPENS = 1  # sentence marks (:func:`scan_pieces`): the token follows a sentence end
-ENDS = 2  # ... the token ends a sentence
+ENDS = 2  # ... the token ends a sentence (any end: ".", ":", a newline, a quote, ...)
+STOPS = 4  # ... the token ends a sentence with a full stop, "!", "?" or a line break
+_STOP = (".", "!", "?")
+
+
+def _stops(piece: str) -> bool:
+    """Does ``piece`` end a sentence with a full stop, "!", "?" or a line break? A line break
+    after a colon in the same piece (":\n", a label over its value) does not count."""
+    if "\n" in piece:
+        return not piece[:piece.rindex("\n")].rstrip().endswith(":")
+    return piece.rstrip().endswith(_STOP)
 
 
 def salient_scan(pieces: list[str], prev_end: bool = True) -> tuple[np.ndarray, bool]:
@@ -65,7 +75,8 @@ def salient_scan(pieces: list[str], prev_end: bool = True) -> tuple[np.ndarray, 
 
 def scan_pieces(pieces: list[str], prev_end: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
     """:func:`salient_scan` with each token's sentence marks: uint8 [n], ``OPENS`` when the
-    text before the token ends a sentence, ``ENDS`` when the token ends one."""
+    text before the token ends a sentence, ``ENDS`` when the token ends one, and ``STOPS``
+    too when it ends one with a full stop, "!", "?" or a line break (:func:`_stops`)."""
     out = np.zeros(len(pieces), dtype=bool)
     marks = np.zeros(len(pieces), dtype=np.uint8)
     for i, piece in enumerate(pieces):
@@ -84,6 +95,8 @@ def scan_pieces(pieces: list[str], prev_end: bool = True) -> tuple[np.ndarray, n
             prev_end = True
         if prev_end and stripped:
             marks[i] |= ENDS
+            if _stops(piece):
+                marks[i] |= STOPS
     return out, marks, prev_end
 
 
@@ -101,7 +114,8 @@ def run_tails(positions: np.ndarray, salient: np.ndarray, marks: np.ndarray | No
     """int [runs]: positions each run of ``salient`` keeps after its end: ``after``, or, for
     a run that opens its sentence (``marks[start] & OPENS``), as far as the first sentence
     end (``ENDS``) within ``opening`` positions after it, when that is farther. With
-    ``sentence``, never past that sentence end (a run that ends its sentence keeps 0).
+    ``sentence``, never past the next full stop or line break (``STOPS``; a run that ends
+    its sentence keeps 0).
 
     ``positions`` ascending with ``salient`` and ``marks`` aligned; a sentence end that is
     not among ``positions`` (dropped everywhere) is not seen, and the run keeps ``after``.
@@ -121,33 +135,30 @@ def run_tails(positions: np.ndarray, salient: np.ndarray, marks: np.ndarray | No
         use = opens & (dist > 0) & (dist <= opening)
         tails[use] = np.maximum(tails[use], dist[use])
     if sentence:
-        tails[ok] = np.minimum(tails[ok], dist[ok])
+        stop_idx = np.nonzero(np.asarray(marks) & STOPS)[0]
+        nxt = np.searchsorted(stop_idx, ends, side="left")  # first full stop at or after each end
+        ok = nxt < len(stop_idx)
+        tails[ok] = np.minimum(tails[ok], pos[stop_idx[nxt[ok]]] - pos[ends[ok]])
     return tails
 
 
 def run_heads(positions: np.ndarray, salient: np.ndarray, marks: np.ndarray | None, before: int,
               sentence: bool) -> np.ndarray:
     """int [runs]: positions each run of ``salient`` keeps before its start: ``before``, and
-    with ``sentence`` never past the opening of its sentence (the last ``OPENS`` mark at or
-    before the run's start, or the position after the last ``ENDS`` mark before it; a run
-    that opens its sentence keeps 0). The words that
+    with ``sentence`` never past the last full stop before it (``STOPS``). The words that
     introduce a number or a name are in its own sentence; the ones before it belong to
-    another, which the run has no reason to keep."""
+    another, which the run has no reason to keep. Only full stops and line breaks bound
+    it: a colon or a dash often separates a label from its value ("Phone: 555", "the
+    number for X is: 48"), which the run must keep."""
     starts, _ = salient_runs(salient)
     heads = np.full(len(starts), int(before), dtype=np.int64)
     if marks is None or not sentence or len(starts) == 0:
         return heads
     pos = np.asarray(positions, np.int64)
-    m = np.asarray(marks)
-    open_idx = np.nonzero(m & OPENS)[0]
-    prev = np.searchsorted(open_idx, starts, side="right") - 1  # last opening at or before each start
+    stop_idx = np.nonzero(np.asarray(marks) & STOPS)[0]
+    prev = np.searchsorted(stop_idx, starts, side="left") - 1  # last full stop before each start
     ok = prev >= 0
-    heads[ok] = np.minimum(heads[ok], pos[starts[ok]] - pos[open_idx[prev[ok]]])
-    # the last sentence end before the start bounds it too (its opening may be dropped)
-    end_idx = np.nonzero(m & ENDS)[0]
-    prev = np.searchsorted(end_idx, starts, side="left") - 1
-    ok = prev >= 0
-    heads[ok] = np.minimum(heads[ok], pos[starts[ok]] - pos[end_idx[prev[ok]]] - 1)
+    heads[ok] = np.minimum(heads[ok], pos[starts[ok]] - pos[stop_idx[prev[ok]]] - 1)
     return heads
 
 
