@@ -70,11 +70,11 @@ def test_three_keys_asked_in_turn_are_found_as_by_the_full_cache(default_model: 
 
 def test_a_restatement_that_opens_its_sentence_is_kept_to_its_end(default_model: Path) -> None:
     """"K is the pass key." opens its sentence: what the number is comes after it, and a
-    question read later needs those words. With ``salient.opening`` a document read at 0.15
-    keeps the whole needle ("The pass key is K. Remember it. K is the pass key.") in every
-    layer and KV head; with ``salient.opening=0`` (the default) the restatement keeps only
-    ``after`` tokens and the rest is left to the window, which scores how the text goes on,
-    not what the needle says (" pass key." is then lost in every layer)."""
+    question read later needs those words. With the defaults (``salient.opening`` 8) a
+    document read at 0.15 keeps both sentences that state the key ("The pass key is K." and
+    "K is the pass key.") in every layer and KV head; with ``salient.opening=0`` the restatement keeps
+    only ``after`` tokens and the rest is left to the window, which scores how the text goes
+    on, not what the needle says (" pass key." is then lost in every layer)."""
     import numpy as np
 
     from spindle_local.eval.needle import DEFAULT_NEEDLE, NeedleBuilder
@@ -83,13 +83,18 @@ def test_a_restatement_that_opens_its_sentence_is_kept_to_its_end(default_model:
     from spindle_local.runtime.config import EngineConfig
     from spindle_local.runtime.engine import Engine
 
-    eng = Engine(str(default_model), EngineConfig(policy="spindle", kv_budget=0.15, n_threads=2,
-                                                  stages={"salient.opening": 8}, **SMALL))
+    eng = Engine(str(default_model), EngineConfig(policy="spindle", kv_budget=0.15, n_threads=2, **SMALL))
     try:
         tok = lambda s: eng.model.tokenize(s, add_special=False)  # noqa: E731
         builder = NeedleBuilder(tok, eng.model.token_to_piece, pydoc_text()[:80_000])
         p = builder.build(1500, 0.5, "48152")
-        needle = range(p.needle_start, p.needle_start + len(tok("\n" + DEFAULT_NEEDLE.format(key="48152"))))
+        whole = tok("\n" + DEFAULT_NEEDLE.format(key="48152"))
+        first, second = tok("\nThe pass key is 48152."), tok("\nThe pass key is 48152. Remember it.")
+        assert whole[:len(second)] == second and second[:len(first)] == first and tok("\n") == first[:1]
+        # the two sentences that state the key ("Remember it." between them is no fact)
+        needle = [p.needle_start + i for i in range(1, len(first))] + \
+                 [p.needle_start + i for i in range(len(second), len(whole))]
+        assert [eng.model.token_to_piece(p.tokens[t]) for t in needle[:4]] == ["The", " pass", " key", " is"]
         eng.feed(p.document)
         assert eng.stats.compressions >= 2
         _, _, regular = native.read_layer_kv(eng.ctx, eng.store_layer_ids[0])

@@ -25,7 +25,12 @@ the runs the window attends to most, then the newest.
 A run that opens its sentence ("K is the pass key.", "1984 was the year ...") has no
 introduction before it: the words that say what it is come after it. Such a run keeps the
 tokens after it up to its sentence's end, at most ``opening`` of them, where any other run
-keeps ``after`` (:func:`run_tails`). The engine marks where sentences open and end
+keeps ``after`` (:func:`run_tails`). With ``sentence``, the tokens a run keeps before
+and after it stay within its sentence, bounded by full stops and line breaks
+(:func:`run_heads`): the words that say what a number is are in its own sentence, and
+the end of the sentence before it is no part of the fact. Keeping less per run lets the
+share hold more facts (three named keys of one template in a 2,000-token document at
+0.25, where the wider context holds two). The engine marks where sentences open and end
 (:func:`scan_pieces`, the same scan that classifies the tokens).
 
 Classification needs token text, which the policy does not have: the engine passes

@@ -80,9 +80,10 @@ class SalientRuns:
     before: int = knob(8, "tokens kept before each run (what introduces a number or name)")
     after: int = knob(2, "tokens kept after each run")
     echo: int = knob(32, "a copy of a run at most this many tokens after it ranks with it (0: none)")
-    opening: int = knob(0, "a run that opens its sentence keeps the words after it to the sentence's end, "
+    opening: int = knob(8, "a run that opens its sentence keeps the words after it to the sentence's end, "
                            "at most this many (0: after only)")
-    sentence: bool = knob(False, "a run's before and after tokens stay within its sentence")
+    sentence: bool = knob(True, "a run's before and after tokens stay within its sentence (full stops and "
+                                "line breaks bound it)")
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.share <= 1.0) or min(self.before, self.after, self.echo, self.opening) < 0:
