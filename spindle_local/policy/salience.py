@@ -129,22 +129,27 @@ def run_tails(positions: np.ndarray, salient: np.ndarray, marks: np.ndarray | No
     tails = np.full(len(starts), int(after), dtype=np.int64)
     if marks is None or len(starts) == 0 or (opening <= 0 and not sentence):
         return tails
-    pos = np.asarray(positions, np.int64)
-    end_idx = np.nonzero(np.asarray(marks) & ENDS)[0]
-    nxt = np.searchsorted(end_idx, ends, side="left")  # first sentence end at or after each run's end
-    ok = nxt < len(end_idx)
-    dist = np.full(len(starts), -1, dtype=np.int64)
-    dist[ok] = pos[end_idx[nxt[ok]]] - pos[ends[ok]]
+    pos, m = np.asarray(positions, np.int64), np.asarray(marks)
     if opening > 0:
-        opens = (np.asarray(marks)[starts] & OPENS) > 0
-        use = opens & (dist > 0) & (dist <= opening)
+        dist = _to_next(pos, m & ENDS, ends)
+        use = ((m[starts] & OPENS) > 0) & (dist > 0) & (dist <= opening)
         tails[use] = np.maximum(tails[use], dist[use])
     if sentence:
-        stop_idx = np.nonzero(np.asarray(marks) & STOPS)[0]
-        nxt = np.searchsorted(stop_idx, ends, side="left")  # first full stop at or after each end
-        ok = nxt < len(stop_idx)
-        tails[ok] = np.minimum(tails[ok], pos[stop_idx[nxt[ok]]] - pos[ends[ok]])
+        dist = _to_next(pos, m & STOPS, ends)
+        ok = dist >= 0
+        tails[ok] = np.minimum(tails[ok], dist[ok])
     return tails
+
+
+def _to_next(pos: np.ndarray, marked: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """int [len(at)]: positions from each index in ``at`` to the first ``marked`` index at or
+    after it (-1: none)."""
+    idx = np.nonzero(marked)[0]
+    nxt = np.searchsorted(idx, at, side="left")
+    ok = nxt < len(idx)
+    out = np.full(len(at), -1, dtype=np.int64)
+    out[ok] = pos[idx[nxt[ok]]] - pos[at[ok]]
+    return out
 
 
 def run_heads(positions: np.ndarray, salient: np.ndarray, marks: np.ndarray | None, before: int,
