@@ -55,7 +55,7 @@ fi
 # without a driver or the toolkit's stubs, an empty stand-in is linked: that build is only
 # compiled, never loaded.
 driver=$(ldconfig -p 2>/dev/null | awk '/libcuda\.so\.1 /{print $NF; exit}')
-driver="${driver:-$(ls /usr/local/nvidia/lib64/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 /usr/lib64/libcuda.so.1 2>/dev/null | head -1)}"
+driver="${driver:-$(ls /usr/local/nvidia/lib64/libcuda.so.1 /usr/lib/x86_64-linux-gnu/libcuda.so.1 /usr/lib64/libcuda.so.1 2>/dev/null | head -1 || true)}"
 if ldconfig -p 2>/dev/null | grep -q 'libcuda\.so ' || ls "$cuda_root"/lib64/stubs/libcuda.so "$cuda_root"/targets/*/lib/stubs/libcuda.so >/dev/null 2>&1; then
     :
 elif [ -n "$driver" ]; then

@@ -7,7 +7,11 @@
 #   4. measure `eval speed` at 8K tokens (spindle at 0.25 against the same library with an
 #      empty store, whose graph is stock);
 #   5. profile the same 8K prompt and 64 tokens (scripts/profile_engine.py): time in
-#      llama_decode against plans and Python, with a store and with the full cache.
+#      llama_decode against plans and Python, with a store and with the full cache;
+#   6. the same-backend controls (scripts/backend_controls.py): a store of every token
+#      against the full cache, next to the full cache against itself with only the shapes
+#      changed (two tokens at once, a larger context, flash attention, the CPU);
+#   7. the session and question-later suites (EXTRA_TESTS), with what time is left.
 # Prints a compact summary at the end; the logs stay in $OUT (default ./device_check).
 #
 #   make setup && bash scripts/device_check.sh      # about 8 minutes on 16 cores
@@ -90,6 +94,24 @@ rc=$?
 status "tests (store,plan,engine,fam)" "rc=$rc, $(tail -1 "$OUT/tests.log") in $(( $(date +%s) - t0 )) s"
 grep -E '^(FAILED|ERROR) ' "$OUT/tests.log" | head -15 | sed 's/^/  /' | tee -a "$OUT/summary.txt"
 
+# The store's distance from the full cache, beside the full cache's distance from itself
+# when only the arithmetic changes (the largest of the controls per prompt and setting).
+t0=$(date +%s)
+timeout "$TEST_TIMEOUT" "$VPY" scripts/backend_controls.py "${MODEL_ARGS[@]}" --families > "$OUT/controls.jsonl" 2> "$OUT/controls.log"
+status "controls (store vs full)" "rc=$?, $(( $(date +%s) - t0 )) s"
+"$VPY" - "$OUT/controls.jsonl" <<'PYEOF' | tee -a "$OUT/summary.txt"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+for key in sorted({(r["prompt"], r["flash"]) for r in rows}):
+    rs = {r["run"]: r for r in rows if (r["prompt"], r["flash"]) == key}
+    st = rs.pop("store", None)
+    if st is None:
+        continue
+    worst = max(rs.values(), key=lambda r: r["kl"])
+    print(f"  {key[0]:8s} fa={int(key[1])} store: max {st['max_abs']:.3g} kl {st['kl']:.2e} top1 {st['top1_same']}"
+          f" | controls max {max(r['max_abs'] for r in rs.values()):.3g}, kl up to {worst['kl']:.2e} ({worst['run']})")
+PYEOF
+
 t0=$(date +%s)
 "$VPY" -m spindle_local.cli eval speed ${MODEL:+"$MODEL"} --context 8000 --gen 64 --reps 2 --policy spindle --kv-budget 0.25 --json \
     > "$OUT/speed.json" 2> "$OUT/speed.log"
@@ -127,3 +149,13 @@ for phase in ("prefill", "decode"):
     print(f"  {phase:8s} " + ", ".join(f"{k} {v:.3f}" for k, v in p.items() if v))
 PYEOF
 done
+
+EXTRA_TESTS="${EXTRA_TESTS-tests/test_session.py tests/test_question_later.py tests/test_read_hooks.py}"
+if [ -n "$EXTRA_TESTS" ]; then
+    t0=$(date +%s)
+    # shellcheck disable=SC2086
+    timeout "$TEST_TIMEOUT" "$VPY" -m pytest -q -p no:cacheprovider $EXTRA_TESTS > "$OUT/tests_extra.log" 2>&1
+    rc=$?
+    status "tests (extra)" "rc=$rc, $(tail -1 "$OUT/tests_extra.log") in $(( $(date +%s) - t0 )) s"
+    grep -E '^(FAILED|ERROR) ' "$OUT/tests_extra.log" | head -15 | sed 's/^/  /' | tee -a "$OUT/summary.txt"
+fi
