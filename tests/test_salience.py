@@ -114,6 +114,32 @@ def test_a_run_keeps_context_within_its_sentence() -> None:
     assert run_heads(pos[gap], sal[gap], marks[gap], before=8, sentence=True).tolist() == [3, 0, 8]
 
 
+def test_runs_widen_once_every_run_holds_its_sentence() -> None:
+    """Two one-token facts at 10 and 30, each 3 tokens after a full stop (6, 26); the one at
+    30 ranks first. 8 tokens before each do not fit twice in 12: without the bound the
+    second fact is dropped; with it both keep their sentence, and ``widen`` spends what is
+    left on the first-ranked fact's wider context, and on the second's when there is room."""
+    n = 40
+    pos = np.arange(n)
+    sal = np.zeros(n)
+    sal[10], sal[30] = 1.0, 2.0
+    marks = np.zeros(n, np.uint8)
+    marks[[6, 26]] |= ENDS | STOPS
+    marks[[7, 27]] |= OPENS
+
+    def kept(cap: int, **kw) -> list[int]:
+        return salient_positions(pos, sal, np.zeros(n), before=8, after=0, cap=cap, **({"marks": marks} | kw)).tolist()
+
+    assert kept(12) == list(range(22, 31))  # unbounded: the second fact does not fit
+    bounded = list(range(7, 11)) + list(range(27, 31))
+    assert kept(12, sentence=True) == bounded
+    assert kept(12, sentence=True, widen=True) == bounded  # no room to widen either
+    assert kept(14, sentence=True, widen=True) == list(range(7, 11)) + list(range(22, 31))
+    assert kept(18, sentence=True, widen=True) == list(range(2, 11)) + list(range(22, 31))
+    assert kept(18, sentence=True, widen=True) == kept(18)  # room for both: what no bound keeps
+    assert kept(14, sentence=True, widen=True, marks=None) == kept(14)  # marks unknown: no bound
+
+
 def test_full_stops_are_marked() -> None:
     pieces = ["The", " key", " is", ":", " ", "4", "8", ".", " Bob", "?", "\n", "Eve", ".\n", "x", "y", "\n",
               "Key", ":\n", "7", "-", "8"]
@@ -139,7 +165,8 @@ def test_run_kernel_matches_reference(seed: int) -> None:
     order = rng.permutation(n_runs)
     tails = rng.integers(0, 12, n_runs)
     heads = rng.integers(0, 12, n_runs)
-    for before, after in ((0, 0), (8, 2), (30, 30), (8, tails), (heads, tails)):
+    tiers = (np.stack([heads, heads + rng.integers(0, 9, n_runs)]), np.stack([tails, tails + 4]))
+    for before, after in ((0, 0), (8, 2), (30, 30), (8, tails), (heads, tails), tiers, (heads, tiers[1])):
         for cap in (0, 5, 40, 10_000):
             got = run_positions(positions, salient, order, before, after, cap)
             ref = run_positions_ref(positions, salient, order, before, after, cap)

@@ -269,7 +269,7 @@ class StagedPolicy(Policy):
             aligned[ok] = strength[found[ok]]
             kept = salient_positions(union, sal, aligned, before=sr.before, after=sr.after,
                                      cap=int(sr.share * slots.min()), marks=marks, opening=sr.opening,
-                                     sentence=sr.sentence)
+                                     sentence=sr.sentence, widen=sr.widen)
         for i, m in enumerate(metas):
             self._extra_report[m.layer]["salient_tokens"] = int(len(kept))
             scores[i] = boost(scores[i], m.positions, kept)

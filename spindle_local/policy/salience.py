@@ -30,7 +30,9 @@ and after it stay within its sentence, bounded by full stops and line breaks
 (:func:`run_heads`): the words that say what a number is are in its own sentence, and
 the end of the sentence before it is no part of the fact. Keeping less per run lets the
 share hold more facts (three named keys of one template in a 2,000-token document at
-0.25, where the wider context holds two). The engine marks where sentences open and end
+0.25, where the wider context holds two). With ``widen``, the share is spent in two
+walks over the runs: first each run within its sentence, then, where room is left, each
+run again with its unbounded context: every fact first, then the words around them. The engine marks where sentences open and end
 (:func:`scan_pieces`, the same scan that classifies the tokens).
 
 Classification needs token text, which the policy does not have: the engine passes
@@ -172,22 +174,33 @@ def run_heads(positions: np.ndarray, salient: np.ndarray, marks: np.ndarray | No
     return heads
 
 
+def _tiers(before: int | np.ndarray, after: int | np.ndarray, n_runs: int) -> tuple[np.ndarray, np.ndarray]:
+    """``before`` and ``after`` as int [tiers, runs]: one value for all runs, one per run
+    (one tier), or one row per tier."""
+    b, a = (np.asarray(x, np.int64) for x in (before, after))
+    b, a = (x.reshape(-1, n_runs) if x.ndim == 2 else np.broadcast_to(x, (1, n_runs)) for x in (b, a))
+    t = max(len(b), len(a))
+    return np.broadcast_to(b, (t, n_runs)), np.broadcast_to(a, (t, n_runs))
+
+
 def run_positions_ref(positions: np.ndarray, salient: np.ndarray, order: np.ndarray,
                       before: int | np.ndarray, after: int | np.ndarray, cap: int) -> np.ndarray:
     """Numpy reference of :func:`run_positions`: runs in ``order`` (indices into
     :func:`salient_runs`), each widened by ``before`` positions and ``after`` (each one for
     all, or per run: :func:`run_heads`, :func:`run_tails`), taken whole while the union
-    stays within ``cap`` (a run that would pass it is skipped)."""
+    stays within ``cap`` (a run that would pass it is skipped). With one row of ``before``
+    and ``after`` per tier, the walk over ``order`` repeats tier by tier: a later tier
+    widens the runs an earlier one took, where the cap still allows."""
     starts, ends = salient_runs(salient)
-    heads = np.broadcast_to(np.asarray(before, np.int64), starts.shape)
-    tails = np.broadcast_to(np.asarray(after, np.int64), starts.shape)
+    heads, tails = _tiers(before, after, len(starts))
     taken: set[int] = set()
-    for r in order:
-        lo, hi = positions[starts[r]] - heads[r], positions[ends[r]] + tails[r]
-        run = {int(p) for p in positions[(positions >= lo) & (positions <= hi)]}
-        if len(taken | run) > cap:
-            continue
-        taken |= run
+    for t in range(len(heads)):
+        for r in order:
+            lo, hi = positions[starts[r]] - heads[t, r], positions[ends[r]] + tails[t, r]
+            run = {int(p) for p in positions[(positions >= lo) & (positions <= hi)]}
+            if len(taken | run) > cap:
+                continue
+            taken |= run
     return np.array(sorted(taken), dtype=np.int64)
 
 
@@ -196,15 +209,14 @@ def run_positions(positions: np.ndarray, salient: np.ndarray, order: np.ndarray,
     """Protected positions (ascending) for the salient runs in ``order``; see the reference.
 
     Positions are ascending, so a widened run is an index interval (two binary searches);
-    the greedy walk over the runs is a loop of slice operations.
+    the greedy walk over the runs (tier by tier) is a loop of slice operations.
     """
     pos = np.asarray(positions, np.int64)
     starts, ends = salient_runs(salient)
     order = np.asarray(order, np.int64)
-    heads = np.broadcast_to(np.asarray(before, np.int64), starts.shape)
-    tails = np.broadcast_to(np.asarray(after, np.int64), starts.shape)
-    lo = np.searchsorted(pos, pos[starts[order]] - heads[order], side="left")
-    hi = np.searchsorted(pos, pos[ends[order]] + tails[order], side="right")
+    heads, tails = _tiers(before, after, len(starts))
+    lo = np.concatenate([np.searchsorted(pos, pos[starts[order]] - h[order], side="left") for h in heads])
+    hi = np.concatenate([np.searchsorted(pos, pos[ends[order]] + t[order], side="right") for t in tails])
     return pos[greedy_intervals(len(pos), lo, hi, cap)]
 
 
@@ -322,13 +334,16 @@ def run_order(positions: np.ndarray, salient: np.ndarray, strength: np.ndarray) 
 
 def salient_positions(positions: np.ndarray, salient: np.ndarray, strength: np.ndarray, *,
                       before: int, after: int, cap: int, marks: np.ndarray | None = None,
-                      opening: int = 0, sentence: bool = False) -> np.ndarray:
+                      opening: int = 0, sentence: bool = False, widen: bool = False) -> np.ndarray:
     """Positions to protect: salient runs with their context, at most ``cap`` of them.
 
     ``positions`` ascending with ``salient`` (bool, or :func:`run_priority`),
     ``strength`` (per position, e.g. the best window attention share any head gives it)
     and ``marks`` (sentence marks, or None: unknown) aligned to it; ``opening`` and
-    ``sentence``: see :func:`run_tails` and :func:`run_heads`.
+    ``sentence``: see :func:`run_tails` and :func:`run_heads`. ``widen`` (with
+    ``sentence``): once the runs hold their context within their sentence, a second walk
+    in the same order widens them to the context they keep without that bound, while
+    ``cap`` allows.
     """
     if cap <= 0 or len(positions) == 0:
         return np.zeros(0, np.int64)
@@ -337,4 +352,7 @@ def salient_positions(positions: np.ndarray, salient: np.ndarray, strength: np.n
         return np.zeros(0, np.int64)
     heads = run_heads(positions, salient, marks, before, sentence)
     tails = run_tails(positions, salient, marks, after, opening, sentence)
+    if sentence and widen and marks is not None:
+        heads = np.stack([heads, run_heads(positions, salient, marks, before, False)])
+        tails = np.stack([tails, run_tails(positions, salient, marks, after, opening, False)])
     return run_positions(positions, salient, order, heads, tails, cap)

@@ -84,6 +84,8 @@ class SalientRuns:
                            "at most this many (0: after only)")
     sentence: bool = knob(True, "a run's before and after tokens stay within its sentence (full stops and "
                                 "line breaks bound it)")
+    widen: bool = knob(True, "with sentence: once every run holds its context within its sentence, runs widen "
+                             "(same order) to the context they keep without the bound, while the share allows")
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.share <= 1.0) or min(self.before, self.after, self.echo, self.opening) < 0:
