@@ -178,7 +178,7 @@ def _tiers(before: int | np.ndarray, after: int | np.ndarray, n_runs: int) -> tu
     """``before`` and ``after`` as int [tiers, runs]: one value for all runs, one per run
     (one tier), or one row per tier."""
     b, a = (np.asarray(x, np.int64) for x in (before, after))
-    b, a = (x.reshape(-1, n_runs) if x.ndim == 2 else np.broadcast_to(x, (1, n_runs)) for x in (b, a))
+    b, a = (x if x.ndim == 2 else np.broadcast_to(x, (1, n_runs)) for x in (b, a))
     t = max(len(b), len(a))
     return np.broadcast_to(b, (t, n_runs)), np.broadcast_to(a, (t, n_runs))
 
