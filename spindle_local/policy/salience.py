@@ -32,8 +32,9 @@ the end of the sentence before it is no part of the fact. Keeping less per run l
 share hold more facts (three named keys of one template in a 2,000-token document at
 0.25, where the wider context holds two). With ``widen``, the share is spent in two
 walks over the runs: first each run within its sentence, then, where room is left, each
-run again with its unbounded context: every fact first, then the words around them. The engine marks where sentences open and end
-(:func:`scan_pieces`, the same scan that classifies the tokens).
+run again with its unbounded context: every fact first, then the words around them. The
+engine marks where sentences open and end (:func:`scan_pieces`, the same scan that
+classifies the tokens).
 
 Classification needs token text, which the policy does not have: the engine passes
 :func:`salient_tokens` of the token pieces (a plain-Python function, kept here with the
