@@ -96,6 +96,40 @@ def test_patch_scores_match_numpy_reference_smollm2(default_model: Path, pydoc_t
         eng.close()
 
 
+def test_patch_scores_with_slots_newer_than_the_queries(tiny_paths: dict[str, Path]) -> None:
+    """Queries placed before some of the store's slots see those slots masked per KV head (the
+    score graph's per-head mask; with every slot older than the queries one mask serves all
+    heads): the patch's scores equal the numpy reference for either placement."""
+    eng = _engine(tiny_paths["gqa"])
+    try:
+        eng.feed(_tokens(eng.model, 700))
+        assert eng._store_layers
+        cut = eng.n_past - 64
+        scale = 1 / np.sqrt(eng.pgeo.head_dim_k)
+        plain = WindowScorer(pooling="none")
+        checked = 0
+        for il in eng.store_layer_ids:
+            n_slot_head, slot_pos = eng._store_meta[il]
+            q, q_pos = eng.window(il)
+            middle = int(np.median(slot_pos[0, :n_slot_head[0]]))
+            for shift in (0, int(q_pos.min()) - middle):  # after every slot; among them
+                qp = (q_pos - shift).astype(np.int32)
+                ref_inp = eng.host_layer_input(il, cut)
+                ref_inp.q_positions = qp
+                ref = raw_window_scores(ref_inp, eng.pgeo, plain, scale=scale, use_numba=False)
+                sc = native.layer_scores(eng.ctx, il, q, qp, scale, slot_pos.shape[1], eng.cells)
+                got = assemble_scored_input(il, sc, n_slot_head, slot_pos, cut, eng.pgeo.g, q, qp)
+                assert np.array_equal(got.positions, ref_inp.positions)
+                np.testing.assert_allclose(got.attn, ref, rtol=2e-2, atol=2e-3)
+                if shift:
+                    # some slot of every head is newer than the first query: masked for it
+                    assert (slot_pos[0, :n_slot_head[0]] > qp.min()).any()
+                checked += 1
+        assert checked == 2 * len(eng.store_layer_ids)
+    finally:
+        eng.close()
+
+
 def test_capture_reads_the_graphs_queries(tiny_paths: dict[str, Path]) -> None:
     """The captured rows are the last ``window`` queries of the ubatch, post-RoPE, every layer."""
     from spindle_local.testing.reference import ReferenceModel
