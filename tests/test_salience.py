@@ -38,25 +38,15 @@ def test_salient_tokens_rule() -> None:
     assert not salient_tokens([]).any()
 
 
-def test_a_split_word_is_salient_whole() -> None:
-    """Every piece of a capitalised word the tokenizer splits is salient, not only the first:
-    a run that keeps " U" of "UHKWG" keeps a name the model cannot complete. A
-    sentence-initial word stays unflagged, pieces and all, and punctuation ends the word."""
-    pieces = ["V", "AR", " U", "H", "K", "WG", " =", " V", "AR", " NG", "HI", "Y", "'s", " ", "1", "st", " list", "."]
-    got = [p for p, s in zip(pieces, salient_tokens(pieces)) if s]
-    assert got == [" U", "H", "K", "WG", " V", "AR", " NG", "HI", "Y", "1", "st"]
-
-
-@pytest.mark.parametrize("cut", range(0, 37, 2))
+@pytest.mark.parametrize("cut", range(0, 25, 3))
 def test_salient_tokens_in_parts(cut: int) -> None:
     """A text classified in two parts (the engine extends its flags as it reads) gives what
     the whole text gives, wherever the cut falls: mid-sentence, after a sentence end, on a
     newline."""
     pieces = ["The", " pass", " key", " is", " ", "4", "8", ".", " Alice", " met", " Bob", ".", "\n",
-              "Then", " Carol", " left", ":", " Dave", " said", " 12", ".", " ", "\n", " Eve", " Frank",
-              " met", " U", "H", "K", "WG", " at", " Mc", "Donald", "'s", " ", "3", "rd"]
+              "Then", " Carol", " left", ":", " Dave", " said", " 12", ".", " ", "\n", " Eve", " Frank"]
     head, ended = salient_scan(pieces[:cut])
-    tail, _ = salient_scan(pieces[cut:], ended, bool(head[-1]) if cut else False)
+    tail, _ = salient_scan(pieces[cut:], ended)
     assert np.concatenate([head, tail]).tolist() == salient_tokens(pieces).tolist()
 
 

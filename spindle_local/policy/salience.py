@@ -5,7 +5,7 @@ to score by, and those ask how the text goes on, not what a later question will 
 for. The facts a later question asks about are mostly *specific*: numbers, codes, dates,
 names — tokens the model cannot reconstruct from context, unlike the prose around
 them. So, independently of any window, every run of salient tokens (a token with a
-digit, or a capitalised word that does not start a sentence, every piece of it) is protected together
+digit, or a capitalised word that does not start a sentence) is protected together
 with the ``before`` tokens that introduce it ("The pass key is", "Alice's number:") and
 the ``after`` tokens that close it, in every eviction layer. The protected set is capped
 at ``share`` of the layer's slots. When a text has more salient runs than that, the runs
@@ -52,10 +52,8 @@ _SENTENCE_END = (".", "!", "?", ":", "\n", '"', "'", ">", "*", "#", "-")
 def salient_tokens(pieces: list[str]) -> np.ndarray:
     """bool [n]: which tokens of ``pieces`` (in text order) are salient.
 
-    A piece is salient when it has a digit, when it begins a capitalised word that does
-    not follow a sentence end (sentence-initial capitals are not names), or when it
-    continues a salient piece's word: a name the tokenizer splits (" U", "H", "K", "WG"
-    for "UHKWG") is kept whole, not as the first piece the model cannot complete.
+    A piece is salient when it has a digit, or when it begins a capitalised word that
+    does not follow a sentence end (sentence-initial capitals are not names).
     """
     return salient_scan(pieces)[0]
 
@@ -74,17 +72,16 @@ def _stops(piece: str) -> bool:
     return piece.rstrip().endswith(_STOP)
 
 
-def salient_scan(pieces: list[str], prev_end: bool = True, prev_salient: bool = False) -> tuple[np.ndarray, bool]:
+def salient_scan(pieces: list[str], prev_end: bool = True) -> tuple[np.ndarray, bool]:
     """:func:`salient_tokens` of ``pieces`` that continue a text, and whether they end a
     sentence: a piece depends only on the pieces before it, through ``prev_end`` (does the
-    text so far end a sentence; True at its start) and ``prev_salient`` (is the text's last
-    piece salient), so a growing text is classified a part at a time."""
-    flags, _, prev_end = scan_pieces(pieces, prev_end, prev_salient)
+    text so far end a sentence; True at its start), so a growing text is classified a
+    part at a time."""
+    flags, _, prev_end = scan_pieces(pieces, prev_end)
     return flags, prev_end
 
 
-def scan_pieces(pieces: list[str], prev_end: bool = True,
-                prev_salient: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
+def scan_pieces(pieces: list[str], prev_end: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
     """:func:`salient_scan` with each token's sentence marks: uint8 [n], ``OPENS`` when the
     text before the token ends a sentence, ``ENDS`` when the token ends one, and ``STOPS``
     too when it ends one with a full stop, "!", "?" or a line break (:func:`_stops`)."""
@@ -95,8 +92,6 @@ def scan_pieces(pieces: list[str], prev_end: bool = True,
             marks[i] |= OPENS
         if any(c.isdigit() for c in piece):
             out[i] = True
-        elif prev_salient and piece[:1].isalnum():
-            out[i] = True  # the rest of a salient word the tokenizer split
         else:
             word = piece.lstrip()
             if word[:1].isupper() and not prev_end and piece[:1].isspace():
@@ -110,7 +105,6 @@ def scan_pieces(pieces: list[str], prev_end: bool = True,
             marks[i] |= ENDS
             if _stops(piece):
                 marks[i] |= STOPS
-        prev_salient = bool(out[i])
     return out, marks, prev_end
 
 

@@ -814,7 +814,7 @@ class Engine:
             if piece is None:
                 piece = self._pieces[t] = self.model.token_to_piece(t)
             pieces.append(piece)
-        more, more_marks, prev_end = scan_pieces(pieces, prev_end, bool(flags[-1]) if len(flags) else False)
+        more, more_marks, prev_end = scan_pieces(pieces, prev_end)
         flags = np.concatenate([flags, more])
         marks = np.concatenate([marks, more_marks])
         prio = self.policy.salient_priority(np.asarray(self.tokens), flags)
