@@ -122,7 +122,7 @@ def test_patch_scores_with_slots_newer_than_the_queries(tiny_paths: dict[str, Pa
                 assert np.array_equal(got.positions, ref_inp.positions)
                 np.testing.assert_allclose(got.attn, ref, rtol=2e-2, atol=2e-3)
                 if shift:
-                    # some slot of every head is newer than the first query: masked for it
+                    # some of head 0's slots are newer than the first query: the per-head mask is used
                     assert (slot_pos[0, :n_slot_head[0]] > qp.min()).any()
                 checked += 1
         assert checked == 2 * len(eng.store_layer_ids)
