@@ -110,3 +110,49 @@ def test_a_restatement_that_opens_its_sentence_is_kept_to_its_end(default_model:
         assert not missing, missing
     finally:
         eng.close()
+
+
+def test_random_names_are_kept_whole(default_model: Path) -> None:
+    """RULER's variable tracking names variables with five random capitals, which the
+    tokenizer cuts into pieces (" U", "H", "K", "WG"). A document read before its question
+    keeps every piece of every name where it is assigned ("VAR UHKWG = ..."), in every layer
+    and KV head: kept by its first piece alone, a name is answered as one that does not
+    exist ("UHKY" for "UHKWG"). Default cells: the chain of five assignments in 2,000
+    tokens."""
+    import numpy as np
+
+    from spindle_local.eval.ruler import RulerBuilder
+    from spindle_local.eval.texts import pydoc_text
+    from spindle_local.runtime import native
+    from spindle_local.runtime.config import EngineConfig
+    from spindle_local.runtime.engine import Engine
+
+    eng = Engine(str(default_model), EngineConfig(policy="spindle", kv_budget=0.25, n_threads=2))
+    try:
+        tok = lambda s: eng.model.tokenize(s, add_special=False)  # noqa: E731
+        piece = eng.model.token_to_piece
+        p = RulerBuilder(tok, piece, pydoc_text()[:80_000]).build("vt", 2000, np.random.default_rng(3))
+        pieces = [piece(t) for t in p.document]
+        ends = np.cumsum([len(x) for x in pieces])  # each token's end in the document's text
+        text = "".join(pieces)
+        spans = {}  # name -> token indices of its assignment
+        for name in p.references:
+            at = text.index("VAR " + name + " =") + 3  # the space before the name
+            spans[name] = list(range(int(np.searchsorted(ends, at + 1)), int(np.searchsorted(ends, at + len(name) + 1)) + 1))
+            assert "".join(pieces[t] for t in spans[name]) == " " + name
+        assert all(len(s) >= 3 for s in spans.values())  # cut into pieces
+        eng.feed(p.document)
+        assert eng.stats.compressions >= 1
+        _, _, regular = native.read_layer_kv(eng.ctx, eng.store_layer_ids[0])
+        assert sum(s[-1] < int(regular.min()) for s in spans.values()) >= 3  # most names were compressed
+        missing = {}
+        for il in eng.store_layer_ids:
+            n_slot_head, pos = eng._store_meta[il]
+            for h in range(len(n_slot_head)):
+                held = set(pos[h, :n_slot_head[h]].tolist()) | set(regular.tolist())
+                lost = [name for name, s in spans.items() if not set(s) <= held]
+                if lost:
+                    missing[(il, h)] = lost
+        assert not missing, missing
+    finally:
+        eng.close()

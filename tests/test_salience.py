@@ -38,15 +38,26 @@ def test_salient_tokens_rule() -> None:
     assert not salient_tokens([]).any()
 
 
-@pytest.mark.parametrize("cut", range(0, 25, 3))
+def test_codes_split_by_the_tokenizer_are_salient_whole() -> None:
+    pieces = ["Then", " VAR", " U", "H", "K", "WG", " =", " ", "1", "6", " and", " x", "7", "f", "ab", " or",
+              " Keyboard", "Inter", "rupt", " in", " 3", "rd", " UN", "ix", " THE", " WAR", "RAN", "TY", " ok"]
+    got = [p for p, s in zip(pieces, salient_tokens(pieces)) if s]
+    # a digit goes on to the end of its word, and so do pieces of one or two capitals; a
+    # natural word does not, capitalised or in capitals
+    assert got == [" VAR", " U", "H", "K", "WG", "1", "6", "7", "f", "ab", " Keyboard", " 3", "rd", " UN",
+                   " THE", " WAR"]
+
+
+@pytest.mark.parametrize("cut", range(0, 35, 3))
 def test_salient_tokens_in_parts(cut: int) -> None:
     """A text classified in two parts (the engine extends its flags as it reads) gives what
     the whole text gives, wherever the cut falls: mid-sentence, after a sentence end, on a
-    newline."""
+    newline, inside a code."""
     pieces = ["The", " pass", " key", " is", " ", "4", "8", ".", " Alice", " met", " Bob", ".", "\n",
-              "Then", " Carol", " left", ":", " Dave", " said", " 12", ".", " ", "\n", " Eve", " Frank"]
-    head, ended = salient_scan(pieces[:cut])
-    tail, _ = salient_scan(pieces[cut:], ended)
+              "Then", " Carol", " left", ":", " Dave", " said", " 12", ".", " ", "\n", " Eve", " Frank",
+              " and", " U", "H", "K", "WG", " x", "7", "f", "ab", " end"]
+    head, marks, ended = scan_pieces(pieces[:cut])
+    tail, _ = salient_scan(pieces[cut:], ended, int(marks[-1]) if cut else 0)
     assert np.concatenate([head, tail]).tolist() == salient_tokens(pieces).tolist()
 
 

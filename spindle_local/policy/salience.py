@@ -5,7 +5,8 @@ to score by, and those ask how the text goes on, not what a later question will 
 for. The facts a later question asks about are mostly *specific*: numbers, codes, dates,
 names — tokens the model cannot reconstruct from context, unlike the prose around
 them. So, independently of any window, every run of salient tokens (a token with a
-digit, or a capitalised word that does not start a sentence) is protected together
+digit, a capitalised word that does not start a sentence, and every piece of a code in
+capitals that the tokenizer splits) is protected together
 with the ``before`` tokens that introduce it ("The pass key is", "Alice's number:") and
 the ``after`` tokens that close it, in every eviction layer. The protected set is capped
 at ``share`` of the layer's slots. When a text has more salient runs than that, the runs
@@ -52,8 +53,10 @@ _SENTENCE_END = (".", "!", "?", ":", "\n", '"', "'", ">", "*", "#", "-")
 def salient_tokens(pieces: list[str]) -> np.ndarray:
     """bool [n]: which tokens of ``pieces`` (in text order) are salient.
 
-    A piece is salient when it has a digit, or when it begins a capitalised word that
-    does not follow a sentence end (sentence-initial capitals are not names).
+    A piece is salient when it has a digit, when it begins a capitalised word that does
+    not follow a sentence end (sentence-initial capitals are not names), or when it
+    continues a salient *code*: a word with a digit, or in capitals that the tokenizer cuts
+    into pieces of one or two letters (:func:`scan_pieces`).
     """
     return salient_scan(pieces)[0]
 
@@ -61,6 +64,8 @@ def salient_tokens(pieces: list[str]) -> np.ndarray:
 OPENS = 1  # sentence marks (:func:`scan_pieces`): the token follows a sentence end
 ENDS = 2  # ... the token ends a sentence (any end: ".", ":", a newline, a quote, ...)
 STOPS = 4  # ... the token ends a sentence with a full stop, "!", "?" or a line break
+NUMERIC = 8  # ... the token is salient and its word so far has a digit ("7", "f" of "x7f")
+CODE = 16  # ... the token is salient and its word so far is in capitals ("UHK" of "UHKWG")
 _STOP = (".", "!", "?")
 
 
@@ -72,30 +77,58 @@ def _stops(piece: str) -> bool:
     return piece.rstrip().endswith(_STOP)
 
 
-def salient_scan(pieces: list[str], prev_end: bool = True) -> tuple[np.ndarray, bool]:
+def salient_scan(pieces: list[str], prev_end: bool = True, prev_mark: int = 0) -> tuple[np.ndarray, bool]:
     """:func:`salient_tokens` of ``pieces`` that continue a text, and whether they end a
     sentence: a piece depends only on the pieces before it, through ``prev_end`` (does the
-    text so far end a sentence; True at its start), so a growing text is classified a
-    part at a time."""
-    flags, _, prev_end = scan_pieces(pieces, prev_end)
+    text so far end a sentence; True at its start) and ``prev_mark`` (the marks of the
+    text's last token, :func:`scan_pieces`), so a growing text is classified a part at a
+    time."""
+    flags, _, prev_end = scan_pieces(pieces, prev_end, prev_mark)
     return flags, prev_end
 
 
-def scan_pieces(pieces: list[str], prev_end: bool = True) -> tuple[np.ndarray, np.ndarray, bool]:
-    """:func:`salient_scan` with each token's sentence marks: uint8 [n], ``OPENS`` when the
-    text before the token ends a sentence, ``ENDS`` when the token ends one, and ``STOPS``
-    too when it ends one with a full stop, "!", "?" or a line break (:func:`_stops`)."""
+def _code_piece(piece: str) -> bool:
+    """Is ``piece`` one or two capitals (" U", "WG")? A word in capitals that the tokenizer
+    can only cut into such pieces is not one it has seen often: a code or a random name.
+    A word written in capitals is cut into longer pieces (" PRO", "GRAM")."""
+    word = piece.strip()
+    return 0 < len(word) <= 2 and word.isupper()
+
+
+def scan_pieces(pieces: list[str], prev_end: bool = True,
+                prev_mark: int = 0) -> tuple[np.ndarray, np.ndarray, bool]:
+    """:func:`salient_scan` with each token's marks: uint8 [n], ``OPENS`` when the text
+    before the token ends a sentence, ``ENDS`` when the token ends one, and ``STOPS`` too
+    when it ends one with a full stop, "!", "?" or a line break (:func:`_stops`);
+    ``NUMERIC`` or ``CODE`` when the token is salient and its word so far has a digit, or
+    is a code in capitals (pieces of one or two capitals, :func:`_code_piece`).
+
+    A word the tokenizer splits is salient whole when it is such a code: a random name
+    (" U", "H", "K", "WG" for "UHKWG") or an identifier ("7", "f" of "x7f") is not something
+    the model can complete from its first piece, and a fragment of it names something that
+    does not exist. The rest of a natural word (" Keyboard", "Inter", "rupt"; " WAR",
+    "RAN", "TY" in a text written in capitals) is not salient: the model spells it from
+    its start, and each piece it added to a run would take the room of another fact."""
     out = np.zeros(len(pieces), dtype=bool)
     marks = np.zeros(len(pieces), dtype=np.uint8)
+    code = prev_mark & (CODE | NUMERIC)
     for i, piece in enumerate(pieces):
         if prev_end:
             marks[i] |= OPENS
-        if any(c.isdigit() for c in piece):
+        joins = bool(code) and piece[:1].isalnum()  # no space: the code's word goes on
+        digit = any(c.isdigit() for c in piece)
+        if digit or joins and (code & NUMERIC or _code_piece(piece)):
             out[i] = True
         else:
             word = piece.lstrip()
             if word[:1].isupper() and not prev_end and piece[:1].isspace():
                 out[i] = True  # a capitalised word inside a sentence
+        if out[i]:
+            if digit or joins and code & NUMERIC:
+                marks[i] |= NUMERIC
+            elif _code_piece(piece) and (not joins or code & CODE):
+                marks[i] |= CODE
+        code = marks[i] & (CODE | NUMERIC)
         stripped = piece.rstrip(" \t")
         if stripped:
             prev_end = stripped.endswith(_SENTENCE_END) or piece.endswith("\n")

@@ -814,7 +814,7 @@ class Engine:
             if piece is None:
                 piece = self._pieces[t] = self.model.token_to_piece(t)
             pieces.append(piece)
-        more, more_marks, prev_end = scan_pieces(pieces, prev_end)
+        more, more_marks, prev_end = scan_pieces(pieces, prev_end, int(marks[-1]) if len(marks) else 0)
         flags = np.concatenate([flags, more])
         marks = np.concatenate([marks, more_marks])
         prio = self.policy.salient_priority(np.asarray(self.tokens), flags)
