@@ -73,7 +73,7 @@ class LayerInput:
     v_recent: np.ndarray | None = None
     available: np.ndarray | None = None
     salient: np.ndarray | None = None  # [n] salient tokens, bool or run priority (policy/salience.py); None: unknown
-    sentence: np.ndarray | None = None  # [n] uint8 sentence marks (salience.OPENS / ENDS); None: unknown
+    sentence: np.ndarray | None = None  # [n] uint8 token marks (salience.scan_pieces: OPENS, ENDS, STOPS, ...); None: unknown
     attn: np.ndarray | None = None  # scored inputs: [H, n] window attention per query head
     v_norm: np.ndarray | None = None  # scored inputs: [n, Hkv] value norms
     source: np.ndarray | None = None  # scored inputs: [n, Hkv] where each pair lives (runtime's numbering)

@@ -58,7 +58,7 @@ class LayerMeta:
     available: np.ndarray | None
     salient: np.ndarray | None
     source: np.ndarray | None = None  # [n, n_head_kv] of a scored layer, None when it has vectors
-    sentence: np.ndarray | None = None  # [n] sentence marks (salience.OPENS / ENDS), None: unknown
+    sentence: np.ndarray | None = None  # [n] token marks (salience.scan_pieces: OPENS, ENDS, STOPS, ...), None: unknown
 
     # a meta never holds vectors (what :func:`~.layer_plans.head_store` checks)
     k = None
