@@ -126,7 +126,7 @@ def scan_pieces(pieces: list[str], prev_end: bool = True,
         if out[i]:
             if digit or joins and code & NUMERIC:
                 marks[i] |= NUMERIC
-            elif _code_piece(piece) and (not joins or code & CODE):
+            elif _code_piece(piece):  # a code's first piece, or the next one of a code in capitals
                 marks[i] |= CODE
         code = marks[i] & (CODE | NUMERIC)
         stripped = piece.rstrip(" \t")
