@@ -130,6 +130,31 @@ def test_patch_scores_with_slots_newer_than_the_queries(tiny_paths: dict[str, Pa
         eng.close()
 
 
+def test_scores_cover_the_cells_in_use(tiny_paths: dict[str, Path]) -> None:
+    """After a plan the sequence holds fewer cells than are allocated, at the front: the patch
+    scores those (every one the window sees gets attention) and reports the rest as unused,
+    with attention and value norm 0."""
+    eng = _engine(tiny_paths["gqa"])
+    try:
+        eng.feed(_tokens(eng.model, 700))
+        assert eng.stats.compressions >= 1
+        scale = 1 / np.sqrt(eng.pgeo.head_dim_k)
+        for il in eng.store_layer_ids:
+            n_slot_head, slot_pos = eng._store_meta[il]
+            q, q_pos = eng.window(il)
+            sc = native.layer_scores(eng.ctx, il, q, q_pos, scale, slot_pos.shape[1], eng.cells)
+            used = sc.cell_pos >= 0
+            n_used = int(used.sum())
+            assert 0 < n_used < eng.cells - 16
+            assert used[:n_used].all() and not used[n_used:].any()  # compacted to the front
+            seen = used & (sc.cell_pos <= q_pos.min())
+            assert (sc.cell_attn[:, seen] > 0).all()
+            assert (sc.cell_vnorm[:, used] > 0).all()
+            assert not sc.cell_attn[:, ~used].any() and not sc.cell_vnorm[:, ~used].any()
+    finally:
+        eng.close()
+
+
 def test_capture_reads_the_graphs_queries(tiny_paths: dict[str, Path]) -> None:
     """The captured rows are the last ``window`` queries of the ubatch, post-RoPE, every layer."""
     from spindle_local.testing.reference import ReferenceModel
