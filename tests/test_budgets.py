@@ -166,6 +166,32 @@ def test_nothing_is_compressed_while_the_conversation_fits(default_model: Path, 
         eng.ctx.close()
 
 
+def test_a_long_prompt_is_planned_only_when_the_cells_are_full(default_model: Path, model) -> None:
+    """While a prompt is read, each plan comes when the regular cells are full (less the look-ahead
+    probe's room), not as soon as a whole chunk no longer fits: a part-chunk fills the cells first."""
+    toks = model.tokenize(pydoc_text()[:40_000], add_special=True)[:4000]
+    eng = _engine(default_model, model, chunk=256, recent=64)
+    w = eng.config.window
+    seen: list[tuple[int, int]] = []
+    plan = eng._compress
+
+    def record(**kw):
+        seen.append((eng.n_past, eng.regular_count()))
+        return plan(**kw)
+
+    eng._compress = record
+    try:
+        eng.feed(toks)
+        mid = [(n, r) for n, r in seen if n < len(toks)]
+        assert len(mid) >= 4, seen
+        for n, regular in mid:  # the free cells left are fewer than the window: the cells were full
+            assert eng.cells - regular - w < w, (n, regular, eng.cells, seen)
+        assert eng.stats.over_budget_compressions == 0
+        assert eng.refresh_stats().reserve_ratio <= eng.config.kv_budget + 1e-9
+    finally:
+        eng.ctx.close()
+
+
 # -- item 5: a code stated at the start, asked for at the end ------------------------------------
 
 

@@ -437,7 +437,12 @@ class Engine:
                 reserve = w if probe else 0
                 room = self.cells - self.regular_count() - reserve
                 eager = self.config.eager_compress and self._needs_compress(take)
-                if room < take or eager:
+                if w <= room < take and not eager:
+                    # Fill the cells left before planning: a plan every ``cells - recent`` tokens
+                    # instead of every chunk, so fewer irreversible evictions are decided before
+                    # the prompt's end, each from more tokens, and half the compressions.
+                    take = room
+                elif room < take or eager:
                     self._before_irreversible()  # a transaction must be able to undo what follows
                     ahead = self._probe(tokens[-w:], end - w) if probe and room >= 0 else None
                     # Lazy: keep in the regular cache whatever the rest of the prompt leaves room
