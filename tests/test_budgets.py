@@ -166,30 +166,38 @@ def test_nothing_is_compressed_while_the_conversation_fits(default_model: Path, 
         eng.ctx.close()
 
 
-def test_a_long_prompt_is_planned_only_when_the_cells_are_full(default_model: Path, model) -> None:
-    """While a prompt is read, each plan comes when the regular cells are full (less the look-ahead
-    probe's room), not as soon as a whole chunk no longer fits: a part-chunk fills the cells first."""
-    toks = model.tokenize(pydoc_text()[:40_000], add_special=True)[:4000]
-    eng = _engine(default_model, model, chunk=256, recent=64)
-    w = eng.config.window
-    seen: list[tuple[int, int]] = []
+def _mid_prompt_plans(default_model: Path, model, toks: list[int], **kw) -> tuple[list[int], int, int]:
+    """The regular tokens at each plan made while ``toks`` is read, the cells and the window."""
+    eng = _engine(default_model, model, **kw)
+    regular: list[int] = []
     plan = eng._compress
 
-    def record(**kw):
-        seen.append((eng.n_past, eng.regular_count()))
-        return plan(**kw)
+    def record(**args):
+        if eng.n_past < len(toks):
+            regular.append(eng.regular_count())
+        return plan(**args)
 
     eng._compress = record
     try:
         eng.feed(toks)
-        mid = [(n, r) for n, r in seen if n < len(toks)]
-        assert len(mid) >= 4, seen
-        for n, regular in mid:  # the free cells left are fewer than the window: the cells were full
-            assert eng.cells - regular - w < w, (n, regular, eng.cells, seen)
         assert eng.stats.over_budget_compressions == 0
         assert eng.refresh_stats().reserve_ratio <= eng.config.kv_budget + 1e-9
+        return regular, eng.cells, eng.config.window
     finally:
         eng.ctx.close()
+
+
+def test_when_a_long_prompt_is_planned(default_model: Path, model) -> None:
+    """While a prompt is read, a plan comes when the next whole chunk no longer fits beside the
+    look-ahead probe's room (the default); with ``fill_cells`` only once a part-chunk has filled
+    the cells, so the same prompt gets fewer plans."""
+    toks = model.tokenize(pydoc_text()[:30_000], add_special=True)[:3000]
+    chunked, cells, w = _mid_prompt_plans(default_model, model, toks, chunk=256, recent=64)
+    filled, _, _ = _mid_prompt_plans(default_model, model, toks, chunk=256, recent=64, fill_cells=True)
+    assert all(cells - r - w < 256 for r in chunked), (chunked, cells)  # the next chunk did not fit
+    assert any(cells - r - w >= w for r in chunked), (chunked, cells)  # ... with cells still free
+    assert filled and all(cells - r - w < w for r in filled), (filled, cells)  # the cells were full
+    assert len(filled) < len(chunked), (filled, chunked)
 
 
 # -- item 5: a code stated at the start, asked for at the end ------------------------------------

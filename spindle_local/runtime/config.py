@@ -63,6 +63,9 @@ class EngineConfig:
                               "prompt's last --window tokens (its question), probed ahead of time.", negatable=True)
     lazy_plans: bool = setting(True, help="a mid-prompt plan moves only the oldest tokens the rest of the prompt "
                                           "needs room for")
+    fill_cells: bool = setting(False, help="a long prompt is planned when the regular cells are full (the chunk "
+                                           "before a plan cut to fill them), not when a whole chunk no longer fits: "
+                                           "fewer, faster plans; off by default (fewer multi-question keys kept)")
     n_cells: int | None = setting(None, help="regular-cache allocation; default recent + 2 * chunk (see cells())")
     max_tokens: int | None = setting(None, help="longest context; default the model's trained context")
     rpc: tuple[str, ...] = setting((), "--rpc", "Place layers on ggml RPC servers (started with "
@@ -124,7 +127,9 @@ class EngineConfig:
         would lose information and save no memory); the budget holds from the first
         compression on. A compression leaves ``recent`` tokens and must make room for a
         prompt chunk (and the look-ahead probe's ``window``); the second chunk lets short
-        conversations stay exact and spaces plans out.
+        conversations stay exact and spaces plans out while generating. While a long prompt
+        is read the probe's cells leave room for one chunk after the recent part, so it is
+        planned once per chunk (``fill_cells``: once per ``cells - recent - window`` tokens).
         """
         if self.n_cells:
             return self.n_cells

@@ -437,10 +437,9 @@ class Engine:
                 reserve = w if probe else 0
                 room = self.cells - self.regular_count() - reserve
                 eager = self.config.eager_compress and self._needs_compress(take)
-                if w <= room < take and not eager:
-                    # Fill the cells left before planning: a plan every ``cells - recent`` tokens
-                    # instead of every chunk, so fewer irreversible evictions are decided before
-                    # the prompt's end, each from more tokens, and half the compressions.
+                if self.config.fill_cells and w <= room < take and not eager:
+                    # Fill the cells left before planning: a plan every ``cells - recent - window``
+                    # tokens instead of every chunk (see ``EngineConfig.fill_cells``).
                     take = room
                 elif room < take or eager:
                     self._before_irreversible()  # a transaction must be able to undo what follows
