@@ -70,26 +70,7 @@ else
     echo "no CUDA driver library on this machine: linking an empty stand-in named libcuda.so.1" >&2
 fi
 
-src=$("$VPY" - "$WORK" <<'EOF'
-import sys
-from pathlib import Path
-from spindle_local.runtime.build import BuildConfig, fetch_sdist, patch_files, prepare_source
-cfg = BuildConfig(backend="cuda")
-root = prepare_source(fetch_sdist(cfg.version), patch_files(), Path(sys.argv[1]) / "src", cfg.key(patch_files()))
-print(root / "vendor" / "llama.cpp")
-EOF
-)
-args=$("$VPY" -c 'from spindle_local.runtime.build import BuildConfig; print(" ".join(BuildConfig(backend="cuda").cmake_args()))')
-echo "building $src for sm_$ARCH with $JOBS jobs (log: $WORK/build.log)" >&2
-t0=$(date +%s)
-# shellcheck disable=SC2086
-cmake -S "$src" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-    -DCMAKE_CUDA_ARCHITECTURES="$ARCH" $args "${extra[@]}" > "$WORK/configure.log" 2>&1 \
-    || { tail -20 "$WORK/configure.log" >&2; exit 1; }
-if cmake --build "$WORK/build" -j "$JOBS" --target llama > "$WORK/build.log" 2>&1; then
-    echo "CUDA build ok (sm_$ARCH, $(( $(date +%s) - t0 )) s): $(ls "$WORK"/build/bin/libggml-cuda.so* | head -1)"
-else
-    grep -m 20 -E "error|Error" "$WORK/build.log" >&2
-    echo "CUDA build FAILED (sm_$ARCH); see $WORK/build.log" >&2
-    exit 1
-fi
+mkdir -p "$WORK"
+# shellcheck source=scripts/build_llama.sh
+. scripts/build_llama.sh
+build_llama cuda "CUDA sm_$ARCH" -DCMAKE_CUDA_ARCHITECTURES="$ARCH" "${extra[@]}"

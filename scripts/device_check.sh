@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check, for a machine with an NVIDIA GPU and nvcc:
-#   1. compile the patched llama.cpp for that GPU's architecture (scripts/build_cuda.sh);
+# The GPU check, for a machine with an NVIDIA GPU and nvcc (BACKEND=cuda, the default) or
+# with a Vulkan device (BACKEND=vulkan; Mesa's software device lavapipe serves on a machine
+# without a GPU):
+#   1. compile the patched llama.cpp for that backend (scripts/build_cuda.sh for the GPU's
+#      architecture, or scripts/build_vulkan.sh);
 #   2. load it in place of the installed runtime (LLAMA_CPP_LIB_PATH) and check that the
 #      default model's layers, its KV cache and the SpindleKV store land on the GPU;
 #   3. run the store, backend-plan, engine and family tests with every layer there;
@@ -17,6 +20,9 @@
 #   make setup && bash scripts/device_check.sh      # about 8 minutes on 16 cores
 #   CUDA_LIB_DIR=DIR bash scripts/device_check.sh    # with a build made beforehand (build_cuda.sh)
 #   MODEL=shape ...                                    # a random model of the default's shape
+#   BACKEND=vulkan [LIB_DIR=DIR] SPEED=0 bash scripts/device_check.sh
+#                                     # Vulkan (LIB_DIR: a build_vulkan.sh build); SPEED=0 skips
+#                                     # steps 4 and 5, which a software device makes long
 #
 # It needs a Python that imports spindle_local and its dependencies (VPY, default
 # .venv/bin/python, else python3) and the default model in the cache: `make setup` gives
@@ -25,32 +31,47 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-device_check}"
 mkdir -p "$OUT"
-ARCH="${CUDA_ARCH:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d .)}"
-ARCH="${ARCH:-90}"
+BACKEND="${BACKEND:-cuda}"
 VPY="${VPY:-.venv/bin/python}"
 [ -x "$VPY" ] || VPY="$(command -v python3)"
-export WORK="${WORK:-${TMPDIR:-/tmp}/spindle-cuda-build}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-300}"
-
 status() { printf '%-30s %s\n' "$1" "$2" | tee -a "$OUT/summary.txt"; }
 : > "$OUT/summary.txt"
-status "gpu" "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
+case "$BACKEND" in
+    cuda)
+        ARCH="${CUDA_ARCH:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d .)}"
+        ARCH="${ARCH:-90}"
+        LIB_DIR="${LIB_DIR:-${CUDA_LIB_DIR:-}}"
+        export WORK="${WORK:-${TMPDIR:-/tmp}/spindle-cuda-build}"
+        build=(bash scripts/build_cuda.sh "$ARCH")
+        label="build (sm_$ARCH)"
+        status "gpu" "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
+        ;;
+    vulkan)
+        LIB_DIR="${LIB_DIR:-}"
+        export WORK="${WORK:-${TMPDIR:-/tmp}/spindle-vulkan-build}"
+        build=(bash scripts/build_vulkan.sh)
+        label="build (vulkan)"
+        status "gpu" "$(vulkaninfo --summary 2>/dev/null | grep -m3 -E 'deviceName|deviceType|driverInfo' | awk -F= '{gsub(/^ +/, "", $2); printf "%s; ", $2}')"
+        ;;
+    *) echo "error: BACKEND must be cuda or vulkan, got '$BACKEND'" >&2; exit 2 ;;
+esac
 status "commit" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 t0=$(date +%s)
-if [ -n "${CUDA_LIB_DIR:-}" ]; then
-    # a build made beforehand (scripts/build_cuda.sh's $WORK/build/bin, from this checkout)
-    [ -e "$CUDA_LIB_DIR/libggml-cuda.so" ] || { status "build" "no libggml-cuda.so in CUDA_LIB_DIR=$CUDA_LIB_DIR"; exit 1; }
-    status "build (sm_$ARCH)" "made beforehand: $CUDA_LIB_DIR"
-elif VPY="$VPY" JOBS="${JOBS:-$(nproc)}" bash scripts/build_cuda.sh "$ARCH" > "$OUT/build.log" 2>&1; then
-    status "build (sm_$ARCH)" "ok in $(( $(date +%s) - t0 )) s"
+if [ -n "$LIB_DIR" ]; then
+    # a build made beforehand (the build script's $WORK/build/bin, from this checkout)
+    [ -e "$LIB_DIR/libggml-$BACKEND.so" ] || { status "build" "no libggml-$BACKEND.so in $LIB_DIR"; exit 1; }
+    status "$label" "made beforehand: $LIB_DIR"
+elif VPY="$VPY" JOBS="${JOBS:-$(nproc)}" "${build[@]}" > "$OUT/build.log" 2>&1; then
+    status "$label" "ok in $(( $(date +%s) - t0 )) s"
 else
-    status "build (sm_$ARCH)" "FAILED in $(( $(date +%s) - t0 )) s (tail of $OUT/build.log:)"
+    status "$label" "FAILED in $(( $(date +%s) - t0 )) s (tail of $OUT/build.log:)"
     tail -20 "$OUT/build.log" | tee -a "$OUT/summary.txt"
     tail -40 "$WORK/build.log" > "$OUT/build_tail.log" 2>/dev/null
     exit 1
 fi
-export LLAMA_CPP_LIB_PATH="${CUDA_LIB_DIR:-$WORK/build/bin}"
+export LLAMA_CPP_LIB_PATH="${LIB_DIR:-$WORK/build/bin}"
 
 # MODEL: the GGUF the placement, speed and profile steps read (default: the default model).
 # MODEL=shape writes a random-weight model of the default model's shape instead, for a
@@ -82,7 +103,7 @@ EOF
 )
 rc=$?
 status "placement" "rc=$rc, $(grep -h -o -m1 'offloaded [0-9]*/[0-9]* layers to GPU' "$OUT/placement.log")"
-grep -h -E 'CUDA0 (KV|compute) buffer size|spindle.*CUDA|CUDA.*spindle' "$OUT/placement.log" | head -4 | sed 's/^/  /' | tee -a "$OUT/summary.txt"
+grep -h -E '(CUDA0|Vulkan0) (KV|compute) buffer size|spindle.*(CUDA|Vulkan)|(CUDA|Vulkan).*spindle' "$OUT/placement.log" | head -4 | sed 's/^/  /' | tee -a "$OUT/summary.txt"
 echo "$placed" | sed 's/^/  /' | tee -a "$OUT/summary.txt"
 [ $rc -eq 0 ] || tail -5 "$OUT/placement.log" | sed 's/^/  /' | tee -a "$OUT/summary.txt"
 
@@ -112,6 +133,8 @@ for key in sorted({(r["prompt"], r["flash"]) for r in rows}):
           f" | controls max {max(r['max_abs'] for r in rs.values()):.3g}, kl up to {worst['kl']:.2e} ({worst['run']})")
 PYEOF
 
+# Steps 4 and 5 (SPEED=0 skips them).
+if [ "${SPEED:-1}" != 0 ]; then
 t0=$(date +%s)
 "$VPY" -m spindle_local.cli eval speed ${MODEL:+"$MODEL"} --context 8000 --gen 64 --reps 2 --policy spindle --kv-budget 0.25 --json \
     > "$OUT/speed.json" 2> "$OUT/speed.log"
@@ -149,6 +172,7 @@ for phase in ("prefill", "decode"):
     print(f"  {phase:8s} " + ", ".join(f"{k} {v:.3f}" for k, v in p.items() if v))
 PYEOF
 done
+fi
 
 EXTRA_TESTS="${EXTRA_TESTS-tests/test_session.py tests/test_question_later.py tests/test_read_hooks.py}"
 if [ -n "$EXTRA_TESTS" ]; then

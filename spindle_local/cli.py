@@ -18,6 +18,7 @@ import click
 from spindle_local import __version__
 from spindle_local.errors import SpindleError, UsageError
 from spindle_local.options import engine_config, engine_options
+from spindle_local.runtime.build import BACKENDS
 
 MODEL_ARG_HELP = "GGUF model file (default: SmolLM2-135M-Instruct, fetched on first use)."
 
@@ -76,7 +77,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--backend", type=click.Choice(["cpu", "cuda", "metal"]), default="cpu", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="cpu", show_default=True,
               help="llama.cpp backend to build.")
 @click.option("--force", is_flag=True, help="Rebuild the runtime even if a cached build exists.")
 @click.option("--no-model", is_flag=True, help="Do not fetch the default model.")

@@ -40,7 +40,11 @@ from spindle_local.runtime.cpu_features import IsaTier, load_record, select_tier
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 STAMP_NAME = "spindle_build.json"
-BACKENDS = ("cpu", "cuda", "metal")
+BACKENDS = ("cpu", "cuda", "metal")  # what `spindle-local setup --backend` offers
+# Also built by ``python -m spindle_local.runtime.build`` and scripts/build_vulkan.sh, for
+# checking the patch on a Vulkan device: not offered to users while a store corrupts memory
+# there in models of 24 layers or more (docs/benchmarks.md, Backends).
+DEV_BACKENDS = BACKENDS + ("vulkan",)
 
 # Flags that keep the build to what spindle-local uses: the llama library and ggml's RPC backend.
 _BASE_CMAKE_ARGS = [
@@ -56,6 +60,7 @@ _BACKEND_CMAKE_ARGS = {
     "cpu": [],
     "cuda": ["-DGGML_CUDA=ON"],
     "metal": ["-DGGML_METAL=ON"],
+    "vulkan": ["-DGGML_VULKAN=ON"],
 }
 
 
@@ -222,8 +227,48 @@ def _progress_printer() -> Callable[[str], None]:
     return show
 
 
+def _cmake_define(args: tuple[str, ...], name: str) -> str | None:
+    """The value of ``-Dname=VALUE`` (or ``-Dname:TYPE=VALUE``) among CMake arguments, the last one wins."""
+    found = None
+    for a in args:
+        m = re.fullmatch(rf"-D{re.escape(name)}(?::\w+)?=(.*)", a)
+        if m:
+            found = m.group(1)
+    return found
+
+
+def check_prerequisites(cfg: BuildConfig) -> None:
+    """Fail early, in one line, where a backend's build would fail minutes into CMake.
+
+    ggml's Vulkan backend compiles its shaders with ``glslc`` and uses
+    ``VK_EXT_layer_settings``, which older Vulkan headers lack (Debian 12's 1.3.239 among
+    them): the headers CMake would find are checked before anything is built.
+    """
+    if cfg.backend != "vulkan":
+        return
+    if shutil.which("glslc") is None:
+        raise BuildError("the Vulkan backend needs the glslc shader compiler on PATH "
+                         "(Debian/Ubuntu: apt install glslc glslang-tools spirv-headers; or the Vulkan SDK)")
+    inc = _cmake_define(cfg.extra_cmake_args, "Vulkan_INCLUDE_DIR")
+    if inc is None:
+        inc = str(Path(os.environ["VULKAN_SDK"]) / "include") if os.environ.get("VULKAN_SDK") else "/usr/include"
+    header = Path(inc) / "vulkan" / "vulkan_core.h"
+    try:
+        text = header.read_text(errors="replace")
+    except OSError:
+        raise BuildError(f"no Vulkan headers at {header} (Debian/Ubuntu: apt install libvulkan-dev; "
+                         "or pass -DVulkan_INCLUDE_DIR=DIR in SPINDLE_CMAKE_ARGS)") from None
+    if "VK_EXT_layer_settings" not in text:
+        m = re.search(r"#define VK_HEADER_VERSION (\d+)", text)
+        version = f"1.3.{m.group(1)}" if m else "unknown version"
+        raise BuildError(f"the Vulkan headers in {inc} ({version}) are too old for ggml's Vulkan backend "
+                         "(no VK_EXT_layer_settings): pass newer ones (the Vulkan SDK's, or a newer "
+                         "libvulkan-dev's) with -DVulkan_INCLUDE_DIR=DIR in SPINDLE_CMAKE_ARGS")
+
+
 def build_wheel(src_root: Path, cfg: BuildConfig, key: str, out_dir: Path) -> Path:
     """Build the wheel from a prepared source tree, streaming CMake progress."""
+    check_prerequisites(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["CMAKE_ARGS"] = " ".join(cfg.cmake_args())
@@ -371,12 +416,26 @@ def ensure_verified(cfg: BuildConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """``python -m spindle_local.runtime.build``: the build step without the CLI's dependencies."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", choices=BACKENDS, default=os.environ.get("SPINDLE_BACKEND", "cpu"))
+    ap.add_argument("--backend", choices=DEV_BACKENDS, default=os.environ.get("SPINDLE_BACKEND", "cpu"))
     ap.add_argument("--force", action="store_true", help="rebuild even if a cached wheel exists")
+    ap.add_argument("--source", metavar="DIR", type=Path,
+                    help="only prepare the patched llama.cpp source in DIR and print its path "
+                         "(for scripts that build the library themselves)")
+    ap.add_argument("--cmake-args", action="store_true", help="only print the backend's CMake arguments")
     args = ap.parse_args(argv)
     extra = tuple(os.environ.get("SPINDLE_CMAKE_ARGS", "").split())
+    cfg = BuildConfig(backend=args.backend, extra_cmake_args=extra)
+    if args.cmake_args:
+        print(" ".join(cfg.cmake_args()))
+        return 0
     try:
-        report = ensure_runtime(BuildConfig(backend=args.backend, extra_cmake_args=extra), force=args.force)
+        if args.source is not None:
+            check_prerequisites(cfg)
+            patches = patch_files()
+            root = prepare_source(fetch_sdist(cfg.version), patches, args.source, cfg.key(patches))
+            print(root / "vendor" / "llama.cpp")
+            return 0
+        report = ensure_runtime(cfg, force=args.force)
     except BuildError as e:
         _log(f"error: {e}")
         return e.exit_code
