@@ -42,8 +42,8 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 STAMP_NAME = "spindle_build.json"
 BACKENDS = ("cpu", "cuda", "metal")  # what `spindle-local setup --backend` offers
 # Also built by ``python -m spindle_local.runtime.build`` and scripts/build_vulkan.sh, for
-# checking the patch on a Vulkan device: not offered to users while a store corrupts memory
-# there in models of 24 layers or more (docs/benchmarks.md, Backends).
+# checking the patch on a Vulkan device: not offered to users while reading with a store
+# corrupts memory on Mesa's software Vulkan device (docs/benchmarks.md, Backends).
 DEV_BACKENDS = BACKENDS + ("vulkan",)
 
 # Flags that keep the build to what spindle-local uses: the llama library and ggml's RPC backend.
