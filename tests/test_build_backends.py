@@ -15,6 +15,7 @@ def _headers(root: Path, version: int, layer_settings: bool) -> Path:
     """A Vulkan include folder whose vulkan_core.h has (or lacks) VK_EXT_layer_settings."""
     (root / "vulkan").mkdir(parents=True)
     text = f"#define VK_HEADER_VERSION {version}\n"
+    text += "#define VK_HEADER_VERSION_COMPLETE VK_MAKE_API_VERSION(0, 1, 3, VK_HEADER_VERSION)\n"
     if layer_settings:
         text += "#define VK_EXT_layer_settings 1\n"
     (root / "vulkan" / "vulkan_core.h").write_text(text)

@@ -259,8 +259,10 @@ def check_prerequisites(cfg: BuildConfig) -> None:
         raise BuildError(f"no Vulkan headers at {header} (Debian/Ubuntu: apt install libvulkan-dev; "
                          "or pass -DVulkan_INCLUDE_DIR=DIR in SPINDLE_CMAKE_ARGS)") from None
     if "VK_EXT_layer_settings" not in text:
-        m = re.search(r"#define VK_HEADER_VERSION (\d+)", text)
-        version = f"1.3.{m.group(1)}" if m else "unknown version"
+        patch = re.search(r"#define VK_HEADER_VERSION (\d+)", text)
+        api = re.search(r"#define VK_HEADER_VERSION_COMPLETE VK_MAKE_API_VERSION\(\d+, (\d+), (\d+),", text)
+        version = (f"{api.group(1)}.{api.group(2)}.{patch.group(1)}" if api and patch
+                   else f"header version {patch.group(1)}" if patch else "unknown version")
         raise BuildError(f"the Vulkan headers in {inc} ({version}) are too old for ggml's Vulkan backend "
                          "(no VK_EXT_layer_settings): pass newer ones (the Vulkan SDK's, or a newer "
                          "libvulkan-dev's) with -DVulkan_INCLUDE_DIR=DIR in SPINDLE_CMAKE_ARGS")
