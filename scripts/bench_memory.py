@@ -8,7 +8,12 @@ prompt through the engine and reports:
 * ``rss_peak``: the process's peak RSS after the prompt is read (``ru_maxrss``);
 * ``kv_held``: bytes llama.cpp holds for KV at the end (regular allocation + store);
 * ``full_kv``: what an f16 cache of every token costs (the reserve-ratio denominator);
-* ``compress_s`` / ``prefill_s``: seconds spent compressing, and reading in all.
+* ``compress_s`` / ``prefill_s``: seconds spent compressing, and reading in all;
+* ``plans``: per compression, its seconds, the tokens read by then and the tokens held
+  before and after it (regular cells plus the store's mean slots per KV head). The summary
+  line gives one plan's seconds per 1,000 tokens held when it starts (median, first plan
+  left out), the figure that is constant when a compression costs in proportion to what
+  it holds.
 
 The target of issue 18 is printed next to each compressed row: the full cache's peak
 RSS minus half of the full-cache KV bytes, both from the same run.
@@ -35,6 +40,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 
@@ -104,6 +111,18 @@ def worker(args: argparse.Namespace) -> dict:
         if not first[1] and eng.stats.compressions:
             first[:] = [eng.stats.compress_seconds, eng.n_past]
 
+    # per compression: seconds, tokens read, tokens held before it (what it scores) and after it
+    plans: list[tuple[float, int, float, float]] = []
+    compress = eng._compress
+
+    def timed_compress(**kw: object) -> None:
+        before = eng.regular_count() + _store_slots(eng)
+        t = time.perf_counter()
+        compress(**kw)
+        plans.append((time.perf_counter() - t, eng.n_past, before, eng.regular_count() + _store_slots(eng)))
+
+    eng._compress = timed_compress  # type: ignore[method-assign]
+
     t0 = time.perf_counter()
     eng.feed(ids, progress=progress)
     prefill = time.perf_counter() - t0
@@ -119,6 +138,7 @@ def worker(args: argparse.Namespace) -> dict:
                 stock_kv=stock_kv_bytes(meta, args.tokens, cfg.chunk), tokens_held=round(held, 1),
                 compressions=st.compressions, compress_s=round(st.compress_seconds, 3),
                 first_plan_s=round(first[0], 3), first_plan_at=first[1],
+                plans=[[round(s, 4), n, round(b, 1), round(a, 1)] for s, n, b, a in plans],
                 prefill_s=round(prefill, 3))
 
 
@@ -163,11 +183,16 @@ def main() -> None:
             per_read = 1e3 * r["compress_s"] / n
             per_held = 1e3 * r["compress_s"] / max(r["tokens_held"], 1)
             later = 1e3 * (r["compress_s"] - r["first_plan_s"]) / max(n - r["first_plan_at"], 1)
+            # one compression's seconds per 1,000 tokens held when it starts (median over the read's
+            # plans, the first one left out: it loads the policy's compiled kernels)
+            each = [1e6 * p[0] / max(p[2], 1) for p in r.get("plans", [])[1:]]
+            per_plan = f"{float(np.median(each)):.2f}" if each else "-"
             print(f"{n:6d} {mode:9s} model {r['rss_model'] / mib:6.0f} MiB  peak {r['rss_peak'] / mib:6.0f} MiB"
                   f"  (target {target})  KV held {r['kv_held'] / mib:6.1f} MiB  full KV {r['full_kv'] / mib:6.1f} MiB"
                   f"  compress {r['compress_s']:6.2f} s in {r['compressions']}  prefill {r['prefill_s']:6.1f} s"
                   f"  ({per_read:.2f} ms/token read, {per_held:.2f} ms/token held of {r['tokens_held']:.0f};"
-                  f" first plan {r['first_plan_s']:.2f} s, then {later:.2f} ms/token read)",
+                  f" first plan {r['first_plan_s']:.2f} s, then {later:.2f} ms/token read;"
+                  f" one plan {per_plan} ms per 1K tokens held)",
                   flush=True)
             if args.out:
                 Path(args.out).write_text(json.dumps(rows, indent=1))
