@@ -36,12 +36,11 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 
@@ -186,7 +185,7 @@ def main() -> None:
             # one compression's seconds per 1,000 tokens held when it starts (median over the read's
             # plans, the first one left out: it loads the policy's compiled kernels)
             each = [1e6 * p[0] / max(p[2], 1) for p in r.get("plans", [])[1:]]
-            per_plan = f"{float(np.median(each)):.2f}" if each else "-"
+            per_plan = f"{statistics.median(each):.2f}" if each else "-"
             print(f"{n:6d} {mode:9s} model {r['rss_model'] / mib:6.0f} MiB  peak {r['rss_peak'] / mib:6.0f} MiB"
                   f"  (target {target})  KV held {r['kv_held'] / mib:6.1f} MiB  full KV {r['full_kv'] / mib:6.1f} MiB"
                   f"  compress {r['compress_s']:6.2f} s in {r['compressions']}  prefill {r['prefill_s']:6.1f} s"

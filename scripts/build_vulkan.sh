@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The patched llama.cpp built with ggml's Vulkan backend (GGML_VULKAN=ON), shared libraries
-# in $WORK/build/bin, for LLAMA_CPP_LIB_PATH and scripts/vulkan_check.sh. Nothing is installed
-# (`spindle-local setup --backend vulkan` builds and installs the same flags as a wheel).
+# in $WORK/build/bin, for LLAMA_CPP_LIB_PATH and `BACKEND=vulkan scripts/device_check.sh`.
+# Nothing is installed, and `spindle-local setup` does not offer this backend yet (see
+# DEV_BACKENDS in spindle_local/runtime/build.py).
 #
 #   bash scripts/build_vulkan.sh
 #   VULKAN_INCLUDE_DIR=DIR bash scripts/build_vulkan.sh   # newer Vulkan headers than the system's
