@@ -398,3 +398,46 @@ def test_compression_graphs_share_one_allocation_freed_after_each_plan(default_m
         assert native.scratch_free(eng.ctx) == 0
     finally:
         eng.close()
+
+
+def _valid_slot_norms(eng: Engine, il: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the engine's carried value norms, the patch's from the store's rows), valid slots only."""
+    nsh, pos = eng._store_meta[il]
+    q, q_pos = eng.window(il)
+    sc = native.layer_scores(eng.ctx, il, q, q_pos, eng.attn_scale(il), pos.shape[1], eng.cells)
+    valid = np.arange(pos.shape[1])[None, :] < nsh[:, None]
+    return eng._slot_vnorm[il][valid], sc.slot_vnorm[valid]
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_slot_value_norms_carried_from_plan_to_plan(tiny_paths: dict[str, Path], name: str) -> None:
+    """A gathered store's value norms come from the plan that gathered it (no store V row is read
+    again): equal to the patch's norms of the store's rows, and the plans equal those of an
+    engine that recomputes them."""
+
+    class Forgetful(dict):  # an engine that never keeps them: every plan computes them in the patch
+        def __setitem__(self, key, value) -> None:
+            pass
+
+    toks = _tokens(LlamaModel(tiny_paths[name]), 900, seed=3)
+    a, b = _engine(tiny_paths[name]), _engine(tiny_paths[name])
+    b._slot_vnorm = Forgetful()
+    try:
+        la, lb = a.feed(toks), b.feed(toks)
+        assert a.stats.compressions >= 3 and a.stats.compressions == b.stats.compressions
+        assert set(a._slot_vnorm) == a._store_layers and not b._slot_vnorm
+        for il in a._store_layers:
+            carried, patch = _valid_slot_norms(a, il)
+            np.testing.assert_array_equal(carried, patch)
+            assert np.array_equal(a._store_meta[il][1], b._store_meta[il][1])
+        np.testing.assert_array_equal(la, lb)
+        # an uploaded store (a restored session) has none until a plan gathers it again
+        a.load_state_dict(*a.state_dict())
+        assert not a._slot_vnorm
+        a.feed(_tokens(a.model, 300, seed=4))
+        assert set(a._slot_vnorm) == a._store_layers
+        for il in a._store_layers:
+            np.testing.assert_array_equal(*_valid_slot_norms(a, il))
+    finally:
+        a.close()
+        b.close()

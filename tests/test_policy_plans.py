@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from spindle_local.policy.parallel import planning_threads
 from spindle_local.policy import (
     POLICY_NAMES,
     Geometry,
@@ -579,3 +580,16 @@ def test_a_plan_holds_one_layer_at_a_time(layers, name):
         assert got[i].role == st.role
         for ha, hb in zip(got[i].heads, st.heads):
             assert np.array_equal(ha.token_index, hb.token_index)
+
+
+@pytest.mark.parametrize("native_threads,on_cpu,cpus,expected", [
+    (2, True, 2, 1),    # the runtime's threads take every core: planning runs inline
+    (1, True, 2, 2),    # one core left: one thread scores in numpy while the runtime scores the next layer
+    (16, True, 16, 1),
+    (4, True, 16, 13),
+    (99, True, 4, 1),   # more runtime threads than cores: still one
+    (16, False, 16, 16),  # layers on a GPU or an RPC server: the CPU is planning's
+])
+def test_planning_threads_leave_the_runtime_its_cores(native_threads: int, on_cpu: bool, cpus: int,
+                                                      expected: int) -> None:
+    assert planning_threads(native_threads, native_on_cpu=on_cpu, cpus=cpus) == expected

@@ -123,3 +123,16 @@ def test_endpoints_are_checked() -> None:
         with pytest.raises(UsageError):
             rpc.parse_endpoints(bad)
     assert rpc.is_loopback("127.0.0.1") and rpc.is_loopback("::1") and not rpc.is_loopback("0.0.0.0")
+
+
+def test_rpc_servers_are_offload_devices(rpc_server: str) -> None:
+    """Layers can leave the CPU once a server is registered, and before only in a runtime with a
+    GPU backend: what decides how many threads plan beside the runtime's (policy/parallel.py)."""
+    child = ("import sys; from spindle_local.runtime import devices, rpc; lib = devices.ggml_lib(); "
+             "gpu = any(lib.ggml_backend_reg_by_name(n) for n in (b'CUDA', b'Vulkan', b'Metal', b'SYCL', b'HIP')); "
+             "before = devices.offload_device_present(); "
+             "rpc.add_servers([sys.argv[1]]); print(gpu, before, devices.offload_device_present())")
+    r = subprocess.run([sys.executable, "-c", child, rpc_server], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    gpu, before, after = r.stdout.split()
+    assert before == gpu and after == "True"

@@ -27,6 +27,22 @@ def n_threads(requested: int | None) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def planning_threads(native_threads: int, native_on_cpu: bool, cpus: int | None = None) -> int:
+    """Threads for planning a compression beside the native calls it waits on.
+
+    While one planning thread scores a layer in numpy, another is in the runtime scoring the
+    next layer, and that call computes on ``native_threads`` CPU threads when the layers are
+    on the CPU. Planning threads beyond the cores those leave free only take cores from the
+    runtime's threads, which wait for one another at every graph node: with two cores and
+    two runtime threads, a second planning thread makes an 8,000-token read's compression
+    about 10 % slower. Layers on a GPU or an RPC server leave the CPU to planning.
+    """
+    cpus = n_threads(cpus)
+    if not native_on_cpu:
+        return cpus
+    return max(1, cpus - max(1, int(native_threads)) + 1)
+
+
 def pmap(fn: Callable[[T], R], items: Iterable[T], threads: int | None = None) -> list[R]:
     """``[fn(x) for x in items]``, on up to ``threads`` threads, results in order."""
     items = list(items)

@@ -39,6 +39,7 @@ import numpy as np
 from spindle_local.errors import SpindleError, UsageError
 from spindle_local.policy import inputs as pin
 from spindle_local.policy.plan import LayerStore, full_cache_bytes
+from spindle_local.policy.parallel import planning_threads
 from spindle_local.policy.policies import make_policy
 from spindle_local.policy.stages import PlanContext
 from spindle_local.policy.roles import RoleMemory
@@ -46,6 +47,7 @@ from spindle_local.policy import rope as roper
 from spindle_local.runtime import native
 from spindle_local.runtime.gguf_meta import read_rope_factors
 from spindle_local.runtime.heap import release_free_memory
+from spindle_local.runtime.devices import offload_device_present
 from spindle_local.runtime.config import MIN_SLACK, POLICIES, EngineConfig  # noqa: F401
 from spindle_local.runtime.interrupt import CancelFlag, Interrupted, sigint_sets  # noqa: F401  (re-exported)
 from spindle_local.runtime.lowlevel import LlamaContext, LlamaModel
@@ -167,6 +169,9 @@ class Engine:
         self.rope_factors = read_rope_factors(model_path) if self.meta.rope_factors else None
         self.max_tokens = cfg.max_tokens or g.n_ctx_train or 1 << 30
         self.policy = make_policy(cfg.policy, cfg.stages, PlanContext(sinks=cfg.sinks))
+        # layers on a GPU or an RPC server (any of them) compute off this CPU's threads
+        offloaded = bool(cfg.rpc) or (cfg.gpu_layers != 0 and offload_device_present())
+        self.policy.context.threads = planning_threads(self.ctx.n_threads, native_on_cpu=not offloaded)
         self.policy.role_memory = RoleMemory()
         self.graph_attn_scale: float | None = None  # the model graph's softmax scale, once a graph reported it
         self.cells = self.ctx.n_ctx
@@ -181,6 +186,10 @@ class Engine:
         self._store_layers: set[int] = set()
         # what each layer's store holds, as installed: (slots per KV head [Hkv], positions [Hkv, S])
         self._store_meta: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # the value norms of a gathered store's slots [Hkv, S], carried from the plan that
+        # gathered it (a store's V rows do not change until it is replaced): the next plan's
+        # scores then read none of the store's V rows. Absent for an uploaded store.
+        self._slot_vnorm: dict[int, np.ndarray] = {}
         self._allowance: int | None = None  # regular tokens the last plan left room for (None: no plan)
         self._prompt_end: int | None = None  # while feed() reads a prompt: the position after it
         # Interrupts (runtime/interrupt.py): SIGINT or another thread sets ``cancel``; feed,
@@ -236,8 +245,9 @@ class Engine:
     def memory_parts(self) -> dict[str, int]:
         """Bytes of each part of what the conversation holds: llama.cpp's regular cache
         allocation, the store's buffers, and what compression keeps on the host between
-        plans (the window queries and the store's slot positions)."""
-        host = self.queries.nbytes() + sum(a.nbytes + b.nbytes for a, b in self._store_meta.values())
+        plans (the window queries, the store's slot positions and value norms)."""
+        host = (self.queries.nbytes() + sum(a.nbytes + b.nbytes for a, b in self._store_meta.values())
+                + sum(a.nbytes for a in self._slot_vnorm.values()))
         return {
             "regular_cache_bytes": self._regular_alloc_bytes(),  # the window layers' cache included
             "window_cache_bytes": self.window_cache_bytes,
@@ -289,6 +299,7 @@ class Engine:
             self.ctx.store_clear()
             self._store_layers.clear()
         self._store_meta.clear()
+        self._slot_vnorm.clear()
         self.policy.role_memory.clear()
         self.queries.reset()
         self.tokens = []
@@ -770,9 +781,13 @@ class Engine:
                               k_recent=k_rec, recent_positions=p_rec.astype(np.int32), v_recent=v_rec,
                               available=avail_old, salient=salient, sentence=sentence)
 
-    def install_store(self, il: int, st: LayerStore) -> None:
+    def install_store(self, il: int, st: LayerStore, source_vnorm: np.ndarray | None = None) -> None:
         """Install a planned store for layer ``il``: gathered where the KV lives when the plan
-        names sources, uploaded otherwise (codebooks, sessions); records what it holds."""
+        names sources, uploaded otherwise (codebooks, sessions); records what it holds.
+
+        ``source_vnorm`` [Hkv, n_sources]: the value norm of every source a gather may name
+        (the old store's slots, then the regular cells), from the plan's scores; the new
+        slots' norms are kept for the next plan."""
         heads = st.heads
         n_slot_head = np.array([h.n_slots for h in heads], dtype=np.int32)
         S = int(n_slot_head.max()) if len(heads) else 0
@@ -787,14 +802,23 @@ class Engine:
                 src[h, :hs.n_slots] = hs.source
                 qmask[h * g:(h + 1) * g, :hs.n_slots] = hs.qmask
             native.store_gather(self.ctx, il, n_slot_head, src, qmask)
+            vnorm = None
+            if source_vnorm is not None:
+                vnorm = np.take_along_axis(source_vnorm, src, axis=1)
+                vnorm[np.arange(S)[None, :] >= n_slot_head[:, None]] = 0.0  # padding slots
         else:
             self.ctx.store_set(il, st)
+            vnorm = None
         if S:
             self._store_layers.add(il)
             self._store_meta[il] = (n_slot_head, pos)
         else:
             self._store_layers.discard(il)
             self._store_meta.pop(il, None)
+        if S and vnorm is not None:
+            self._slot_vnorm[il] = vnorm.astype(np.float32, copy=False)
+        else:
+            self._slot_vnorm.pop(il, None)
 
     def _salience(self) -> tuple[np.ndarray, np.ndarray]:
         """float [n_past]: run priority of the conversation's salient tokens, 0 elsewhere, and

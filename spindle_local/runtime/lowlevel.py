@@ -151,6 +151,7 @@ class LlamaContext:
         params.n_ubatch = min(n_ubatch, n_batch)
         params.n_seq_max = 1
         threads = n_threads or int(os.environ.get("SPINDLE_THREADS", "0")) or max(1, (os.cpu_count() or 1))
+        self.n_threads = threads
         params.n_threads = threads
         params.n_threads_batch = threads
         params.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED

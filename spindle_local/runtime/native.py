@@ -631,8 +631,11 @@ class LayerScores:
 
 
 def layer_scores(ctx: Any, layer: int, q: np.ndarray, q_pos: np.ndarray, kq_scale: float,
-                 n_slot: int, n_cells: int) -> LayerScores:
-    """:class:`LayerScores` of ``layer`` for queries ``q`` [n_q, Q, dk] at ``q_pos`` [n_q]."""
+                 n_slot: int, n_cells: int, slot_vnorm: np.ndarray | None = None) -> LayerScores:
+    """:class:`LayerScores` of ``layer`` for queries ``q`` [n_q, Q, dk] at ``q_pos`` [n_q].
+
+    ``slot_vnorm`` [Hkv, n_slot]: the store's value norms when the caller already knows them
+    (the patch then reads none of the store's V rows); computed by the patch otherwise."""
     n = native()
     p = ctx_ptr(ctx)
     lg = _layer_geometry(n, p, layer)
@@ -642,12 +645,16 @@ def layer_scores(ctx: Any, layer: int, q: np.ndarray, q_pos: np.ndarray, kq_scal
     if q.ndim != 3 or q.shape[1:] != (hq, lg.n_embd_head_k) or q.shape[0] != q_pos.shape[0]:
         raise ValueError(f"layer {layer}: queries of shape {q.shape} for positions {q_pos.shape}")
     sa = np.empty((hq, n_slot), np.float32)
-    sv = np.empty((hkv, n_slot), np.float32)
+    known = slot_vnorm is not None
+    if known and slot_vnorm.shape != (hkv, n_slot):
+        raise ValueError(f"layer {layer}: value norms of shape {slot_vnorm.shape} for {hkv} heads and {n_slot} slots")
+    sv = slot_vnorm if known else np.empty((hkv, n_slot), np.float32)
     ca = np.empty((hq, n_cells), np.float32)
     cv = np.empty((hkv, n_cells), np.float32)
     cp = np.empty(n_cells, np.int32)
     got = n.check(n.spindle_layer_scores(p, layer, 0, _fptr(q), _iptr(q_pos), len(q_pos), float(kq_scale),
-                                         _fptr(sa), _fptr(sv), _fptr(ca), _fptr(cv), _iptr(cp), n_cells),
+                                         _fptr(sa), None if known else _fptr(sv), _fptr(ca), _fptr(cv), _iptr(cp),
+                                         n_cells),
                   f"scores of layer {layer}")
     if got != n_cells:
         raise NativeError(f"scores of layer {layer}: the cache has {got} cells, expected {n_cells}")

@@ -42,8 +42,15 @@ def assemble_scored_input(layer: int, sc: native.LayerScores, n_slot_head: np.nd
     cp = sc.cell_pos
     cells = np.nonzero((cp >= 0) & (cp < cut))[0]
     cells = cells[np.argsort(cp[cells], kind="stable")]
+    counts = [int(k) for k in n_slot_head]
     valid = np.arange(S)[None, :] < np.asarray(n_slot_head)[:, None]
-    union = np.unique(slot_pos[valid]) if S else np.zeros(0, np.int32)
+    if S:  # the positions some head holds, sorted (positions are small: a mark per position)
+        held = slot_pos[valid]
+        mark = np.zeros(int(held.max()) + 1 if len(held) else 0, bool)
+        mark[held] = True
+        union = np.flatnonzero(mark).astype(slot_pos.dtype)
+    else:
+        union = np.zeros(0, np.int32)
     m = len(union)
     n = m + len(cells)
     positions = np.concatenate([union, cp[cells]]).astype(np.int32)
@@ -51,8 +58,7 @@ def assemble_scored_input(layer: int, sc: native.LayerScores, n_slot_head: np.nd
     v_norm = np.zeros((n, hkv), np.float32)
     avail = np.zeros((n, hkv), bool)
     source = np.zeros((n, hkv), np.int32)
-    for h in range(hkv):
-        k = int(n_slot_head[h])
+    for h, k in enumerate(counts):
         rows = np.searchsorted(union, slot_pos[h, :k])
         attn[h * g:(h + 1) * g, rows] = sc.slot_attn[h * g:(h + 1) * g, :k]
         v_norm[rows, h] = sc.slot_vnorm[h, :k]
@@ -62,8 +68,10 @@ def assemble_scored_input(layer: int, sc: native.LayerScores, n_slot_head: np.nd
     v_norm[m:] = sc.cell_vnorm[:, cells].T
     avail[m:] = True
     source[m:] = (S + cells)[:, None]
-    seen = (np.asarray(q_positions)[None, :] >= positions[:, None]).sum(axis=1)
-    attn = np.where(seen > 0, attn / np.maximum(seen, 1), 0.0).astype(np.float32)
+    # the window queries at or after each token (the mean is over those)
+    seen = len(q_positions) - np.searchsorted(np.sort(np.asarray(q_positions)), positions, side="left")
+    np.divide(attn, np.maximum(seen, 1).astype(np.float32), out=attn)  # correctly rounded, as in f64
+    attn[:, seen == 0] = 0.0
     return pin.LayerInput(layer=layer, k=None, k_pre=None, v=None, positions=positions,
                           q_window=q_window, q_positions=np.asarray(q_positions, np.int32),
                           available=avail, attn=attn, v_norm=v_norm, source=source)
@@ -88,6 +96,10 @@ class PlanSource:
         self.host_layers = engine.policy.codebook_candidates(len(self.ids))
         self.host_bytes_read = 0  # K/V bytes read to the host by this plan (tests check it)
         self.unscored = set(range(self.host_layers, len(self.ids)))  # scored layers not loaded yet
+        # per scored layer until it is installed, for the norms of its new slots: the value
+        # norms of its cells [Hkv, n_cells], and of its old slots [Hkv, S_old] where the
+        # engine did not know them already
+        self.vnorms: dict[int, tuple[np.ndarray | None, np.ndarray]] = {}
         self.scoring = True
 
     def __len__(self) -> int:
@@ -129,7 +141,12 @@ class PlanSource:
         q, q_pos = e.window(il, self.lookahead)
         n_slot_head, slot_pos = e._store_meta.get(
             il, (np.zeros(e.pgeo.n_head_kv, np.int32), np.zeros((e.pgeo.n_head_kv, 0), np.int32)))
-        sc = native.layer_scores(e.ctx, il, q, q_pos, e.attn_scale(il), slot_pos.shape[1], e.cells)
+        known = e._slot_vnorm.get(il)
+        if known is not None and known.shape != slot_pos.shape:
+            known = None
+        sc = native.layer_scores(e.ctx, il, q, q_pos, e.attn_scale(il), slot_pos.shape[1], e.cells,
+                                 slot_vnorm=known)
+        self.vnorms[il] = (None if known is not None else sc.slot_vnorm, sc.cell_vnorm)
         inp = assemble_scored_input(il, sc, n_slot_head, slot_pos, self.cut, e.pgeo.g, q, q_pos)
         if e.policy.wants_salience():
             prio, marks = e._salience()
@@ -139,4 +156,11 @@ class PlanSource:
     def install(self, i: int, st: LayerStore) -> None:
         with self.lock:
             self._end_scoring()
-            self.engine.install_store(self.ids[i], st)
+            il = self.ids[i]
+            source_vnorm = None
+            if il in self.vnorms:
+                slots, cells = self.vnorms.pop(il)
+                slots = self.engine._slot_vnorm.get(il) if slots is None else slots
+                if slots is not None:
+                    source_vnorm = np.concatenate([slots, cells], axis=1)
+            self.engine.install_store(il, st, source_vnorm)

@@ -15,43 +15,16 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-from pathlib import Path
 from typing import Any
 
 from spindle_local.errors import SpindleError, UsageError
+from spindle_local.runtime.devices import DEVICE_CPU, ggml_lib
 
-_ggml: Any = None
-_added: set[str] = set()
-
-
-def _lib() -> Any:
-    """libggml of the installed runtime (the one llama_cpp loads)."""
-    global _ggml
-    if _ggml is None:
-        import llama_cpp
-
-        libdir = Path(llama_cpp.__file__).resolve().parent / "lib"
-        candidates = sorted(libdir.glob("libggml.so*")) + sorted(libdir.glob("libggml.dylib")) + sorted(
-            libdir.glob("ggml.dll"))
-        if not candidates:
-            raise SpindleError(f"cannot find libggml in {libdir}; run `spindle-local setup`")
-        import llama_cpp.llama_cpp  # noqa: F401  (loads libllama and its ggml first)
-
-        lib = ctypes.CDLL(str(candidates[0]), mode=ctypes.RTLD_GLOBAL)
-        lib.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
-        lib.ggml_backend_reg_by_name.restype = ctypes.c_void_p
-        lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
-        lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
-        lib.ggml_backend_register.restype = None
-        lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-        lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-        _ggml = lib
-    return _ggml
+_added: set[str] = set()  # endpoints registered in this process
 
 
 def _rpc_reg() -> tuple[Any, int]:
-    lib = _lib()
+    lib = ggml_lib()
     reg = lib.ggml_backend_reg_by_name(b"RPC")
     if not reg:
         raise SpindleError("this runtime was built without ggml's RPC backend; run `spindle-local setup --force`")
@@ -103,7 +76,7 @@ def serve(host: str, port: int, threads: int) -> None:
     fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_start_server")
     if not fn:
         raise SpindleError("the RPC backend of this runtime cannot start a server")
-    cpu = lib.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    cpu = lib.ggml_backend_dev_by_type(DEVICE_CPU)
     if not cpu:
         raise SpindleError("no CPU device in this runtime")
     start = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
