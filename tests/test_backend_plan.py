@@ -441,3 +441,18 @@ def test_slot_value_norms_carried_from_plan_to_plan(tiny_paths: dict[str, Path],
     finally:
         a.close()
         b.close()
+
+
+def test_planning_beside_the_runtime_leaves_it_its_cores(tiny_paths: dict[str, Path]) -> None:
+    """On the CPU, the passes that call the runtime plan on the cores its threads leave;
+    codebook fits (no runtime calls) keep every core."""
+    from spindle_local.policy.parallel import planning_threads
+
+    for threads in (1, 2):
+        eng = _engine(tiny_paths["gqa"], n_threads=threads)
+        try:
+            ctx = eng.policy.context
+            assert ctx.beside_runtime == planning_threads(threads, native_on_cpu=True) >= 1
+            assert ctx.threads is None and ctx.runtime_pass_threads() == ctx.beside_runtime
+        finally:
+            eng.close()

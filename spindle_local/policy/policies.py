@@ -136,8 +136,9 @@ class Policy(ABC):
         ...
 
     def _each(self, fn: Callable[[int], object], n: int) -> list:
-        """``[fn(i) for i in range(n)]`` on the planning threads (each holds one layer at a time)."""
-        return pmap(fn, range(n), self.context.threads)
+        """``[fn(i) for i in range(n)]`` on the planning threads that go beside the runtime (each
+        holds one layer at a time, loaded from the runtime)."""
+        return pmap(fn, range(n), self.context.runtime_pass_threads())
 
 
 class FullPolicy(Policy):
@@ -331,7 +332,7 @@ class StagedPolicy(Policy):
             scores[i] = None  # type: ignore[call-overload]  # planned: drop the layer's scores
             put(i, metas[i], store)
 
-        pmap(evict, rest, ctx.threads)
+        pmap(evict, rest, ctx.runtime_pass_threads())
 
     def _codebook_layers(self, source, geometry, metas, scores, slots, budgets, n_min, planned, put) -> int:
         """Plan the codebook layers (adding their indices to ``planned``); returns their bytes."""

@@ -201,6 +201,12 @@ class PlanContext:
     sinks: int = 4
     scale: float | None = None  # None: 1/sqrt(head_dim_k)
     threads: int | None = None  # None: the CPUs this process may use
+    # for the passes that call the runtime layer by layer (scoring, installing) while other
+    # threads plan: the cores its own threads leave (parallel.planning_threads); None: threads
+    beside_runtime: int | None = None
+
+    def runtime_pass_threads(self) -> int | None:
+        return self.beside_runtime if self.beside_runtime is not None else self.threads
 
     def attn_scale(self, head_dim_k: int) -> float:
         return float(self.scale) if self.scale is not None else 1.0 / math.sqrt(head_dim_k)

@@ -171,7 +171,7 @@ class Engine:
         self.policy = make_policy(cfg.policy, cfg.stages, PlanContext(sinks=cfg.sinks))
         # layers on a GPU or an RPC server (any of them) compute off this CPU's threads
         offloaded = bool(cfg.rpc) or (cfg.gpu_layers != 0 and offload_device_present())
-        self.policy.context.threads = planning_threads(self.ctx.n_threads, native_on_cpu=not offloaded)
+        self.policy.context.beside_runtime = planning_threads(self.ctx.n_threads, native_on_cpu=not offloaded)
         self.policy.role_memory = RoleMemory()
         self.graph_attn_scale: float | None = None  # the model graph's softmax scale, once a graph reported it
         self.cells = self.ctx.n_ctx
