@@ -689,7 +689,7 @@ def eval_speed(model: Path | None, context: int, gen: int, reps: int, text: Path
 @click.option("--kld-context", type=click.IntRange(min=16), default=4000, show_default=True)
 @click.option("--kld-continuation", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: the physical cores this process may use).")
 def bench(model: Path | None, out_dir: Path, text: Path | None, policies: str, budgets: list[float],
           lengths: list[int], depths: list[float], samples: int, protocols: str, kld_context: int,
           kld_continuation: int, seed: int, threads: int | None) -> None:
@@ -764,22 +764,21 @@ def policies(name: str | None) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback exposes this machine to the network.")
 @click.option("--port", type=click.IntRange(1, 65535), default=50052, show_default=True, help="TCP port.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: the physical cores this process may use).")
 def rpc_server(host: str, port: int, threads: int | None) -> None:
     """Serve this machine's CPU to other spindle-local processes over ggml's RPC protocol.
 
     Clients place layers here with --rpc HOST:PORT. The protocol has no authentication:
     bind beyond loopback only on a network you trust.
     """
-    import os
-
+    from spindle_local.runtime.devices import default_threads
     from spindle_local.runtime.rpc import is_loopback, serve as rpc_serve
 
     if not is_loopback(host):
         click.echo(f"warning: the RPC server on {host}:{port} accepts anyone who reaches it "
                    "(ggml's RPC protocol has no authentication)", err=True)
     click.echo(f"RPC server on {host}:{port}; Ctrl-C stops it", err=True)
-    rpc_serve(host, port, threads or os.cpu_count() or 1)
+    rpc_serve(host, port, threads or default_threads())
 
 
 @main.command("serve")

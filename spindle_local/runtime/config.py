@@ -55,7 +55,7 @@ class EngineConfig:
     chunk: int = setting(512, "--chunk", "Prefill chunk size in tokens (compression runs between chunks).", min=16)
     decode_slack: int = setting(128, help="generated tokens a plan leaves room for before the next one")
     stages: dict = setting({}, help="stage settings of the policy ({'salient.share': 0.1}, see policy/presets.py)")
-    n_threads: int | None = setting(None, "--threads", "CPU threads (default: all cores).", min=1)
+    n_threads: int | None = setting(None, "--threads", "CPU threads (default: the physical cores this process may use).", min=1)
     flash_attn: bool = setting(True, "--flash-attn", "Use llama.cpp's flash-attention kernels.", negatable=True)
     cache_type: str = setting("f16", help="regular-cache type f16, q8_0 or q4_0; quantized types only with policy full")
     eager_compress: bool = setting(False, help="compress after every prompt chunk, not only when the cache is full")

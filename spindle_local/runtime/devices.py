@@ -1,4 +1,5 @@
-"""The ggml devices of the installed runtime: its libggml, and whether layers can leave the CPU.
+"""The devices computation runs on: the CPU cores ggml's threads get by default, the runtime's
+libggml, and whether layers can leave the CPU.
 
 llama.cpp places a model's layers on the GPU and RPC devices ggml has registered
 (``--gpu-layers``, default all of them); without any, every layer, its cache and the
@@ -8,6 +9,8 @@ store's compression graphs run on the CPU, on the context's threads.
 from __future__ import annotations
 
 import ctypes
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,33 @@ from spindle_local.errors import SpindleError
 DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU = 0, 1, 2
 
 _ggml: Any = None
+
+SYSFS_CPU = Path("/sys/devices/system/cpu")
+
+
+def default_threads(cpus: Iterable[int] | None = None, sysfs: Path = SYSFS_CPU) -> int:
+    """ggml's thread count when none is asked for: the physical cores this process may run on.
+
+    ggml's threads wait for one another at every graph node by spinning. A thread on a CPU
+    the process may not use (a container's cpuset), or on the second hardware thread of a
+    core another thread keeps busy, stalls all of them; llama.cpp's own tools default to the
+    physical cores for the same reason. ``cpus``: the allowed CPUs (default: this process's
+    affinity); cores are told apart by their ``thread_siblings_list`` in ``sysfs``. Where
+    neither is known (not Linux), every logical CPU.
+    """
+    if cpus is None:
+        try:
+            cpus = os.sched_getaffinity(0)
+        except AttributeError:  # pragma: no cover - not Linux
+            return max(1, os.cpu_count() or 1)
+    cpus = sorted(cpus)
+    cores = set()
+    for c in cpus:
+        try:
+            cores.add((sysfs / f"cpu{c}" / "topology" / "thread_siblings_list").read_text().strip())
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
 
 
 def ggml_lib() -> Any:

@@ -22,6 +22,7 @@ import numpy as np
 import llama_cpp.llama_cpp as C
 
 from spindle_local.errors import ModelError, SpindleError
+from spindle_local.runtime.devices import default_threads
 from spindle_local.policy.plan import HeadStore, LayerStore
 from spindle_local.runtime.heap import fix_mmap_threshold
 
@@ -150,7 +151,7 @@ class LlamaContext:
         params.n_batch = n_batch
         params.n_ubatch = min(n_ubatch, n_batch)
         params.n_seq_max = 1
-        threads = n_threads or int(os.environ.get("SPINDLE_THREADS", "0")) or max(1, (os.cpu_count() or 1))
+        threads = n_threads or int(os.environ.get("SPINDLE_THREADS", "0")) or default_threads()
         self.n_threads = threads
         params.n_threads = threads
         params.n_threads_batch = threads
