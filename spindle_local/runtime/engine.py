@@ -794,6 +794,7 @@ class Engine:
         pos = np.zeros((len(heads), S), dtype=np.int32)
         for h, hs in enumerate(heads):
             pos[h, :hs.n_slots] = hs.positions
+        vnorm = None
         if S and all(h.source is not None for h in heads):
             g = self.pgeo.g
             src = np.zeros((len(heads), S), dtype=np.int32)
@@ -802,20 +803,18 @@ class Engine:
                 src[h, :hs.n_slots] = hs.source
                 qmask[h * g:(h + 1) * g, :hs.n_slots] = hs.qmask
             native.store_gather(self.ctx, il, n_slot_head, src, qmask)
-            vnorm = None
             if source_vnorm is not None:
                 vnorm = np.take_along_axis(source_vnorm, src, axis=1)
                 vnorm[np.arange(S)[None, :] >= n_slot_head[:, None]] = 0.0  # padding slots
         else:
             self.ctx.store_set(il, st)
-            vnorm = None
         if S:
             self._store_layers.add(il)
             self._store_meta[il] = (n_slot_head, pos)
         else:
             self._store_layers.discard(il)
             self._store_meta.pop(il, None)
-        if S and vnorm is not None:
+        if vnorm is not None:
             self._slot_vnorm[il] = vnorm.astype(np.float32, copy=False)
         else:
             self._slot_vnorm.pop(il, None)

@@ -97,9 +97,8 @@ class PlanSource:
         self.host_bytes_read = 0  # K/V bytes read to the host by this plan (tests check it)
         self.unscored = set(range(self.host_layers, len(self.ids)))  # scored layers not loaded yet
         # per scored layer until it is installed, for the norms of its new slots: the value
-        # norms of its cells [Hkv, n_cells], and of its old slots [Hkv, S_old] where the
-        # engine did not know them already
-        self.vnorms: dict[int, tuple[np.ndarray | None, np.ndarray]] = {}
+        # norms of its old slots [Hkv, S_old] and of its cells [Hkv, n_cells]
+        self.vnorms: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.scoring = True
 
     def __len__(self) -> int:
@@ -146,7 +145,7 @@ class PlanSource:
             known = None
         sc = native.layer_scores(e.ctx, il, q, q_pos, e.attn_scale(il), slot_pos.shape[1], e.cells,
                                  slot_vnorm=known)
-        self.vnorms[il] = (None if known is not None else sc.slot_vnorm, sc.cell_vnorm)
+        self.vnorms[il] = (sc.slot_vnorm, sc.cell_vnorm)  # (the engine's own array when known: no copy)
         inp = assemble_scored_input(il, sc, n_slot_head, slot_pos, self.cut, e.pgeo.g, q, q_pos)
         if e.policy.wants_salience():
             prio, marks = e._salience()
@@ -157,10 +156,5 @@ class PlanSource:
         with self.lock:
             self._end_scoring()
             il = self.ids[i]
-            source_vnorm = None
-            if il in self.vnorms:
-                slots, cells = self.vnorms.pop(il)
-                slots = self.engine._slot_vnorm.get(il) if slots is None else slots
-                if slots is not None:
-                    source_vnorm = np.concatenate([slots, cells], axis=1)
-            self.engine.install_store(il, st, source_vnorm)
+            norms = self.vnorms.pop(il, None)
+            self.engine.install_store(il, st, None if norms is None else np.concatenate(norms, axis=1))
