@@ -582,6 +582,24 @@ def test_a_plan_holds_one_layer_at_a_time(layers, name):
             assert np.array_equal(ha.token_index, hb.token_index)
 
 
+def test_eviction_layers_are_installed_smallest_first(layers):
+    # the runtime allocates a layer's new store beside its old one: the largest comes last,
+    # when every other layer's scores are dropped (and the order changes no store)
+    target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * 0.25)
+    order: list[tuple[int, int]] = []
+
+    def install(i, st):
+        if st.role == "evict":
+            order.append((i, max(len(h.token_index) for h in st.heads)))
+
+    policy("pyramidkv", threads=1).plan_into(_FreshCopies(layers), GEO, target, install)
+    sizes = [n for _, n in order]
+    assert sizes == sorted(sizes) and len(set(sizes)) > 1
+    ref = policy("pyramidkv", threads=1).plan(layers, GEO, target)
+    assert [n for _, n in sorted(order)] == [max(len(h.token_index) for h in st.heads)
+                                             for st in ref if st.role == "evict"]
+
+
 @pytest.mark.parametrize("native_threads,on_cpu,cpus,expected", [
     (2, True, 2, 1),    # the runtime's threads take every core: planning runs inline
     (1, True, 2, 2),    # one core left: one thread scores in numpy while the runtime scores the next layer

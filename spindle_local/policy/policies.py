@@ -332,7 +332,10 @@ class StagedPolicy(Policy):
             scores[i] = None  # type: ignore[call-overload]  # planned: drop the layer's scores
             put(i, metas[i], store)
 
-        pmap(evict, rest, ctx.runtime_pass_threads())
+        # Smallest store first: each eviction drops its layer's scores, so the largest new
+        # store (the runtime allocates it beside the old one) comes when the rest of the
+        # plan's arrays are gone. Layers are independent here: the order changes no store.
+        pmap(evict, sorted(rest, key=lambda i: planned_slots[i]), ctx.runtime_pass_threads())
 
     def _codebook_layers(self, source, geometry, metas, scores, slots, budgets, n_min, planned, put) -> int:
         """Plan the codebook layers (adding their indices to ``planned``); returns their bytes."""
