@@ -586,18 +586,17 @@ def test_eviction_layers_are_installed_smallest_first(layers):
     # the runtime allocates a layer's new store beside its old one: the largest comes last,
     # when every other layer's scores are dropped (and the order changes no store)
     target = int(full_cache_bytes(N, GEO.n_layer, 2, 16, 16) * 0.25)
+    def slots(st):
+        return max(len(h.token_index) for h in st.heads)
+
     order: list[tuple[int, int]] = []
-
-    def install(i, st):
-        if st.role == "evict":
-            order.append((i, max(len(h.token_index) for h in st.heads)))
-
-    policy("pyramidkv", threads=1).plan_into(_FreshCopies(layers), GEO, target, install)
+    pol = policy("pyramidkv", threads=1)
+    pol.plan_into(_FreshCopies(layers), GEO, target,
+                  lambda i, st: order.append((i, slots(st))) if st.role == "evict" else None)
     sizes = [n for _, n in order]
     assert sizes == sorted(sizes) and len(set(sizes)) > 1
     ref = policy("pyramidkv", threads=1).plan(layers, GEO, target)
-    assert [n for _, n in sorted(order)] == [max(len(h.token_index) for h in st.heads)
-                                             for st in ref if st.role == "evict"]
+    assert [n for _, n in sorted(order)] == [slots(st) for st in ref if st.role == "evict"]
 
 
 @pytest.mark.parametrize("native_threads,on_cpu,cpus,expected", [
