@@ -7,6 +7,7 @@ import pytest
 
 from spindle_local.policy import Geometry, make_policy
 from spindle_local.policy.salience import (
+    ECHO,
     ENDS,
     OPENS,
     STOPS,
@@ -20,6 +21,8 @@ from spindle_local.policy.salience import (
     salient_scan,
     salient_tokens,
     scan_pieces,
+    echo_marks,
+    restated_runs,
     run_tails,
     token_information,
     token_information_ref,
@@ -184,6 +187,14 @@ def test_run_kernel_matches_reference(seed: int) -> None:
             assert np.array_equal(got, ref), (before, cap)
             assert len(got) <= cap
             assert np.isin(got, positions).all()
+    # one order per tier: a tier that walks some runs (the restatements' walk), then all
+    some, rest = order[: n_runs // 2], order[n_runs // 2:]
+    for cap in (0, 5, 40, 10_000):
+        walks = [rest, some, order]
+        b3, a3 = np.stack([heads, heads, heads + 3]), np.stack([tails, tails, tails + 2])
+        got = run_positions(positions, salient, walks, b3, a3, cap)
+        assert np.array_equal(got, run_positions_ref(positions, salient, walks, b3, a3, cap)), cap
+        assert len(got) <= cap
 
 
 def test_order_prefers_attended_then_newest_runs() -> None:
@@ -266,3 +277,43 @@ def test_a_restatement_close_by_is_ranked_with_the_first_copy_and_a_distant_copy
     assert echoed[near] == echoed[20] == plain[20]  # the restatement takes the statement's rank
     assert echoed[far] == plain[far]  # 40 tokens on, a copy is a copy
     assert np.array_equal(run_priority(ids, sal, echo=0), plain)
+
+
+def test_echo_marks_flag_the_restatements_that_rank_with_their_statement() -> None:
+    prose = [1, 2, 3, 4, 5, 6] * 12
+    code = [20, 21, 22, 23, 24]
+    ids = np.array(prose[:20] + code + [2, 3] + code + prose[:40] + code + prose[40:50])
+    sal = np.isin(ids, code)
+    starts, ends = salient_runs(sal)
+    assert restated_runs(ids, starts, ends, 8).tolist() == [-1, 0, -1]  # the far copy restates nothing
+    assert restated_runs(ids, starts, ends, 0).tolist() == [-1, -1, -1]
+    m = echo_marks(ids, sal, 8)
+    assert np.flatnonzero(m == ECHO).tolist() == list(range(27, 32))
+    assert not echo_marks(ids, sal, 0).any()
+
+
+def test_restatements_last_hold_every_statement_in_a_small_share() -> None:
+    """Three facts (runs of 2 tokens at 10, 40, 70), each restated 4 tokens later; each run
+    keeps 2 tokens before it, so a fact costs 4 tokens a statement, 8 with its restatement.
+    A share of 14 ranked as the runs rank (a restatement with its statement) loses a fact
+    whole; with restatements last it holds the three statements. With room for all, the
+    two walks keep the same tokens."""
+    n = 100
+    ids = np.arange(1000, 1000 + n)  # prose: every token different
+    sal = np.zeros(n, bool)
+    for a, key in ((10, (50, 51)), (40, (60, 61)), (70, (70, 71))):
+        ids[a:a + 2] = ids[a + 4:a + 6] = key
+        sal[a:a + 2] = sal[a + 4:a + 6] = True
+    prio = run_priority(ids, sal, echo=8)
+    marks = echo_marks(ids, sal, 8)
+    pos = np.arange(n)
+
+    def kept(cap: int, last: bool) -> set[int]:
+        return set(salient_positions(pos, prio, np.zeros(n), before=2, after=0, cap=cap, marks=marks,
+                                     echo_last=last).tolist())
+
+    statements = {p for a in (10, 40, 70) for p in range(a - 2, a + 2)}
+    assert not statements <= kept(14, last=False)  # a fact is lost whole
+    assert statements <= kept(14, last=True)
+    assert kept(24, last=True) == kept(24, last=False)  # room for all: the same positions
+    assert len(kept(24, last=True)) == 24

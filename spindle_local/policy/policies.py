@@ -35,7 +35,7 @@ from .parallel import pmap
 from .plan import LayerStore, layer_store_bytes
 from .presets import PRESETS, Stages, apply_settings, preset
 from .roles import RoleMemory, decide_role
-from .salience import run_priority, salient_positions
+from .salience import echo_marks, run_priority, salient_positions
 from .scores import layer_logits, pool_window_scores, raw_window_scores
 from .sources import LayerMeta, LayerSource, ListSource
 from .stages import MassShares, PlanContext, PyramidShares, Recency
@@ -82,6 +82,11 @@ class Policy(ABC):
     def salient_priority(self, ids: np.ndarray, salient: np.ndarray) -> np.ndarray:
         """float [n]: run priority of the salient tokens ``salient`` (bool) of ``ids`` (:mod:`.salience`)."""
         return run_priority(ids, salient)
+
+    def salient_marks(self, ids: np.ndarray, salient: np.ndarray) -> np.ndarray | None:
+        """uint8 [n]: marks the plan needs beside the sentence marks (``ECHO`` on restated
+        runs, :func:`~.salience.echo_marks`), or None: none."""
+        return None
 
     def codebook_candidates(self, n_layer: int) -> int:
         """How many leading layers may become codebook layers (the engine reads ``k_pre`` for these)."""
@@ -187,6 +192,12 @@ class StagedPolicy(Policy):
         sr = self.stages.salient
         return run_priority(ids, salient, echo=0 if sr is None else sr.echo)
 
+    def salient_marks(self, ids: np.ndarray, salient: np.ndarray) -> np.ndarray | None:
+        sr = self.stages.salient
+        if sr is None or not sr.echo_last or sr.echo <= 0:
+            return None
+        return echo_marks(ids, salient, sr.echo)
+
     def codebook_candidates(self, n_layer: int) -> int:
         cb = self.stages.codebooks
         return 0 if cb is None else cb.candidates(n_layer)
@@ -270,7 +281,7 @@ class StagedPolicy(Policy):
             aligned[ok] = strength[found[ok]]
             kept = salient_positions(union, sal, aligned, before=sr.before, after=sr.after,
                                      cap=int(sr.share * slots.min()), marks=marks, opening=sr.opening,
-                                     sentence=sr.sentence, widen=sr.widen)
+                                     sentence=sr.sentence, widen=sr.widen, echo_last=sr.echo_last)
         for i, m in enumerate(metas):
             self._extra_report[m.layer]["salient_tokens"] = int(len(kept))
             scores[i] = boost(scores[i], m.positions, kept)

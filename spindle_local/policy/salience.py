@@ -66,6 +66,7 @@ ENDS = 2  # ... the token ends a sentence (any end: ".", ":", a newline, a quote
 STOPS = 4  # ... the token ends a sentence with a full stop, "!", "?" or a line break
 NUMERIC = 8  # ... the token is salient and its word so far has a digit ("7", "f" of "x7f")
 CODE = 16  # ... the token is salient and its word so far is in capitals ("UHK" of "UHKWG")
+ECHO = 32  # ... the token is in a run that restates a run just before it (:func:`echo_marks`)
 _STOP = (".", "!", "?")
 
 
@@ -217,19 +218,30 @@ def _tiers(before: int | np.ndarray, after: int | np.ndarray, n_runs: int) -> tu
     return np.broadcast_to(b, (t, n_runs)), np.broadcast_to(a, (t, n_runs))
 
 
-def run_positions_ref(positions: np.ndarray, salient: np.ndarray, order: np.ndarray,
+def _orders(order: np.ndarray | list[np.ndarray], tiers: int) -> list[np.ndarray]:
+    """The runs each tier walks: one order for every tier, or one per tier."""
+    if isinstance(order, list):
+        if len(order) != tiers:
+            raise ValueError(f"{len(order)} run orders for {tiers} tiers")
+        return [np.asarray(o, np.int64) for o in order]
+    return [np.asarray(order, np.int64)] * tiers
+
+
+def run_positions_ref(positions: np.ndarray, salient: np.ndarray, order: np.ndarray | list[np.ndarray],
                       before: int | np.ndarray, after: int | np.ndarray, cap: int) -> np.ndarray:
     """Numpy reference of :func:`run_positions`: runs in ``order`` (indices into
     :func:`salient_runs`), each widened by ``before`` positions and ``after`` (each one for
     all, or per run: :func:`run_heads`, :func:`run_tails`), taken whole while the union
     stays within ``cap`` (a run that would pass it is skipped). With one row of ``before``
     and ``after`` per tier, the walk over ``order`` repeats tier by tier: a later tier
-    widens the runs an earlier one took, where the cap still allows."""
+    widens the runs an earlier one took, where the cap still allows. ``order`` may be a
+    list with one order per tier (a tier that walks only some of the runs)."""
     starts, ends = salient_runs(salient)
     heads, tails = _tiers(before, after, len(starts))
+    orders = _orders(order, len(heads))
     taken: set[int] = set()
     for t in range(len(heads)):
-        for r in order:
+        for r in orders[t]:
             lo, hi = positions[starts[r]] - heads[t, r], positions[ends[r]] + tails[t, r]
             run = {int(p) for p in positions[(positions >= lo) & (positions <= hi)]}
             if len(taken | run) > cap:
@@ -238,7 +250,7 @@ def run_positions_ref(positions: np.ndarray, salient: np.ndarray, order: np.ndar
     return np.array(sorted(taken), dtype=np.int64)
 
 
-def run_positions(positions: np.ndarray, salient: np.ndarray, order: np.ndarray,
+def run_positions(positions: np.ndarray, salient: np.ndarray, order: np.ndarray | list[np.ndarray],
                   before: int | np.ndarray, after: int | np.ndarray, cap: int) -> np.ndarray:
     """Protected positions (ascending) for the salient runs in ``order``; see the reference.
 
@@ -247,10 +259,10 @@ def run_positions(positions: np.ndarray, salient: np.ndarray, order: np.ndarray,
     """
     pos = np.asarray(positions, np.int64)
     starts, ends = salient_runs(salient)
-    order = np.asarray(order, np.int64)
     heads, tails = _tiers(before, after, len(starts))
-    lo = np.concatenate([np.searchsorted(pos, pos[starts[order]] - h[order], side="left") for h in heads])
-    hi = np.concatenate([np.searchsorted(pos, pos[ends[order]] + t[order], side="right") for t in tails])
+    orders = _orders(order, len(heads))
+    lo = np.concatenate([np.searchsorted(pos, pos[starts[o]] - h[o], side="left") for h, o in zip(heads, orders)])
+    hi = np.concatenate([np.searchsorted(pos, pos[ends[o]] + t[o], side="right") for t, o in zip(tails, orders)])
     return pos[greedy_intervals(len(pos), lo, hi, cap)]
 
 
@@ -327,6 +339,23 @@ def token_information_ref(ids: np.ndarray, prior: float = 1.0) -> np.ndarray:
     return out
 
 
+def restated_runs(ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, echo: int) -> np.ndarray:
+    """int [runs]: for each run (``starts``/``ends``, inclusive, ascending), the latest
+    earlier run with the same tokens that ends at most ``echo`` tokens before it starts
+    (a restatement of it), or -1."""
+    out = np.full(len(starts), -1, dtype=np.int64)
+    if echo <= 0:
+        return out
+    last: dict[tuple[int, ...], tuple[int, int]] = {}  # run tokens -> (end, index) of its latest copy
+    for r, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
+        key = tuple(ids[s:e + 1].tolist())
+        prev = last.get(key)
+        if prev is not None and s - prev[0] <= echo:
+            out[r] = prev[1]
+        last[key] = (e, r)
+    return out
+
+
 def run_priority(ids: np.ndarray, salient: np.ndarray, echo: int = 0) -> np.ndarray:
     """float [n]: each salient token's run priority (the summed :func:`token_information`
     of its run, module docstring); 0 where not salient.
@@ -341,16 +370,24 @@ def run_priority(ids: np.ndarray, salient: np.ndarray, echo: int = 0) -> np.ndar
     if len(starts) == 0:
         return out
     info = np.concatenate([[0.0], np.cumsum(token_information(ids))])
-    last: dict[tuple[int, ...], tuple[int, float]] = {}  # run tokens -> (end, priority) of its latest copy
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        prio = info[e + 1] - info[s]
-        if echo > 0:
-            key = tuple(ids[s:e + 1].tolist())
-            prev = last.get(key)
-            if prev is not None and s - prev[0] <= echo:
-                prio = max(prio, prev[1])
-            last[key] = (e, prio)
-        out[s:e + 1] = prio
+    prio = info[ends + 1] - info[starts]
+    for r, src in enumerate(restated_runs(ids, starts, ends, echo).tolist()):
+        if src >= 0:  # sources come first: their priority is final
+            prio[r] = max(prio[r], prio[src])
+    for s, e, p in zip(starts.tolist(), ends.tolist(), prio.tolist()):
+        out[s:e + 1] = p
+    return out
+
+
+def echo_marks(ids: np.ndarray, salient: np.ndarray, echo: int) -> np.ndarray:
+    """uint8 [n]: ``ECHO`` on the tokens of every run that restates a run ending at most
+    ``echo`` tokens before it (:func:`restated_runs`), 0 elsewhere."""
+    ids = np.asarray(ids, np.int64)
+    out = np.zeros(len(ids), dtype=np.uint8)
+    starts, ends = salient_runs(salient)
+    for s, e, src in zip(starts.tolist(), ends.tolist(), restated_runs(ids, starts, ends, echo).tolist()):
+        if src >= 0:
+            out[s:e + 1] = ECHO
     return out
 
 
@@ -368,7 +405,8 @@ def run_order(positions: np.ndarray, salient: np.ndarray, strength: np.ndarray) 
 
 def salient_positions(positions: np.ndarray, salient: np.ndarray, strength: np.ndarray, *,
                       before: int, after: int, cap: int, marks: np.ndarray | None = None,
-                      opening: int = 0, sentence: bool = False, widen: bool = False) -> np.ndarray:
+                      opening: int = 0, sentence: bool = False, widen: bool = False,
+                      echo_last: bool = False) -> np.ndarray:
     """Positions to protect: salient runs with their context, at most ``cap`` of them.
 
     ``positions`` ascending with ``salient`` (bool, or :func:`run_priority`),
@@ -377,7 +415,10 @@ def salient_positions(positions: np.ndarray, salient: np.ndarray, strength: np.n
     ``sentence``: see :func:`run_tails` and :func:`run_heads`. ``widen`` (with
     ``sentence``): once the runs hold their context within their sentence, a second walk
     in the same order widens them to the context they keep without that bound, while
-    ``cap`` allows.
+    ``cap`` allows. ``echo_last``: the runs ``marks`` flag as restatements (``ECHO``) are
+    walked after every other run, before any run widens: a fact held once comes before a
+    fact held twice, so that a share too small for every statement and its restatement
+    still holds every statement.
     """
     if cap <= 0 or len(positions) == 0:
         return np.zeros(0, np.int64)
@@ -386,7 +427,15 @@ def salient_positions(positions: np.ndarray, salient: np.ndarray, strength: np.n
         return np.zeros(0, np.int64)
     heads = run_heads(positions, salient, marks, before, sentence)
     tails = run_tails(positions, salient, marks, after, opening, sentence)
-    if sentence and widen and marks is not None:
+    wide = sentence and widen and marks is not None
+    if wide:
         heads = np.stack([heads, run_heads(positions, salient, marks, before, False)])
         tails = np.stack([tails, run_tails(positions, salient, marks, after, opening, False)])
-    return run_positions(positions, salient, order, heads, tails, cap)
+    if not (echo_last and marks is not None):
+        return run_positions(positions, salient, order, heads, tails, cap)
+    starts, _ = salient_runs(np.asarray(salient) > 0)
+    again = (np.asarray(marks)[starts[order]] & ECHO) > 0
+    heads, tails = _tiers(heads, tails, len(starts))
+    rows = [0, 0, 1] if wide else [0, 0]  # statements, then restatements, in their own context; then wide
+    orders = [order[~again], order[again]] + ([order] if wide else [])
+    return run_positions(positions, salient, orders, heads[rows], tails[rows], cap)

@@ -86,6 +86,8 @@ class SalientRuns:
                                 "line breaks bound it)")
     widen: bool = knob(True, "with sentence: once every run holds its context within its sentence, runs widen "
                              "(same order) to the context they keep without the bound, while the share allows")
+    echo_last: bool = knob(False, "restatements (copies within echo tokens) are kept after every other run, "
+                                  "before any run widens: each fact once before any fact twice")
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.share <= 1.0) or min(self.before, self.after, self.echo, self.opening) < 0:

@@ -827,7 +827,7 @@ class Engine:
         salient is kept from plan to plan and extended by the tokens read since (the
         classification runs in Python, one piece at a time, and would otherwise cost every
         plan time in proportion to the whole conversation); the priorities are numpy."""
-        from spindle_local.policy.salience import scan_pieces
+        from spindle_local.policy.salience import ECHO, scan_pieces
 
         memo = self._salient_memo
         if memo is not None and memo.tokens == self.tokens:
@@ -844,7 +844,11 @@ class Engine:
         more, more_marks, prev_end = scan_pieces(pieces, prev_end, int(marks[-1]) if len(marks) else 0)
         flags = np.concatenate([flags, more])
         marks = np.concatenate([marks, more_marks])
-        prio = self.policy.salient_priority(np.asarray(self.tokens), flags)
+        ids = np.asarray(self.tokens)
+        prio = self.policy.salient_priority(ids, flags)
+        extra = self.policy.salient_marks(ids, flags)
+        if extra is not None:  # recomputed whole: a run still being read may change what it restates
+            marks = (marks & np.uint8(~ECHO & 0xFF)) | extra
         self._salient_memo = _Salience(list(self.tokens), flags, marks, prev_end, prio)
         return prio, marks
 
