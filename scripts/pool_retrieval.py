@@ -42,7 +42,12 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def config_key(r: dict) -> tuple:
-    return (r.get("label") or f"{r.get('policy')} @{r.get('kv_budget')}", r.get("protocol", "ruler"))
+    """(configuration, protocol) of a row: its label, with the stage settings it ran with
+    (``--set``) when the label does not name them (a run of one configuration)."""
+    label = r.get("label") or f"{r.get('policy')} @{r.get('kv_budget')}"
+    stages = ((r.get("provenance") or {}).get("engine") or {}).get("stages") or {}
+    named = [f"{k}={v}" for k, v in sorted(stages.items()) if f"{k}=" not in label]
+    return (" ".join([label, *named]), r.get("protocol", "ruler"))
 
 
 def commit_of(r: dict) -> str:

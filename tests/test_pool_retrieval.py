@@ -66,3 +66,15 @@ def test_bad_input_is_one_line_and_exit_2(pool, tmp_path, capsys):
     assert pool.main([str(empty)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error:") for line in err)
+
+
+def test_rows_with_other_stage_settings_are_pooled_apart(pool, tmp_path, capsys):
+    plain = _needle_row(1, [(1000, 0.1, 1, 1, 1)])
+    other = _needle_row(1, [(1000, 0.1, 0, 1, 0)])
+    other["provenance"]["engine"] = {"stages": {"salient.echo_last": "true"}}
+    f = tmp_path / "rows.jsonl"
+    f.write_text(json.dumps(plain) + "\n" + json.dumps(other) + "\n")
+    assert pool.main([str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "spindle @0.25 [multi]: 1 of the full cache's 1 keys" in out
+    assert "spindle @0.25 salient.echo_last=true [multi]: 0 of the full cache's 1 keys" in out
