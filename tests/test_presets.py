@@ -19,16 +19,20 @@ RECORDED = Path(__file__).parent / "data" / "recorded_plans.json"
 
 # The configurations recorded (with the policies as they were before they became stage
 # compositions), written as presets plus settings. The spindle rows were recorded when the
-# preset had codebook layers (now off by default), so they turn them on.
+# preset had codebook layers (now off by default), a 256-slot minimum under mass allocation
+# and no token floor for salient runs, so they set those back.
+_RECORDED_SPINDLE = {"codebooks": "on", "allocator.min_slots": 256, "salient.tokens": 0}
 CONFIGS = {
     "streaming": ("streaming", {}),
     "snapkv": ("snapkv", {}),
     "pyramidkv": ("pyramidkv", {}),
-    "spindle": ("spindle", {"codebooks": "on"}),
+    "spindle": ("spindle", _RECORDED_SPINDLE),
     "spindle-paper": ("spindle-paper", {"copy_spans": "on"}),
-    "spindle-cb2": ("spindle", {"codebooks": "on", "codebooks.layers": 2}),
-    "spindle-flat-max": ("spindle", {"codebooks": "on", "allocator": "flat", "selector.rule": "max"}),
-    "spindle-window-only": ("spindle", {"codebooks": "on", "salient": "off", "copy_spans": "off"}),
+    "spindle-cb2": ("spindle", {**_RECORDED_SPINDLE, "codebooks.layers": 2}),
+    "spindle-flat-max": ("spindle", {"codebooks": "on", "salient.tokens": 0, "allocator": "flat",
+                                     "selector.rule": "max"}),
+    "spindle-window-only": ("spindle", {"codebooks": "on", "salient": "off", "copy_spans": "off",
+                                        "allocator.min_slots": 256}),
 }
 BUDGETS = (0.4, 0.25, 0.15)
 

@@ -229,6 +229,34 @@ def test_spindle_keeps_salient_runs_in_every_layer() -> None:
     assert lost, "the synthetic window should not keep the run by itself"
 
 
+def test_salient_share_has_a_floor_in_tokens_at_small_budgets() -> None:
+    """Where a quarter of the smallest layer holds fewer than ``salient.tokens`` tokens, the
+    runs get that many (at most half of the layer), so a document's facts survive small budgets."""
+    from spindle_local.policy.budgets import raw_slot_bytes
+
+    layers = make_layers(GEO, n=600, w=8, r=16, seed=3)
+    flags = np.zeros(600, bool)
+    for start in range(40, 560, 20):  # 26 five-token codes: more than any cap here
+        flags[start:start + 5] = True
+    for inp in layers:
+        inp.salient = flags
+
+    def held(target: int, **settings) -> tuple[int, int]:
+        pol = make_policy("spindle", {"codebooks": "off", "salient.share": 0.25, **settings})
+        pol.plan(layers, GEO, target)
+        rep = pol.last_report
+        smallest = min(r["share_bytes"] for r in rep) // raw_slot_bytes(GEO)
+        return rep[0]["salient_tokens"], smallest
+
+    small, smallest = held(40_000, **{"salient.tokens": 0})
+    assert small <= smallest // 4
+    floored, _ = held(40_000, **{"salient.tokens": 96})
+    assert small < floored <= min(96, smallest // 2) and floored > smallest // 4
+    # a larger budget: the share is more than the floor, which then changes nothing
+    big, big_smallest = held(400_000, **{"salient.tokens": 0})
+    assert big_smallest // 4 > 96 and held(400_000, **{"salient.tokens": 96})[0] == big
+
+
 def test_priority_prefers_rare_long_runs_over_repeated_ones() -> None:
     # ids: 7 = a name repeated three times, 1..5 = a five-digit code stated once, 9 = filler
     ids = np.array([9, 7, 9, 9, 7, 9, 1, 2, 3, 4, 5, 9, 7, 9])

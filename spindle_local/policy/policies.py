@@ -279,8 +279,13 @@ class StagedPolicy(Policy):
             found = np.searchsorted(u_pos, union)
             ok = (found < len(u_pos)) & (u_pos[np.minimum(found, len(u_pos) - 1)] == union)
             aligned[ok] = strength[found[ok]]
+            # The facts a document holds do not shrink with the budget: where a quarter of the
+            # smallest layer is fewer than a few facts' worth (a number with the words that
+            # introduce it and its restatement costs 20-30 tokens), the floor holds them.
+            smallest = int(slots.min())
+            cap = max(int(sr.share * smallest), min(int(sr.tokens), smallest // 2))
             kept = salient_positions(union, sal, aligned, before=sr.before, after=sr.after,
-                                     cap=int(sr.share * slots.min()), marks=marks, opening=sr.opening,
+                                     cap=cap, marks=marks, opening=sr.opening,
                                      sentence=sr.sentence, widen=sr.widen, echo_last=sr.echo_last)
         for i, m in enumerate(metas):
             self._extra_report[m.layer]["salient_tokens"] = int(len(kept))

@@ -77,6 +77,7 @@ class SalientRuns:
     layer whatever the window says: what a later question may ask for. Work: :mod:`.salience`."""
 
     share: float = knob(0.25, "at most this share of the smallest layer's slots (0: none)")
+    tokens: int = knob(96, "... or this many tokens where the share is fewer, at most half of those slots")
     before: int = knob(8, "tokens kept before each run (what introduces a number or name)")
     after: int = knob(2, "tokens kept after each run")
     echo: int = knob(32, "a copy of a run at most this many tokens after it ranks with it (0: none)")
@@ -90,9 +91,9 @@ class SalientRuns:
                                   "before any run widens: each fact once before any fact twice")
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.share <= 1.0) or min(self.before, self.after, self.echo, self.opening) < 0:
-            raise ValueError("salient.share must be in [0, 1], salient.before, salient.after, salient.echo "
-                             "and salient.opening >= 0")
+        if not (0.0 <= self.share <= 1.0) or min(self.tokens, self.before, self.after, self.echo, self.opening) < 0:
+            raise ValueError("salient.share must be in [0, 1], salient.tokens, salient.before, salient.after, "
+                             "salient.echo and salient.opening >= 0")
 
 
 @dataclass
@@ -120,7 +121,7 @@ class MassShares:
     floor keeps the neighbours a short prompt's retrieval copies from."""
 
     floor: float = knob(0.5, "share of the flat per-layer slots every eviction layer keeps")
-    min_slots: int = knob(256, "... and at least this many slots (at most its flat share)")
+    min_slots: int = knob(128, "... and at least this many slots (at most its flat share)")
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.floor <= 1.0) or self.min_slots < 0:
