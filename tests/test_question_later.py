@@ -158,13 +158,14 @@ def test_random_names_are_kept_whole(default_model: Path) -> None:
         eng.close()
 
 
-def test_restatements_last_keep_every_key_of_a_document_at_a_small_budget(default_model: Path) -> None:
+def test_small_budgets_keep_every_key_of_a_document(default_model: Path) -> None:
     """Three named keys, each stated and restated ("The pass key for N is K. Remember it. K
-    is the pass key for N."), in a 2,000-token document read at 0.15: the salient share
-    holds two facts with their restatements, not three. Ranked as the runs rank (each
-    restatement with its statement) one key is lost in every layer; with
-    ``salient.echo_last`` every statement comes before any restatement and each key is held
-    in every layer and KV head."""
+    is the pass key for N."), in a 2,000-token document read at 0.15. A salient share of a
+    quarter of the smallest layer (``salient.tokens=0``) holds two facts with their
+    restatements, not three: ranked as the runs rank (each restatement with its statement)
+    one key is lost in every layer. Each key is held in every layer and KV head by the
+    defaults, whose share is at least ``salient.tokens`` (96) tokens, and by that quarter
+    with ``salient.echo_last`` (every statement before any restatement)."""
     from spindle_local.eval.needle import DEFAULT_NAMED_NEEDLE, DEFAULT_NAMED_QUESTION, NeedleBuilder
     from spindle_local.eval.texts import pydoc_text
     from spindle_local.runtime import native
@@ -173,10 +174,10 @@ def test_restatements_last_keep_every_key_of_a_document_at_a_small_budget(defaul
 
     keys, names = ["48152", "73906", "15937"], ["Maria", "Oliver", "Priya"]
 
-    def keys_held(echo_last: bool) -> list[int]:
+    def keys_held(**stages) -> list[int]:
         """Per key: the (layer, KV head) pairs that hold all of its first statement's digits."""
         eng = Engine(str(default_model), EngineConfig(policy="spindle", kv_budget=0.15, n_threads=2, **SMALL,
-                                                      stages={"salient.echo_last": echo_last}))
+                                                      stages={k.replace("__", "."): v for k, v in stages.items()}))
         try:
             tok = lambda s: eng.model.tokenize(s, add_special=False)  # noqa: E731
             builder = NeedleBuilder(tok, eng.model.token_to_piece, pydoc_text()[:80_000],
@@ -202,5 +203,6 @@ def test_restatements_last_keep_every_key_of_a_document_at_a_small_budget(defaul
             eng.close()
 
     pairs = 30 * 3  # SmolLM2-135M: 30 layers x 3 KV heads
-    assert keys_held(True) == [pairs] * 3
-    assert 0 in keys_held(False)  # the share spent on restatements loses a key whole
+    assert keys_held() == [pairs] * 3
+    assert keys_held(salient__tokens=0, salient__echo_last=True) == [pairs] * 3
+    assert 0 in keys_held(salient__tokens=0)  # the share spent on restatements loses a key whole

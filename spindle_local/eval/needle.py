@@ -141,6 +141,17 @@ def random_key(rng: np.random.Generator, digits: int = 5) -> str:
     return str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
 
 
+def draw_multi(builder: NeedleBuilder, rng: np.random.Generator, length: int,
+               depths: Sequence[float]) -> MultiNeedlePrompt:
+    """One multi-question prompt: a key and a name per depth, asked in a random order. The
+    draws of ``eval needle --protocol multi`` are these, taken in turn from one generator."""
+    keys = [random_key(rng) for _ in depths]
+    names = [NAMES[i] for i in rng.permutation(len(NAMES))[:len(depths)]]
+    p = builder.build_multi(int(length), depths, keys, names)
+    p.order = [int(i) for i in rng.permutation(len(depths))]
+    return p
+
+
 def key_found(answer: str, key: str) -> bool:
     """True when the first number in the answer is the key."""
     digits = ""
@@ -295,15 +306,13 @@ def run_needle(model_path: str, *, lengths: Sequence[int] = (), depths: Sequence
         for length in (lengths if multi else ()):
             row = {float(d): _new_cell(length, d) for d in depths}
             for _ in range(samples):
-                keys = [random_key(rng) for _ in depths]
-                names = [NAMES[i] for i in rng.permutation(len(NAMES))[:len(depths)]]
-                p = builder.build_multi(int(length), depths, keys, names)
-                p.order = [int(i) for i in rng.permutation(len(depths))]
+                p = draw_multi(builder, rng, int(length), depths)
+                keys, names = p.keys, p.names
                 memo_key = ("multi", int(length), tuple(float(d) for d in depths), tuple(keys), tuple(names))
                 if full_results is not None and memo_key in full_results:
                     ref = full_results[memo_key]
                 else:
-                    ref = [vars(t) for t in _converse(conv_full, p, pair.tokenize, max_new)]
+                    ref = [vars(t) for t in converse(conv_full, p, pair.tokenize, max_new)]
                     ref = [{"ok": key_found(t["answer"], p.keys[i]), "logprob": t["logprob"]}
                            for i, t in zip(p.order, ref)]
                     full_runs += 1
@@ -314,7 +323,7 @@ def run_needle(model_path: str, *, lengths: Sequence[int] = (), depths: Sequence
                     ratios.append(1.0)
                     doc_ratios.append(1.0)
                 else:
-                    ts = _converse(conv, p, pair.tokenize, max_new)
+                    ts = converse(conv, p, pair.tokenize, max_new)
                     got = [{"ok": key_found(t.answer, p.keys[i]), "logprob": t.logprob} for i, t in zip(p.order, ts)]
                     ratios.append(ts[-1].reserve_ratio)
                     doc_ratios.append(conv.reserve_ratio_after_document)
@@ -401,7 +410,7 @@ def _ask(conv, p: NeedlePrompt, protocol: str, reference: list[int], max_new: in
     return conv.ask(p.question, reference, max_new=max_new)
 
 
-def _converse(conv, p: MultiNeedlePrompt, tokenize, max_new: int) -> list:
+def converse(conv, p: MultiNeedlePrompt, tokenize, max_new: int) -> list:
     """Read ``p``'s document once, then ask its questions in ``p.order``; the turns in that order."""
     conv.read(p.document)
     return [conv.ask(p.questions[i], tokenize(p.keys[i]), max_new=max_new) for i in p.order]
