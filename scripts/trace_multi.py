@@ -46,15 +46,18 @@ def main() -> int:
     ap.add_argument("--kv-budget", type=float, default=0.25)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="stage setting (repeatable)")
     args = ap.parse_args()
+    if any("=" not in a for a in args.set):
+        ap.error("--set takes KEY=VALUE")
     stages = dict(a.split("=", 1) for a in args.set)
     cfg = EngineConfig(kv_budget=args.kv_budget, n_threads=1, stages=stages)
     longest = max(LENGTHS) + 16 + 3 * (96 + 8)
     rng = np.random.default_rng(args.seed)
 
-    installed: dict[int, dict[int, list[np.ndarray]]] = {}  # n_past -> layer -> per-head positions
-    install = engine_module.Engine.install_store
-
-    compress = engine_module.Engine.maybe_compress
+    # The plans are read where the engine installs them: per plan (keyed by n_past), each
+    # layer's per-head positions, and the policy's report once the plan has ended.
+    installed: dict[int, dict[int, list[np.ndarray]]] = {}
+    reports: dict[int, list[dict]] = {}
+    install, compress = engine_module.Engine.install_store, engine_module.Engine.maybe_compress
 
     def recording(self, il, st, source_vnorm=None):
         install(self, il, st, source_vnorm)
@@ -69,7 +72,6 @@ def main() -> int:
 
     engine_module.Engine.install_store = recording
     engine_module.Engine.maybe_compress = reporting
-    reports: dict[int, list[dict]] = {}
     totals = [0, 0, 0]  # found by both, by the full cache, by the compressed cache
     with EnginePair(str(default_model_path()), cfg, longest) as pair:
         builder = NeedleBuilder(pair.tokenize, pair.model.token_to_piece, load_text(None),
