@@ -478,6 +478,11 @@ def test_mass_min_slots_is_a_floor_up_to_the_flat_share(layers):
     m = int(flat.min()) // 2
     low = planned(allocator__floor=0.0, allocator__min_slots=m)
     assert (low >= m).all() and low.sum() == flat.sum()
+    # capped at three quarters of the flat share, the same minimum leaves a quarter to move
+    capped = planned(allocator__floor=0.0, allocator__min_slots=10_000, allocator__min_cap=0.75)
+    assert (capped != flat).any() and (capped >= np.floor(0.75 * flat)).all()
+    with pytest.raises(ValueError):
+        policy(allocator__min_cap=1.5)
 
 
 def test_anchor_tokens_cap_copy_spans(layers):

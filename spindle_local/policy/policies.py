@@ -334,7 +334,8 @@ class StagedPolicy(Policy):
         if mass:
             alloc = st.allocator
             floor = np.floor(alloc.floor * s_rest).astype(np.int64)
-            floor = np.maximum(floor, np.minimum(s_rest, alloc.min_slots))
+            cap = np.floor(alloc.min_cap * s_rest).astype(np.int64)  # a minimum at the flat share pins it
+            floor = np.maximum(floor, np.minimum(cap, alloc.min_slots))
             gains = [layer_gains(scores[i], geometry.g, st.selector.rule, int(n_min[i])) for i in rest]
             s_rest = mass_slots(gains, lo, hi, floor, total)
         planned_slots = dict(zip(rest, (int(s) for s in s_rest)))

@@ -122,10 +122,11 @@ class MassShares:
 
     floor: float = knob(0.5, "share of the flat per-layer slots every eviction layer keeps")
     min_slots: int = knob(128, "... and at least this many slots (at most its flat share)")
+    min_cap: float = knob(1.0, "... min_slots binds up to this share of the flat share (1: all of it)")
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.floor <= 1.0) or self.min_slots < 0:
-            raise ValueError("allocator.floor must be in [0, 1] and allocator.min_slots >= 0")
+        if not (0.0 <= self.floor <= 1.0) or self.min_slots < 0 or not (0.0 <= self.min_cap <= 1.0):
+            raise ValueError("allocator.floor and allocator.min_cap must be in [0, 1] and allocator.min_slots >= 0")
 
 
 Allocator = FlatShares | PyramidShares | MassShares
