@@ -117,8 +117,8 @@ def main() -> int:
                     totals[0] += ok_r and ok_g
                     totals[1] += ok_r
                     totals[2] += ok_g
-                    print(f"  {p.names[i]}@{p.depths[i]} {p.keys[i]}: full {r.answer!r} {ok_r} {r.logprob:.2f} | "
-                          f"compressed {g.answer!r} {ok_g} {g.logprob:.2f}")
+                    full = "" if args.no_full else f"full {r.answer!r} {ok_r} {r.logprob:.2f} | "
+                    print(f"  {p.names[i]}@{p.depths[i]} {p.keys[i]}: {full}compressed {g.answer!r} {ok_g} {g.logprob:.2f}")
                 for n_past, layers in sorted(installed.items()):
                     held = []
                     for name, toks in spans:
