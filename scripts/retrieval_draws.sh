@@ -15,7 +15,9 @@
 #   BUDGETS=0.25,0.15 bash scripts/retrieval_draws.sh later "0 1"
 #   bash scripts/retrieval_draws.sh ruler "0 1 3 4 5"
 #
-# Environment: OUT (runs/retrieval), BUDGETS (0.25), POLICIES (spindle), JOBS (2), BIN.
+# Environment: OUT (runs/retrieval), BUDGETS (0.25), POLICIES (spindle), JOBS (2), BIN, and
+# SETS: extra `--set KEY=VALUE` settings, space-separated, e.g.
+#   SETS="allocator.min_slots=256 allocator.min_cap=0.75" bash scripts/retrieval_draws.sh later "0 1"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PART="${1:?usage: retrieval_draws.sh multi|ruler|later \"SEEDS\"}"
@@ -25,6 +27,8 @@ BUDGETS="${BUDGETS:-0.25}"
 POLICIES="${POLICIES:-spindle}"
 JOBS="${JOBS:-2}"
 BIN="${BIN:-.venv/bin/spindle-local}"
+sets=()
+for kv in ${SETS:-}; do sets+=(--set "$kv"); done
 mkdir -p "$OUT"
 
 case "$PART" in
@@ -38,7 +42,7 @@ run_one() {  # seed
     local rows="$OUT/${PART}_s$1.jsonl"
     [ -s "$rows" ] && return 0
     "$BIN" eval "${args[@]}" --seed "$1" --threads 1 --policy "$POLICIES" --kv-budget "$BUDGETS" \
-        --out "$rows.part" > "$OUT/${PART}_s$1.log" 2>&1 && mv "$rows.part" "$rows"
+        ${sets[@]+"${sets[@]}"} --out "$rows.part" > "$OUT/${PART}_s$1.log" 2>&1 && mv "$rows.part" "$rows"
 }
 
 running=0
