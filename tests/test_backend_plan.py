@@ -456,3 +456,26 @@ def test_planning_beside_the_runtime_leaves_it_its_cores(tiny_paths: dict[str, P
             assert ctx.threads is None and ctx.runtime_pass_threads() == ctx.beside_runtime
         finally:
             eng.close()
+
+
+def test_slot_counts_add_up_to_the_tokens_evicted(tiny_paths: dict[str, Path]) -> None:
+    """With the evicted-mass stage, from plan to plan the slots of each KV head of a weighed
+    layer stand for every token that has left the regular cache; the counts survive a saved
+    and restored state."""
+    eng = _engine(tiny_paths["gqa"], stages={"mass": "on", "mass.from_layer": 1})
+    try:
+        eng.feed(_tokens(eng.model, 900, seed=5))
+        assert eng.stats.compressions >= 3
+        left = eng.n_past - eng.ctx.kv_used()
+        assert set(eng._slot_count) == {il for il in eng._store_layers if il >= 1} != set()
+        for il, count in eng._slot_count.items():
+            nsh = eng._store_meta[il][0]
+            for h in range(len(nsh)):
+                assert int(count[h, :nsh[h]].sum(dtype=np.int64)) == left
+        before = {il: c.copy() for il, c in eng._slot_count.items()}
+        eng.load_state_dict(*eng.state_dict())
+        assert set(eng._slot_count) == set(before)
+        for il, c in before.items():
+            assert np.array_equal(eng._slot_count[il], c)
+    finally:
+        eng.close()

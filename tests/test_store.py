@@ -327,6 +327,45 @@ def test_stale_slots_are_hidden(tiny: dict, flash_attn: bool, n_new: int) -> Non
     assert float(np.abs(shown - want).max()) > 5e-2  # the check has teeth: other context, other logits
 
 
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["nofa", "fa"])
+@pytest.mark.parametrize("n_new", [1, 3], ids=["split", "joined"])
+def test_slot_counts_attend_as_copies(tiny: dict, flash_attn: bool, n_new: int) -> None:
+    """A slot that stands for n tokens (policy/mass.py) attends as n copies of itself: the
+    logits equal those of a store holding each row n times, with the same masks."""
+    model, _ = tiny["gqa"]
+    tokens = _tiny_tokens(model, 52, seed=5)
+    new, pos_new = tokens[-n_new:], list(range(47, 47 + n_new))
+    rng = np.random.default_rng(4)
+    with LlamaContext(model, n_ctx=512, n_batch=128, flash_attn=flash_attn) as ctx, \
+            LlamaContext(model, n_ctx=512, n_batch=128, flash_attn=flash_attn) as dup:
+        for c in (ctx, dup):
+            c.decode(tokens[:47], logits="none")
+            c.move_to_store(0, 36)
+        ctx.decode(new, pos_new)
+        plain = ctx.logits().copy()
+        ctx.seq_rm(47, -1)
+        for il in range(model.n_layer):
+            st, sd = ctx.store_get(il), dup.store_get(il)
+            for hs, hd in zip(st.heads, sd.heads):
+                hs.count = rng.integers(1, 6, hs.n_slots).astype(np.uint8)
+                hs.qmask = rng.random(hs.qmask.shape) < 0.8
+                hd.positions = np.repeat(hs.positions, hs.count)
+                hd.qmask = np.repeat(hs.qmask, hs.count, axis=1)
+                hd.k_raw = np.repeat(hs.k_raw, hs.count, axis=0)
+                hd.v_raw = np.repeat(hs.v_raw, hs.count, axis=0)
+            ctx.store_set(il, st)
+            dup.store_set(il, sd)
+            back = ctx.store_get(il)
+            for hs, hb in zip(st.heads, back.heads):
+                assert (hb.count == hs.count).all() and (hb.qmask == hs.qmask).all()
+        ctx.decode(new, pos_new)
+        dup.decode(new, pos_new)
+        got, want = ctx.logits().copy(), dup.logits().copy()
+    # flash attention accumulates in f16: copies and a log-count on the logit round apart
+    assert float(np.abs(got - want).max()) < (2 * REF_ATOL if flash_attn else REF_ATOL)
+    assert float(np.abs(got - plain).max()) > 5e-2  # the counts matter
+
+
 def test_uneven_heads_roundtrip_and_bytes(tiny: dict) -> None:
     model, _ = tiny["gqa"]
     with LlamaContext(model, n_ctx=256) as ctx:

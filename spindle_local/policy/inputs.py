@@ -77,6 +77,7 @@ class LayerInput:
     attn: np.ndarray | None = None  # scored inputs: [H, n] window attention per query head
     v_norm: np.ndarray | None = None  # scored inputs: [n, Hkv] value norms
     source: np.ndarray | None = None  # scored inputs: [n, Hkv] where each pair lives (runtime's numbering)
+    count: np.ndarray | None = None  # [n, Hkv] tokens each pair stands for in attention (policy/mass.py); None: 1
 
     @property
     def n(self) -> int:
@@ -127,6 +128,7 @@ class LayerInput:
         check("attn", self.attn, (h, n))
         check("v_norm", self.v_norm, (n, hkv))
         check("source", self.source, (n, hkv))
+        check("count", self.count, (n, hkv))
         if self.k is None and (self.attn is None or self.v is not None or self.source is None):
             raise ValueError(f"layer {self.layer}: an input without keys needs attn and source, and no values")
         check("k_recent", self.k_recent, (None, hkv, dk))

@@ -67,10 +67,26 @@ class HeadStore:
     v_codebook: Codebook | None = None
     token_index: np.ndarray | None = None  # int64 [S]: rows of the policy's input arrays
     source: np.ndarray | None = None  # int32 [S]: raw rows to gather (scored inputs)
+    count: np.ndarray | None = None  # uint8 [S]: tokens each slot stands for in attention (None: 1 each)
 
     @property
     def n_slots(self) -> int:
         return int(self.positions.shape[0])
+
+    def visibility(self) -> np.ndarray:
+        """uint8 [g, S] as the runtime stores it: 0 where a query head does not see a slot,
+        else the tokens the slot stands for (``log`` of it is added to the slot's logit)."""
+        vis = np.asarray(self.qmask, dtype=np.uint8)
+        if self.count is None:
+            return vis
+        return vis * np.asarray(self.count, dtype=np.uint8)[None, :]
+
+    @classmethod
+    def split_visibility(cls, vis: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(qmask, count)`` from a :meth:`visibility` array (count None when every slot is 1)."""
+        vis = np.asarray(vis, dtype=np.uint8)
+        count = vis.max(axis=0, initial=0) if vis.size else np.zeros(vis.shape[1:], np.uint8)
+        return vis > 0, (np.maximum(count, 1).astype(np.uint8) if (count > 1).any() else None)
 
 
 @dataclass

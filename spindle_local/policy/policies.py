@@ -32,6 +32,7 @@ from .budgets import allocate_slots, mass_slots, pyramid_weights, raw_slot_bytes
 from .inputs import Geometry, LayerInput
 from .layer_plans import evict_layer, fit_codebook_layer, head_store, layer_gains, protect
 from .parallel import pmap
+from .mass import weigh_store
 from .plan import LayerStore, layer_store_bytes
 from .presets import PRESETS, Stages, apply_settings, preset
 from .roles import RoleMemory, decide_role
@@ -342,10 +343,14 @@ class StagedPolicy(Policy):
         for i, s in planned_slots.items():
             self._extra_report[metas[i].layer]["slots_planned"] = s
 
+        mass_from = len(metas) if st.mass is None else st.mass.first_layer(len(metas))
+
         def evict(i: int) -> None:
             inp = metas[i] if metas[i].scored else source.load(i)
             store = evict_layer(inp, geometry, scores[i], planned_slots[i], per_query_head=True,
                                 union_visible=st.selector.masks == "union", select=st.selector.rule)
+            if i >= mass_from:
+                weigh_store(store, metas[i].positions, metas[i].available, metas[i].count, ctx.sinks, st.mass.share)
             scores[i] = None  # type: ignore[call-overload]  # planned: drop the layer's scores
             put(i, metas[i], store)
 

@@ -14,6 +14,7 @@ from .stages import (
     Allocator,
     Codebooks,
     CopySpans,
+    EvictedMass,
     FlatShares,
     GroupSelect,
     MassShares,
@@ -27,8 +28,8 @@ from .stages import (
 
 @dataclass
 class Stages:
-    """One policy: a scorer, boosters, an allocator, codebook roles and a GQA selector
-    (run in that order, see :mod:`.stages`). None: the stage is off."""
+    """One policy: a scorer, boosters, an allocator, codebook roles, a GQA selector and the
+    evicted mass (run in that order, see :mod:`.stages`). None: the stage is off."""
 
     scorer: WindowScorer | Recency
     allocator: Allocator
@@ -36,6 +37,7 @@ class Stages:
     copy_spans: CopySpans | None = None
     salient: SalientRuns | None = None
     codebooks: Codebooks | None = None
+    mass: EvictedMass | None = None
 
     def __post_init__(self) -> None:
         if self.codebooks is not None and not isinstance(self.scorer, WindowScorer):
@@ -60,6 +62,7 @@ KINDS: dict[str, dict[str, type | None]] = {
     "copy_spans": {"on": CopySpans, "off": None},
     "salient": {"on": SalientRuns, "off": None},
     "codebooks": {"on": Codebooks, "off": None},
+    "mass": {"on": EvictedMass, "off": None},
 }
 
 

@@ -59,6 +59,7 @@ class LayerMeta:
     salient: np.ndarray | None
     source: np.ndarray | None = None  # [n, n_head_kv] of a scored layer, None when it has vectors
     sentence: np.ndarray | None = None  # [n] token marks (salience.scan_pieces: OPENS, ENDS, STOPS, ...), None: unknown
+    count: np.ndarray | None = None  # [n, n_head_kv] tokens each pair stands for (policy/mass.py), None: 1
 
     # a meta never holds vectors (what :func:`~.layer_plans.head_store` checks)
     k = None
@@ -69,7 +70,7 @@ class LayerMeta:
     def of(cls, inp: LayerInput) -> LayerMeta:
         source = np.asarray(inp.source) if inp.k is None and inp.source is not None else None
         return cls(inp.layer, inp.n, np.asarray(inp.positions), inp.available_mask(), inp.salient, source,
-                   inp.sentence)
+                   inp.sentence, inp.count)
 
     @property
     def scored(self) -> bool:

@@ -8,7 +8,9 @@ A plan runs them in this order (:class:`~.policies.StagedPolicy`):
 3. an **allocator** gives every layer its slots (:class:`FlatShares`, :class:`PyramidShares`,
    :class:`MassShares`);
 4. **codebook roles** turn shallow layers into codebook layers (:class:`Codebooks`);
-5. a **GQA selector** picks each KV head's tokens and query-head masks (:class:`GroupSelect`).
+5. a **GQA selector** picks each KV head's tokens and query-head masks (:class:`GroupSelect`);
+6. **evicted mass** lets deep layers' kept slots stand for the tokens evicted beside them
+   (:class:`EvictedMass`).
 
 Named presets of these (``snapkv``, ``spindle``, ...) are in :mod:`.presets`. Stages hold
 settings only; the functions that do the work live in the modules named in each docstring.
@@ -153,6 +155,23 @@ class GroupSelect:
             raise ValueError(f"selector.rule must be mean, max or union, not {self.rule!r}")
         if self.masks not in ("union", "own"):
             raise ValueError(f"selector.masks must be union or own, not {self.masks!r}")
+
+
+@dataclass
+class EvictedMass:
+    """Kept slots of deep eviction layers stand for the tokens evicted beside them: each
+    adds ``log`` of its share of its head's tokens to its attention logit, so the document
+    keeps its weight against the recent tokens after eviction. Work: :mod:`.mass`."""
+
+    from_layer: int | None = knob(None, "first layer whose slots stand for evicted tokens (none: two thirds of the stack)")
+    share: float = knob(1.0, "each kept slot stands for this share of its equal part of the tokens")
+
+    def __post_init__(self) -> None:
+        if self.share <= 0 or (self.from_layer is not None and self.from_layer < 0):
+            raise ValueError("mass.share must be > 0 and mass.from_layer >= 0 or none")
+
+    def first_layer(self, n_layer: int) -> int:
+        return -(-2 * n_layer // 3) if self.from_layer is None else int(self.from_layer)
 
 
 @dataclass

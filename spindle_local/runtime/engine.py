@@ -190,6 +190,8 @@ class Engine:
         # gathered it (a store's V rows do not change until it is replaced): the next plan's
         # scores then read none of the store's V rows. Absent for an uploaded store.
         self._slot_vnorm: dict[int, np.ndarray] = {}
+        # layers whose slots stand for more than one token each (policy/mass.py): uint8 [Hkv, S]
+        self._slot_count: dict[int, np.ndarray] = {}
         self._allowance: int | None = None  # regular tokens the last plan left room for (None: no plan)
         self._prompt_end: int | None = None  # while feed() reads a prompt: the position after it
         # Interrupts (runtime/interrupt.py): SIGINT or another thread sets ``cancel``; feed,
@@ -247,7 +249,8 @@ class Engine:
         allocation, the store's buffers, and what compression keeps on the host between
         plans (the window queries, the store's slot positions and value norms)."""
         host = (self.queries.nbytes() + sum(a.nbytes + b.nbytes for a, b in self._store_meta.values())
-                + sum(a.nbytes for a in self._slot_vnorm.values()))
+                + sum(a.nbytes for a in self._slot_vnorm.values())
+                + sum(a.nbytes for a in self._slot_count.values()))
         return {
             "regular_cache_bytes": self._regular_alloc_bytes(),  # the window layers' cache included
             "window_cache_bytes": self.window_cache_bytes,
@@ -300,6 +303,7 @@ class Engine:
             self._store_layers.clear()
         self._store_meta.clear()
         self._slot_vnorm.clear()
+        self._slot_count.clear()
         self.policy.role_memory.clear()
         self.queries.reset()
         self.tokens = []
@@ -801,7 +805,7 @@ class Engine:
             qmask = np.zeros((len(heads) * g, S), dtype=np.uint8)
             for h, hs in enumerate(heads):
                 src[h, :hs.n_slots] = hs.source
-                qmask[h * g:(h + 1) * g, :hs.n_slots] = hs.qmask
+                qmask[h * g:(h + 1) * g, :hs.n_slots] = hs.visibility()
             native.store_gather(self.ctx, il, n_slot_head, src, qmask)
             if source_vnorm is not None:
                 vnorm = np.take_along_axis(source_vnorm, src, axis=1)
@@ -814,6 +818,13 @@ class Engine:
         else:
             self._store_layers.discard(il)
             self._store_meta.pop(il, None)
+        self._slot_count.pop(il, None)
+        if any(h.count is not None for h in heads):  # tokens each slot stands for, for the next plan
+            count = np.ones((len(heads), S), dtype=np.uint8)
+            for h, hs in enumerate(heads):
+                if hs.count is not None:
+                    count[h, :hs.n_slots] = hs.count
+            self._slot_count[il] = count
         if vnorm is not None:
             self._slot_vnorm[il] = vnorm.astype(np.float32, copy=False)
         else:

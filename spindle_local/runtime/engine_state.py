@@ -121,7 +121,7 @@ def state_dict(engine) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         for h, hs in enumerate(st.heads):
             key = f"s{il}_{h}"
             arrays[key + "_pos"] = hs.positions.astype(np.int32)
-            arrays[key + "_qmask"] = hs.qmask.astype(np.uint8)
+            arrays[key + "_qmask"] = hs.visibility()  # with the tokens each slot stands for
             _put_side(arrays, key + "_k", hs.k_raw, hs.k_codebook)
             _put_side(arrays, key + "_v", hs.v_raw, hs.v_codebook)
     info = {
@@ -153,7 +153,8 @@ def load_state_dict(engine, info: dict[str, Any], a: dict[str, np.ndarray]) -> N
                 key = f"s{il}_{h}"
                 k_raw, k_cb = _get_side(a, key + "_k")
                 v_raw, v_cb = _get_side(a, key + "_v")
-                heads.append(HeadStore(positions=a[key + "_pos"], qmask=a[key + "_qmask"].astype(bool),
+                vis, count = HeadStore.split_visibility(a[key + "_qmask"])
+                heads.append(HeadStore(positions=a[key + "_pos"], qmask=vis, count=count,
                                        k_raw=k_raw, k_codebook=k_cb, v_raw=v_raw, v_codebook=v_cb))
             engine.install_store(il, LayerStore(layer=il, heads=heads, role=st["role"]))
     except BaseException:

@@ -363,6 +363,8 @@ class LlamaContext:
                         qmask=np.concatenate([o.qmask, new.qmask], axis=1),
                         k_raw=np.concatenate([o.k_raw, new.k_raw]),
                         v_raw=np.concatenate([o.v_raw, new.v_raw]),
+                        count=None if o.count is None else np.concatenate(
+                            [o.count, np.ones(new.n_slots, dtype=np.uint8)]),
                     )
                 heads.append(new)
             native.store_set(self, il, LayerStore(layer=il, heads=heads, role="full"))

@@ -21,7 +21,7 @@ from spindle_local.policy.inputs import Geometry as AttentionShape
 from spindle_local.policy.plan import Codebook, HeadStore, LayerStore
 
 #: The ``LLAMA_SPINDLE_API_VERSION`` this module was written against.
-API_VERSION = 8
+API_VERSION = 9
 
 ERR_ARG = -1
 ERR_UNSUPPORTED = -2
@@ -429,7 +429,7 @@ def store_set(ctx: Any, layer: int, store: LayerStore) -> None:
         if h.qmask.shape != (g, s_h):
             raise SpindleError(f"store of layer {layer}, KV head {i}: qmask shape {h.qmask.shape}, expected {(g, s_h)}")
         pos[i, :s_h] = h.positions
-        qmask[i * g : (i + 1) * g, :s_h] = h.qmask
+        qmask[i * g : (i + 1) * g, :s_h] = h.visibility()
 
     arrays: dict[str, np.ndarray | None] = {}
     flags: dict[str, int] = {}
@@ -519,7 +519,8 @@ def store_get(ctx: Any, layer: int) -> LayerStore:
     offsets = {side: 0 for side in ("k", "v")}
     for h in range(H):
         s_h = int(n_slot_head[h])
-        head = HeadStore(positions=pos[h, :s_h].copy(), qmask=qmask[h * g : (h + 1) * g, :s_h].astype(bool))
+        vis, count = HeadStore.split_visibility(qmask[h * g : (h + 1) * g, :s_h])
+        head = HeadStore(positions=pos[h, :s_h].copy(), qmask=vis, count=count)
         for side in ("k", "v"):
             if cb[side]:
                 e_h = int(bufs[f"{side}_n_entries"][h])

@@ -32,12 +32,13 @@ if TYPE_CHECKING:
 
 
 def assemble_scored_input(layer: int, sc: native.LayerScores, n_slot_head: np.ndarray, slot_pos: np.ndarray,
-                          cut: int, g: int, q_window: np.ndarray, q_positions: np.ndarray) -> pin.LayerInput:
+                          cut: int, g: int, q_window: np.ndarray, q_positions: np.ndarray,
+                          slot_count: np.ndarray | None = None) -> pin.LayerInput:
     """A scored :class:`~spindle_local.policy.inputs.LayerInput` from the patch's per-slot and
     per-cell arrays: rows are the union of the store's positions, then the regular cells
     before ``cut`` in position order; attention is averaged over the window queries that see
     each token (what :func:`~spindle_local.policy.scores.raw_window_scores` computes on
-    host vectors)."""
+    host vectors). ``slot_count`` [Hkv, S]: the tokens each slot stands for (None: 1)."""
     hkv = len(n_slot_head)
     S = slot_pos.shape[1] if slot_pos.ndim == 2 else 0
     cp = sc.cell_pos
@@ -59,12 +60,15 @@ def assemble_scored_input(layer: int, sc: native.LayerScores, n_slot_head: np.nd
     v_norm = np.zeros((n, hkv), np.float32)
     avail = np.zeros((n, hkv), bool)
     source = np.zeros((n, hkv), np.int32)
+    count = None if slot_count is None else np.ones((n, hkv), np.int32)
     for h, k in enumerate(counts):
         rows = np.searchsorted(union, slot_pos[h, :k])
         attn[h * g:(h + 1) * g, rows] = sc.slot_attn[h * g:(h + 1) * g, :k]
         v_norm[rows, h] = sc.slot_vnorm[h, :k]
         avail[rows, h] = True
         source[rows, h] = np.arange(k, dtype=np.int32)
+        if count is not None:
+            count[rows, h] = slot_count[h, :k]
     attn[:, m:] = sc.cell_attn[:, cells]
     v_norm[m:] = sc.cell_vnorm[:, cells].T
     avail[m:] = True
@@ -75,7 +79,7 @@ def assemble_scored_input(layer: int, sc: native.LayerScores, n_slot_head: np.nd
     attn[:, seen == 0] = 0.0
     return pin.LayerInput(layer=layer, k=None, k_pre=None, v=None, positions=positions,
                           q_window=q_window, q_positions=np.asarray(q_positions, np.int32),
-                          available=avail, attn=attn, v_norm=v_norm, source=source)
+                          available=avail, attn=attn, v_norm=v_norm, source=source, count=count)
 
 
 class PlanSource:
@@ -148,7 +152,10 @@ class PlanSource:
         sc = native.layer_scores(e.ctx, il, q, q_pos, e.attn_scale(il), slot_pos.shape[1], e.cells,
                                  slot_vnorm=known)
         self.vnorms[il] = (sc.slot_vnorm, sc.cell_vnorm)  # (the engine's own array when known: no copy)
-        inp = assemble_scored_input(il, sc, n_slot_head, slot_pos, self.cut, e.pgeo.g, q, q_pos)
+        slot_count = e._slot_count.get(il)
+        if slot_count is not None and slot_count.shape != slot_pos.shape:
+            slot_count = None
+        inp = assemble_scored_input(il, sc, n_slot_head, slot_pos, self.cut, e.pgeo.g, q, q_pos, slot_count)
         if e.policy.wants_salience():
             prio, marks = e._salience()
             inp.salient, inp.sentence = prio[inp.positions], marks[inp.positions]
