@@ -462,7 +462,7 @@ def test_slot_counts_add_up_to_the_tokens_evicted(tiny_paths: dict[str, Path]) -
     """With the evicted-mass stage, from plan to plan the slots of each KV head of a weighed
     layer stand for every token that has left the regular cache; the counts survive a saved
     and restored state."""
-    eng = _engine(tiny_paths["gqa"], stages={"mass": "on", "mass.from_layer": 1})
+    eng = _engine(tiny_paths["gqa"], stages={"mass": "on", "mass.from_layer": 1, "mass.share": 1.0})
     try:
         eng.feed(_tokens(eng.model, 900, seed=5))
         assert eng.stats.compressions >= 3

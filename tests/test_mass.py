@@ -78,7 +78,8 @@ def test_mass_stage_changes_counts_not_selection() -> None:
     target = 40_000
     ctx = PlanContext(sinks=4)
     plain = make_policy("spindle", {}, ctx).plan(layers, GEO, target)
-    weighed = make_policy("spindle", {"mass": "on", "mass.from_layer": 3}, ctx).plan(layers, GEO, target)
+    weighed = make_policy("spindle", {"mass": "on", "mass.from_layer": 3, "mass.share": 1.0}, ctx).plan(
+        layers, GEO, target)
     first = EvictedMass(from_layer=3).first_layer(GEO.n_layer)
     for a, b, inp in zip(plain, weighed, layers):
         for ha, hb in zip(a.heads, b.heads):

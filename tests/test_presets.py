@@ -136,7 +136,7 @@ def test_every_setting_key_is_reachable():
         if "." not in key:
             continue
         slot, _, field = key.partition(".")
-        st = apply_settings(preset("spindle"), switch.get(key, {slot: "on"} if slot == "codebooks" else {}))
+        st = apply_settings(preset("spindle"), switch.get(key, {slot: "on"} if slot in ("codebooks", "mass") else {}))
         value = getattr(getattr(st, slot), field)
         changed = 1 if value is None else value
         got = apply_settings(st, {key: changed})

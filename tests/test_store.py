@@ -329,9 +329,12 @@ def test_stale_slots_are_hidden(tiny: dict, flash_attn: bool, n_new: int) -> Non
 
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["nofa", "fa"])
 @pytest.mark.parametrize("n_new", [1, 3], ids=["split", "joined"])
-def test_slot_counts_attend_as_copies(tiny: dict, flash_attn: bool, n_new: int) -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
+def test_slot_counts_attend_as_copies(tiny: dict, flash_attn: bool, n_new: int, shared: bool) -> None:
     """A slot that stands for n tokens (policy/mass.py) attends as n copies of itself: the
-    logits equal those of a store holding each row n times, with the same masks."""
+    logits equal those of a store holding each row n times, with the same masks. Counts
+    that differ between heads (and masks) take the per-head mask; the same count at the
+    same slot of every head, every query head seeing every slot, the shared one."""
     model, _ = tiny["gqa"]
     tokens = _tiny_tokens(model, 52, seed=5)
     new, pos_new = tokens[-n_new:], list(range(47, 47 + n_new))
@@ -346,9 +349,11 @@ def test_slot_counts_attend_as_copies(tiny: dict, flash_attn: bool, n_new: int) 
         ctx.seq_rm(47, -1)
         for il in range(model.n_layer):
             st, sd = ctx.store_get(il), dup.store_get(il)
+            same = rng.integers(1, 6, st.heads[0].n_slots).astype(np.uint8)
             for hs, hd in zip(st.heads, sd.heads):
-                hs.count = rng.integers(1, 6, hs.n_slots).astype(np.uint8)
-                hs.qmask = rng.random(hs.qmask.shape) < 0.8
+                hs.count = same if shared else rng.integers(1, 6, hs.n_slots).astype(np.uint8)
+                if not shared:
+                    hs.qmask = rng.random(hs.qmask.shape) < 0.8
                 hd.positions = np.repeat(hs.positions, hs.count)
                 hd.qmask = np.repeat(hs.qmask, hs.count, axis=1)
                 hd.k_raw = np.repeat(hs.k_raw, hs.count, axis=0)
