@@ -85,7 +85,7 @@ class HeadStore:
     def split_visibility(cls, vis: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """``(qmask, count)`` from a :meth:`visibility` array (count None when every slot is 1)."""
         vis = np.asarray(vis, dtype=np.uint8)
-        count = vis.max(axis=0, initial=0) if vis.size else np.zeros(vis.shape[1:], np.uint8)
+        count = vis.max(axis=0, initial=0)
         return vis > 0, (np.maximum(count, 1).astype(np.uint8) if (count > 1).any() else None)
 
 

@@ -168,7 +168,7 @@ class EvictedMass:
     from_layer: int | None = knob(None, "first layer whose slots stand for evicted tokens (none: two thirds of the stack)")
     # 1 gives the kept slots all of the evicted tokens' attention, which they never had (they
     # scored lower): measured, it overweights the document against the recent tokens (KLD
-    # up by half at 0.15); half of it keeps the KLD and most of the later answers' gain
+    # up by two thirds at 0.15); half of it keeps the KLD and most of the later answers' gain
     share: float = knob(0.5, "each kept slot stands for this share of its equal part of the tokens")
 
     def __post_init__(self) -> None:
