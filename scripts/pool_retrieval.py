@@ -7,7 +7,7 @@ files or ``--json`` output, any mix) and prints, per configuration and protocol:
 
 * pass keys (``eval needle``): keys found by both the policy and the full cache, the full
   cache's keys, their ratio (the relative accuracy), keys the policy found on its own
-  count, and the draws' seeds with their own counts;
+  count, the same per prompt length, and the draws' seeds with their own counts;
 * RULER-style tasks (``eval ruler``): per task, the policy's and the full cache's scores
   pooled over every prompt of every draw (weighted by prompts), their difference in
   points, and the draws whose own difference is more than ``--points`` below.
@@ -56,6 +56,21 @@ def commit_of(r: dict) -> str:
     return c + ("+dirty" if src.get("dirty") else "")
 
 
+def _by_length(rs: list[dict]) -> list[str]:
+    """"LENGTH: both/full, dlogp D" per prompt length, over every draw (Δlogp weighted by answers)."""
+    acc: dict[int, list[float]] = defaultdict(lambda: [0, 0, 0.0, 0])
+    for r in rs:
+        for c in r["cells"]:
+            a = acc[c["length"]]
+            a[0] += c["correct_both"]
+            a[1] += c["correct_full"]
+            n = c.get("logprob_n", 0)
+            if n:
+                a[2] += c["logprob_delta"] * n
+                a[3] += n
+    return [f"{n}: {a[0]}/{a[1]}" + (f", dlogp {a[2] / a[3]:+.2f}" if a[3] else "") for n, a in sorted(acc.items())]
+
+
 def pool_needle(rows: list[dict]) -> None:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
@@ -69,6 +84,7 @@ def pool_needle(rows: list[dict]) -> None:
         print(f"{label} [{protocol}]: {both} of the full cache's {full} keys ({rel:.3f}); "
               f"found {alone} keys in all; {len(rs)} draws; commit {', '.join(commits)}"
               + ("  ** rows from several commits **" if len(commits) > 1 else ""))
+        print("  by length: " + "; ".join(_by_length(rs)))
         for r in sorted(rs, key=lambda r: r.get("seed", 0)):
             b = sum(c["correct_both"] for c in r["cells"])
             f = sum(c["correct_full"] for c in r["cells"])

@@ -34,6 +34,7 @@ def test_needle_draws_pool_keys_found_by_both(pool, tmp_path, capsys):
     assert "4 of the full cache's 5 keys (0.800)" in out
     assert "found 6 keys in all; 2 draws" in out
     assert "lost at 3000/0.9" in out
+    assert "by length: 1000: 3/3; 3000: 1/2" in out
     assert "several commits" not in out
 
 
