@@ -19,9 +19,9 @@ RECORDED = Path(__file__).parent / "data" / "recorded_plans.json"
 
 # The configurations recorded (with the policies as they were before they became stage
 # compositions), written as presets plus settings. The spindle rows were recorded when the
-# preset had codebook layers (now off by default), a 256-slot minimum under mass allocation
-# and no token floor for salient runs, so they set those back.
-_RECORDED_SPINDLE = {"codebooks": "on", "allocator.min_slots": 256, "salient.tokens": 0}
+# preset had codebook layers (now off by default), a 256-slot minimum under mass allocation,
+# no token floor for salient runs and no evicted-mass counts, so they set those back.
+_RECORDED_SPINDLE = {"codebooks": "on", "allocator.min_slots": 256, "salient.tokens": 0, "mass": "off"}
 CONFIGS = {
     "streaming": ("streaming", {}),
     "snapkv": ("snapkv", {}),
@@ -141,6 +141,12 @@ def test_every_setting_key_is_reachable():
         changed = 1 if value is None else value
         got = apply_settings(st, {key: changed})
         assert getattr(getattr(got, slot), field) == changed
+
+
+def test_evicted_mass_is_on_in_spindle_only():
+    assert preset("spindle").mass is not None and preset("spindle").mass.share == 0.5
+    assert all(preset(n).mass is None for n in ("streaming", "snapkv", "pyramidkv", "spindle-paper"))
+    assert apply_settings(preset("spindle"), {"mass": "off"}).mass is None
 
 
 def test_codebook_candidates_follow_the_stage():

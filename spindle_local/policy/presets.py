@@ -82,9 +82,11 @@ PRESETS: dict[str, Callable[[], Stages]] = {
     "pyramidkv": lambda: Stages(WindowScorer(), PyramidShares(), GroupSelect()),
     # the default: measured on SmolLM2-135M, see docs/benchmarks.md ("How the defaults were chosen");
     # no codebook layers: they lost pass keys under both question protocols at equal KLD
-    # (`--set codebooks=on` adds them back)
+    # (`--set codebooks=on` adds them back); the deep layers' kept slots stand for the tokens
+    # evicted beside them: later questions keep more keys at the same KLD ("Slots that stand
+    # for the tokens evicted beside them")
     "spindle": lambda: Stages(WindowScorer(value_weight=True), MassShares(), GroupSelect(),
-                              CopySpans(), SalientRuns()),
+                              CopySpans(), SalientRuns(), mass=EvictedMass()),
     # SpindleKV as published: pyramid budgets, per-query-head round-robin with own masks, codebooks
     "spindle-paper": lambda: Stages(WindowScorer(), PyramidShares(), GroupSelect(rule="union", masks="own"),
                                     codebooks=Codebooks()),

@@ -162,7 +162,8 @@ class EvictedMass:
     """Kept slots of deep eviction layers stand for the tokens evicted beside them: each
     adds ``log`` of its share of its head's tokens to its attention logit, so the document
     keeps its weight against the recent tokens after eviction (docs/benchmarks.md, "Slots
-    that stand for the tokens evicted beside them"). Off in every preset (``--set mass=on``).
+    that stand for the tokens evicted beside them"). On in the ``spindle`` preset
+    (``--set mass=off`` removes it), off in the others.
     Work: :mod:`.mass`."""
 
     from_layer: int | None = knob(None, "first layer whose slots stand for evicted tokens (none: two thirds of the stack)")
