@@ -57,7 +57,8 @@ def commit_of(r: dict) -> str:
 
 
 def _by_length(rs: list[dict]) -> list[str]:
-    """"LENGTH: both/full, dlogp D" per prompt length, over every draw (Δlogp weighted by answers)."""
+    """One ``LENGTH: both/full, dlogp D`` entry per prompt length, over every draw (Δlogp
+    weighted by the answers it averages)."""
     acc: dict[int, list[float]] = defaultdict(lambda: [0, 0, 0.0, 0])
     for r in rs:
         for c in r["cells"]:

@@ -30,9 +30,9 @@ CONFIGS = {
     "spindle-paper": ("spindle-paper", {"copy_spans": "on"}),
     "spindle-cb2": ("spindle", {**_RECORDED_SPINDLE, "codebooks.layers": 2}),
     "spindle-flat-max": ("spindle", {"codebooks": "on", "salient.tokens": 0, "allocator": "flat",
-                                     "selector.rule": "max"}),
+                                     "selector.rule": "max", "mass": "off"}),
     "spindle-window-only": ("spindle", {"codebooks": "on", "salient": "off", "copy_spans": "off",
-                                        "allocator.min_slots": 256}),
+                                        "allocator.min_slots": 256, "mass": "off"}),
 }
 BUDGETS = (0.4, 0.25, 0.15)
 
@@ -136,7 +136,7 @@ def test_every_setting_key_is_reachable():
         if "." not in key:
             continue
         slot, _, field = key.partition(".")
-        st = apply_settings(preset("spindle"), switch.get(key, {slot: "on"} if slot in ("codebooks", "mass") else {}))
+        st = apply_settings(preset("spindle"), switch.get(key, {slot: "on"} if slot == "codebooks" else {}))
         value = getattr(getattr(st, slot), field)
         changed = 1 if value is None else value
         got = apply_settings(st, {key: changed})
