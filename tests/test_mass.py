@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spindle_local.policy import Geometry, make_policy
-from spindle_local.policy.mass import MAX_COUNT, equal_counts, weigh_store
+from spindle_local.policy.mass import MAX_COUNT, equal_counts, nearest_counts, weigh_store
 from spindle_local.policy.plan import HeadStore, LayerStore
 from spindle_local.policy.stages import EvictedMass, PlanContext
 from spindle_local.policy.synthetic import make_layers
@@ -23,6 +23,53 @@ def test_equal_counts_keep_the_total() -> None:
     assert equal_counts(5, 10, 1.0).tolist() == [1] * 10  # never below one token
     assert equal_counts(10**6, 3, 1.0).tolist() == [MAX_COUNT] * 3
     assert len(equal_counts(50, 0, 1.0)) == 0
+
+
+def test_nearest_counts_give_each_evicted_token_to_the_nearest_kept_slot() -> None:
+    kept = np.array([10, 20, 50])
+    lost = np.array([0, 5, 14, 15, 16, 30, 36, 60, 90])
+    # nearest: 0, 5 -> 10; 14, 15 -> 10 (15 ties: the earlier); 16 -> 20; 30 -> 20; 36 -> 50; 60, 90 -> 50
+    c = nearest_counts(kept, np.ones(3), lost, np.ones(len(lost)), 1.0)
+    assert c.tolist() == [5, 3, 4]
+    assert int(c.sum()) == len(kept) + len(lost)  # share 1: every token accounted for
+    # earlier counts carry: a kept slot that stood for 6, an evicted one that stood for 9
+    c = nearest_counts(kept, np.array([6, 1, 1]), np.array([45]), np.array([9]), 1.0)
+    assert c.tolist() == [6, 1, 10]
+    # share 0.5 keeps the halved total exactly (largest remainders round up), never below 1
+    c = nearest_counts(kept, np.ones(3), lost, np.ones(len(lost)), 0.5)
+    assert int(c.sum()) == 6 and c.min() >= 1 and c.tolist() == [3, 1, 2]
+    assert nearest_counts(kept, np.ones(3), np.zeros(0), np.zeros(0), 1.0).tolist() == [1, 1, 1]
+    assert nearest_counts(np.array([3]), np.ones(1), np.arange(1000), np.ones(1000), 1.0).tolist() == [MAX_COUNT]
+    assert len(nearest_counts(np.zeros(0), np.zeros(0), lost, np.ones(len(lost)), 1.0)) == 0
+
+
+def test_nearest_counts_match_a_plain_loop() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        pos = rng.permutation(400)[:120]
+        kept, lost = np.sort(pos[:30]), pos[30:]
+        kc, lc = rng.integers(1, 5, 30), rng.integers(1, 5, 90)
+        given = kc.astype(float).copy()
+        for p, n in zip(lost, lc):
+            d = np.abs(kept - p)
+            given[int(np.flatnonzero(d == d.min())[0])] += n  # the earlier slot on a tie
+        c = nearest_counts(kept, kc, lost, lc, 1.0)
+        assert c.tolist() == np.clip(given, 1, MAX_COUNT).astype(int).tolist()
+
+
+def test_weigh_store_nearest_spread_keeps_the_total_of_equal() -> None:
+    positions = np.arange(40, dtype=np.int32)
+    st_eq = LayerStore(layer=5, heads=[_head([0, 1, 10, 11, 12, 35])])
+    st_nn = LayerStore(layer=5, heads=[_head([0, 1, 10, 11, 12, 35])])
+    weigh_store(st_eq, positions, None, None, protected=2, share=1.0)
+    weigh_store(st_nn, positions, None, None, protected=2, share=1.0, spread="nearest")
+    assert int(st_eq.heads[0].count[2:].sum()) == 38  # equal parts of the same 38 tokens
+    nn = st_nn.heads[0].count.tolist()
+    assert sum(nn[2:]) == 38 and nn[:2] == [1, 1]
+    # 2..10 -> slot 10 (9), 11 alone, 12..23 -> 12 (12; 23 is nearer to 12 than to 35), 24..39 -> 35 (16)
+    assert nn[2:] == [9, 1, 12, 16]
+    with pytest.raises(ValueError):
+        weigh_store(st_nn, positions, None, None, protected=2, share=1.0, spread="random")
 
 
 def _head(positions) -> HeadStore:
@@ -73,12 +120,14 @@ def test_visibility_roundtrip() -> None:
     assert count is None
 
 
-def test_mass_stage_changes_counts_not_selection() -> None:
+@pytest.mark.parametrize("spread", ["equal", "nearest"])
+def test_mass_stage_changes_counts_not_selection(spread: str) -> None:
     layers = make_layers(GEO, n=160, w=8, r=12, seed=1)
     target = 40_000
     ctx = PlanContext(sinks=4)
     plain = make_policy("spindle", {}, ctx).plan(layers, GEO, target)
-    weighed = make_policy("spindle", {"mass": "on", "mass.from_layer": 3, "mass.share": 1.0}, ctx).plan(
+    weighed = make_policy("spindle", {"mass": "on", "mass.from_layer": 3, "mass.share": 1.0,
+                                          "mass.spread": spread}, ctx).plan(
         layers, GEO, target)
     first = EvictedMass(from_layer=3).first_layer(GEO.n_layer)
     for a, b, inp in zip(plain, weighed, layers):

@@ -19,6 +19,14 @@ grows with the budget) keeps what it stood for.
 ``share`` scales the equal part: 1 gives back as much attention as the evicted tokens
 would have had if they resembled the kept ones; below 1, less (the evicted tokens scored
 lower by construction).
+
+``spread="nearest"`` shares the same total differently: each evicted token goes to the kept
+slot nearest to it in position, and a slot stands for ``share`` of the tokens it was given
+(itself included). A kept token inside a run the plan kept whole (a key, a name) then
+stands for about itself, and one kept in a long evicted stretch for much of that stretch:
+the attention the evicted tokens held returns to tokens of their own part of the text,
+whose values resemble theirs, instead of to every kept token alike (numbers and names
+included, whose values then weigh in wherever a query spreads its attention).
 """
 
 from __future__ import annotations
@@ -44,8 +52,35 @@ def equal_counts(held: float, kept: int, share: float) -> np.ndarray:
     return np.clip(c, 1, MAX_COUNT).astype(np.uint8)
 
 
+def nearest_counts(kept_pos: np.ndarray, kept_count: np.ndarray, lost_pos: np.ndarray,
+                   lost_count: np.ndarray, share: float) -> np.ndarray:
+    """uint8 [len(kept_pos)]: what each kept slot (positions ascending) stands for when every
+    evicted token (``lost_pos``, standing for ``lost_count`` tokens) goes to the kept slot
+    nearest to it in position (the earlier one on a tie) and a slot stands for ``share`` of
+    what it was given, its own ``kept_count`` included. The total, ``share`` times all the
+    tokens, is kept exactly (largest remainders round up), as long as each part is in
+    ``[1, MAX_COUNT]``."""
+    k = len(kept_pos)
+    if k == 0:
+        return np.zeros(0, dtype=np.uint8)
+    given = np.asarray(kept_count, dtype=np.float64).copy()
+    if len(lost_pos):
+        kp = np.asarray(kept_pos, dtype=np.int64)
+        lp = np.asarray(lost_pos, dtype=np.int64)
+        right = np.clip(np.searchsorted(kp, lp), 0, k - 1)
+        left = np.clip(right - 1, 0, k - 1)
+        nearest = np.where(np.abs(lp - kp[left]) <= np.abs(kp[right] - lp), left, right)
+        np.add.at(given, nearest, np.asarray(lost_count, dtype=np.float64))
+    x = share * given
+    c = np.floor(x).astype(np.int64)
+    r = int(np.rint(x.sum())) - int(c.sum())
+    if r > 0:
+        c[np.argsort(-(x - c), kind="stable")[:r]] += 1
+    return np.clip(c, 1, MAX_COUNT).astype(np.uint8)
+
+
 def weigh_store(store: LayerStore, positions: np.ndarray, available: np.ndarray | None,
-                count: np.ndarray | None, protected: int, share: float) -> None:
+                count: np.ndarray | None, protected: int, share: float, spread: str = "equal") -> None:
     """Set ``count`` on every KV head of ``store`` (in place).
 
     ``positions`` [n], ``available`` bool [n, Hkv] (None: all) and ``count`` [n, Hkv]
@@ -54,7 +89,10 @@ def weigh_store(store: LayerStore, positions: np.ndarray, available: np.ndarray 
     its ``count``. Its kept unprotected slots (position >= ``protected``) share the tokens
     of the unprotected candidates equally (:func:`equal_counts`); a protected slot keeps
     what it stood for (1 for a new token). From plan to plan the counts of a head add up to
-    the tokens that have left the regular cache."""
+    the tokens that have left the regular cache. ``spread="nearest"`` shares the same total
+    by position instead (:func:`nearest_counts`)."""
+    if spread not in ("equal", "nearest"):
+        raise ValueError(f"mass.spread must be 'equal' or 'nearest', not {spread!r}")
     pos = np.asarray(positions)
     free = pos >= protected
     for h, hs in enumerate(store.heads):
@@ -66,5 +104,22 @@ def weigh_store(store: LayerStore, positions: np.ndarray, available: np.ndarray 
         c = np.ones(hs.n_slots, dtype=np.uint8)
         if count is not None and hs.token_index is not None:
             c[~kept_free] = np.clip(np.asarray(count)[hs.token_index[~kept_free], h], 1, MAX_COUNT)
-        c[kept_free] = equal_counts(held, int(kept_free.sum()), share)
+        if spread == "equal":
+            c[kept_free] = equal_counts(held, int(kept_free.sum()), share)
+        else:
+            ones = np.ones(len(pos), dtype=np.int64)
+            cnt = ones if count is None else np.asarray(count)[:, h]
+            rows = _kept_rows(hs, pos)[kept_free]  # candidate row of each kept unprotected slot
+            lost = mine.copy()
+            lost[rows] = False
+            c[kept_free] = nearest_counts(pos[rows], cnt[rows], pos[lost], cnt[lost], share)
         hs.count = c if (c > 1).any() else None
+
+
+def _kept_rows(hs, positions: np.ndarray) -> np.ndarray:
+    """The candidate row of each of ``hs``'s slots: ``token_index``, or the row at the slot's
+    position when the store does not name them (a head holds a position once)."""
+    if hs.token_index is not None:
+        return np.asarray(hs.token_index, dtype=np.int64)
+    order = np.argsort(positions, kind="stable")
+    return order[np.searchsorted(np.asarray(positions)[order], np.asarray(hs.positions))]

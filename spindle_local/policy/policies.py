@@ -350,7 +350,8 @@ class StagedPolicy(Policy):
             store = evict_layer(inp, geometry, scores[i], planned_slots[i], per_query_head=True,
                                 union_visible=st.selector.masks == "union", select=st.selector.rule)
             if i >= mass_from:
-                weigh_store(store, metas[i].positions, metas[i].available, metas[i].count, ctx.sinks, st.mass.share)
+                weigh_store(store, metas[i].positions, metas[i].available, metas[i].count, ctx.sinks, st.mass.share,
+                            st.mass.spread)
             scores[i] = None  # type: ignore[call-overload]  # planned: drop the layer's scores
             put(i, metas[i], store)
 

@@ -171,10 +171,14 @@ class EvictedMass:
     # scored lower): measured, it overweights the document against the recent tokens (KLD
     # up by two thirds at 0.15); half of it keeps the KLD and most of the later answers' gain
     share: float = knob(0.5, "each kept slot stands for this share of its equal part of the tokens")
+    spread: str = knob("equal", "how the tokens are shared: 'equal' parts, or 'nearest' (each evicted "
+                                "token to the kept slot nearest in position)")
 
     def __post_init__(self) -> None:
         if self.share <= 0 or (self.from_layer is not None and self.from_layer < 0):
             raise ValueError("mass.share must be > 0 and mass.from_layer >= 0 or none")
+        if self.spread not in ("equal", "nearest"):
+            raise ValueError("mass.spread must be 'equal' or 'nearest'")
 
     def first_layer(self, n_layer: int) -> int:
         return -(-2 * n_layer // 3) if self.from_layer is None else int(self.from_layer)
