@@ -38,6 +38,9 @@ from .plan import LayerStore
 #: Largest count a slot holds (the runtime stores it in one byte).
 MAX_COUNT = 255
 
+#: How the kept slots share the evicted tokens (:func:`weigh_store`).
+SPREADS = ("equal", "nearest")
+
 
 def equal_counts(held: float, kept: int, share: float) -> np.ndarray:
     """uint8 [kept]: tokens each of ``kept`` slots stands for when they share ``share`` of
@@ -91,8 +94,8 @@ def weigh_store(store: LayerStore, positions: np.ndarray, available: np.ndarray 
     what it stood for (1 for a new token). From plan to plan the counts of a head add up to
     the tokens that have left the regular cache. ``spread="nearest"`` shares the same total
     by position instead (:func:`nearest_counts`)."""
-    if spread not in ("equal", "nearest"):
-        raise ValueError(f"mass.spread must be 'equal' or 'nearest', not {spread!r}")
+    if spread not in SPREADS:
+        raise ValueError(f"mass.spread must be one of {', '.join(SPREADS)}, not {spread!r}")
     pos = np.asarray(positions)
     free = pos >= protected
     for h, hs in enumerate(store.heads):
@@ -107,8 +110,7 @@ def weigh_store(store: LayerStore, positions: np.ndarray, available: np.ndarray 
         if spread == "equal":
             c[kept_free] = equal_counts(held, int(kept_free.sum()), share)
         else:
-            ones = np.ones(len(pos), dtype=np.int64)
-            cnt = ones if count is None else np.asarray(count)[:, h]
+            cnt = np.ones(len(pos), dtype=np.int64) if count is None else np.asarray(count)[:, h]
             rows = _kept_rows(hs, pos)[kept_free]  # candidate row of each kept unprotected slot
             lost = mine.copy()
             lost[rows] = False

@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+from .mass import SPREADS
+
 Pooling = str  # "max", "avg" or "none"
 
 
@@ -177,8 +179,8 @@ class EvictedMass:
     def __post_init__(self) -> None:
         if self.share <= 0 or (self.from_layer is not None and self.from_layer < 0):
             raise ValueError("mass.share must be > 0 and mass.from_layer >= 0 or none")
-        if self.spread not in ("equal", "nearest"):
-            raise ValueError("mass.spread must be 'equal' or 'nearest'")
+        if self.spread not in SPREADS:
+            raise ValueError(f"mass.spread must be one of {', '.join(SPREADS)}")
 
     def first_layer(self, n_layer: int) -> int:
         return -(-2 * n_layer // 3) if self.from_layer is None else int(self.from_layer)
