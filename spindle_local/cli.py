@@ -637,7 +637,7 @@ def _show_ruler(result: dict) -> None:
               help="Prompt tokens.")
 @click.option("--gen", type=click.IntRange(min=0), default=64, show_default=True, help="Tokens generated.")
 @click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Repetitions of each measurement (medians are reported).")
+              help="Rounds, each measuring every configuration once (medians are reported).")
 @click.option("--text", type=click.Path(path_type=Path), default=None, help="Prompt text (default: pydoc topics).")
 @_output_options
 @engine_options(grid=True)
@@ -645,9 +645,10 @@ def eval_speed(model: Path | None, context: int, gen: int, reps: int, text: Path
                out: Path | None, **engine_kw: Any) -> None:
     """Prefill/decode speed and peak RSS vs stock llama.cpp, same prompt, same run.
 
-    Each measurement runs in a process of its own. In a grid, stock llama.cpp is measured
-    with the first configuration (alternating with it) and reused for the others
-    (``stock_reused``).
+    Each measurement runs in a process of its own. The repetitions run in rounds: a
+    round measures every configuration of a grid once, each after stock llama.cpp (once
+    a round per threads and flash-attention setting, shared by the rows with that
+    setting: ``stock_reused``), so a machine's drift moves every row alike.
     """
     from dataclasses import asdict
 
@@ -661,11 +662,12 @@ def eval_speed(model: Path | None, context: int, gen: int, reps: int, text: Path
     path, meta = _eval_model(model)
     if meta.n_ctx_train and context + gen > meta.n_ctx_train:
         raise UsageError(f"--context + --gen exceeds the model's trained context ({meta.n_ctx_train})")
-    stock: dict[tuple, list[dict]] = {}
-    for cfg in cfgs:
-        result = measure_speed(model=str(path), context=context, gen=gen, engine=asdict(cfg), reps=reps,
-                               text=str(text) if text else None, threads=cfg.n_threads, flash_attn=cfg.flash_attn,
-                               stock_runs=stock.setdefault((cfg.n_threads, cfg.flash_attn), []))
+    engines = [asdict(c) for c in cfgs]
+    n_stock = len({(e["n_threads"], e["flash_attn"]) for e in engines})
+    with click.progressbar(length=reps * (len(engines) + n_stock), label="speed", file=sys.stderr) as bar:
+        results = measure_speed(model=str(path), context=context, gen=gen, engines=engines, reps=reps,
+                                text=str(text) if text else None, progress=lambda *_: bar.update(1))
+    for cfg, result in zip(cfgs, results):
         report.add({"model": str(path), "policy": cfg.policy, "kv_budget": cfg.kv_budget, **result}, cfg)
 
 

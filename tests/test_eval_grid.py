@@ -150,24 +150,31 @@ def test_bad_grids_are_one_line(args: list[str], phrase: str) -> None:
     assert phrase in _one_line_error(run_cli("eval", *args))
 
 
-def test_speed_grid_measures_stock_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_speed_grid_runs_in_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every round measures each configuration once, after stock once per threads/flash setting."""
     from spindle_local.eval import speed
 
-    calls: list[str] = []
+    calls: list[tuple] = []
 
     def child(args: dict, env: dict | None = None) -> dict:
-        calls.append(args["mode"])
-        return {"prefill_seconds": 1.0, "decode_seconds": 1.0, "compress_seconds": 0.0,
+        calls.append((args["mode"], args["engine"]["policy"], args["threads"]))
+        # spindle-local gets slower every run: a drift that rounds must spread over the rows
+        t = 1.0 + 0.1 * len(calls)
+        return {"prefill_seconds": t, "decode_seconds": t, "compress_seconds": 0.0,
                 "compress_seconds_decode": 0.0, "reserve_ratio": 0.25, "peak_rss_bytes": 1}
 
     monkeypatch.setattr(speed, "_run_child", child)
-    stock: list[dict] = []
-    kw = dict(model="m.gguf", context=100, gen=4, reps=2)
-    first = speed.measure_speed(engine={"policy": "snapkv"}, stock_runs=stock, **kw)
-    assert calls == ["stock", "spindle", "stock", "spindle"] and len(stock) == 2 and not first["stock_reused"]
-    calls.clear()
-    second = speed.measure_speed(engine={"policy": "spindle"}, stock_runs=stock, **kw)
-    assert calls == ["spindle", "spindle"] and second["stock_reused"]
+    engines = [{"policy": "snapkv", "n_threads": 2, "flash_attn": True},
+               {"policy": "spindle", "n_threads": 2, "flash_attn": True},
+               {"policy": "spindle", "n_threads": 1, "flash_attn": True}]
+    rows = speed.measure_speed(model="m.gguf", context=100, gen=4, reps=2, engines=engines)
+    one_round = [("stock", "snapkv", 2), ("spindle", "snapkv", 2), ("spindle", "spindle", 2),
+                 ("stock", "spindle", 1), ("spindle", "spindle", 1)]
+    assert calls == one_round * 2
+    assert [r["stock_reused"] for r in rows] == [False, True, False]
+    # the two rows that share stock runs share its figures, and each row's medians are its own runs
+    assert rows[0]["decode_tps_stock"] == rows[1]["decode_tps_stock"] != rows[2]["decode_tps_stock"]
+    assert rows[0]["decode_tps_runs"] == pytest.approx([4 / 1.2, 4 / 1.7], abs=0.01) and rows[1]["prefill_seconds"] == pytest.approx(1.55)
 
 
 def test_labels_name_what_varies() -> None:

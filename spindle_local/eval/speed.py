@@ -1,8 +1,8 @@
 """Speed and memory: prefill / decode tokens per second and peak RSS, against stock llama.cpp.
 
 Every measurement runs in its own process (so peak RSS means something), and the
-stock and spindle-local runs alternate within one invocation, ``reps`` times each; we
-report medians. "Stock" is the unpatched llama-cpp-python library when one has been
+stock and spindle-local runs alternate within one invocation: ``reps`` rounds, each
+measuring every configuration of a grid once (:func:`measure_speed`); we report medians. "Stock" is the unpatched llama-cpp-python library when one has been
 built (``spindle-local setup --stock``), driven by the same decoding loop; otherwise it
 is our library with no compression (the patch leaves the graph exactly stock while the
 store is empty) and ``stock_library`` in the result says so.
@@ -98,55 +98,80 @@ def _run_child(args: dict, env_extra: dict[str, str] | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure_speed(*, model: str, context: int, gen: int, engine: dict, reps: int = 3,
-                  text: str | None = None, threads: int | None = None, flash_attn: bool = True,
-                  progress=None, stock_runs: list[dict] | None = None) -> dict:
-    """Median prefill/decode speed of spindle-local vs stock over ``reps`` alternating runs.
+def measure_speed(*, model: str, context: int, gen: int, engines: list[dict], reps: int = 3,
+                  text: str | None = None, progress=None) -> list[dict]:
+    """Median prefill/decode speed of each configuration in ``engines`` against stock llama.cpp.
 
-    ``stock_runs`` is a list the caller keeps for a grid of configurations with the same
-    prompt, threads and flash-attention setting: empty, it receives this call's stock
-    runs; filled, those are reused and only spindle-local runs (``stock_reused`` says so),
-    so stock is measured once, alternating with the grid's first configuration.
+    The measurements run in ``reps`` rounds. A round measures every configuration in turn,
+    each one preceded by stock llama.cpp when no configuration before it in the round had
+    the same threads and flash-attention setting. Why rounds: a shared machine's speed
+    drifts (other work, clocks), and generation speed on it varies by a third from one
+    process to the next. Repeating one configuration ``reps`` times before the next puts
+    that drift between the rows of a grid; rounds spread it over every row alike, so the
+    rows (and each row's ratio to stock) compare like with like. Stock is measured once a
+    round per setting and shared by the rows with that setting (``stock_reused`` on all but
+    the first).
     """
     stock_dir = stock_library_dir()
-    common = dict(model=model, context=context, gen=gen, text=text, threads=threads, flash_attn=flash_attn)
-    reuse = bool(stock_runs)
-    runs: dict[str, list[dict]] = {"stock": list(stock_runs) if reuse else [], "spindle": []}
+    common = dict(model=model, context=context, gen=gen, text=text)
+
+    def setting(engine: dict) -> tuple:
+        return engine.get("n_threads"), engine.get("flash_attn", True)
+
+    stock: dict[tuple, list[dict]] = {setting(e): [] for e in engines}
+    runs: list[list[dict]] = [[] for _ in engines]
+    env = {"LLAMA_CPP_LIB_PATH": str(stock_dir)} if stock_dir else None
     for i in range(reps):
-        for mode in ("spindle",) if reuse else ("stock", "spindle"):
-            env = {"LLAMA_CPP_LIB_PATH": str(stock_dir)} if mode == "stock" and stock_dir else None
-            runs[mode].append(_run_child(dict(common, mode=mode, engine=engine), env))
+        seen: set[tuple] = set()
+        for k, engine in enumerate(engines):
+            threads, flash_attn = key = setting(engine)
+            args = dict(common, engine=engine, threads=threads, flash_attn=flash_attn)
+            if key not in seen:
+                seen.add(key)
+                stock[key].append(_run_child(dict(args, mode="stock"), env))
+                if progress:
+                    progress("stock", i)
+            runs[k].append(_run_child(dict(args, mode="spindle")))
             if progress:
-                progress(mode, i)
-    if stock_runs is not None and not reuse:
-        stock_runs.extend(runs["stock"])
+                progress("spindle", i)
+    first = {}
+    for k, engine in enumerate(engines):
+        first.setdefault(setting(engine), k)
+    return [_summary(runs[k], stock[setting(e)], context=context, gen=gen, reps=reps, stock_dir=stock_dir,
+                     reused=first[setting(e)] != k) for k, e in enumerate(engines)]
 
-    def med(mode: str, key: str) -> float:
-        return float(statistics.median(r[key] for r in runs[mode]))
 
-    prefill_tps = context / med("spindle", "prefill_seconds")
-    decode_tps = gen / med("spindle", "decode_seconds") if gen else 0.0
-    prefill_tps_stock = context / med("stock", "prefill_seconds")
-    decode_tps_stock = gen / med("stock", "decode_seconds") if gen else 0.0
+def _summary(spindle: list[dict], stock: list[dict], *, context: int, gen: int, reps: int,
+             stock_dir: Path | None, reused: bool) -> dict:
+    """One configuration's medians over its runs and those of the stock runs it is compared with."""
+
+    def med(runs: list[dict], key: str) -> float:
+        return float(statistics.median(r[key] for r in runs))
+
+    prefill_tps = context / med(spindle, "prefill_seconds")
+    decode_tps = gen / med(spindle, "decode_seconds") if gen else 0.0
+    prefill_tps_stock = context / med(stock, "prefill_seconds")
+    decode_tps_stock = gen / med(stock, "decode_seconds") if gen else 0.0
     return {
         "context_tokens": context,
         "gen_tokens": gen,
         "reps": reps,
         "stock_library": str(stock_dir) if stock_dir else "patched library, empty store",
-        "stock_reused": reuse,
+        "stock_reused": reused,
         "prefill_tps": prefill_tps,
         "decode_tps": decode_tps,
-        "compress_seconds": med("spindle", "compress_seconds"),
-        "compress_seconds_decode": med("spindle", "compress_seconds_decode"),
-        "prefill_seconds": med("spindle", "prefill_seconds"),
+        "decode_tps_runs": [round(gen / r["decode_seconds"], 2) for r in spindle] if gen else [],
+        "compress_seconds": med(spindle, "compress_seconds"),
+        "compress_seconds_decode": med(spindle, "compress_seconds_decode"),
+        "prefill_seconds": med(spindle, "prefill_seconds"),
         "prefill_tps_stock": prefill_tps_stock,
         "decode_tps_stock": decode_tps_stock,
         "prefill_ratio": prefill_tps / prefill_tps_stock,
         "decode_ratio": decode_tps / decode_tps_stock if decode_tps_stock else 0.0,
-        "compress_fraction_of_prefill": med("spindle", "compress_seconds") / med("spindle", "prefill_seconds"),
-        "reserve_ratio": med("spindle", "reserve_ratio"),
-        "peak_rss_bytes": int(med("spindle", "peak_rss_bytes")),
-        "peak_rss_bytes_stock": int(med("stock", "peak_rss_bytes")),
+        "compress_fraction_of_prefill": med(spindle, "compress_seconds") / med(spindle, "prefill_seconds"),
+        "reserve_ratio": med(spindle, "reserve_ratio"),
+        "peak_rss_bytes": int(med(spindle, "peak_rss_bytes")),
+        "peak_rss_bytes_stock": int(med(stock, "peak_rss_bytes")),
     }
 
 
