@@ -8,7 +8,8 @@ prompt through the engine and reports:
 * ``rss_peak``: the process's peak RSS after the prompt is read (``ru_maxrss``);
 * ``kv_held``: bytes llama.cpp holds for KV at the end (regular allocation + store);
 * ``full_kv``: what an f16 cache of every token costs (the reserve-ratio denominator);
-* ``compress_s`` / ``prefill_s``: seconds spent compressing, and reading in all;
+* ``compress_s`` / ``prefill_s``: seconds spent compressing (the look-ahead probes
+  included; ``probe_s`` alone), and reading in all;
 * ``plans``: per compression, its seconds, the tokens read by then and the tokens held
   before and after it (regular cells plus the store's mean slots per KV head). The summary
   line gives one plan's seconds per 1,000 tokens held when it starts (median, first plan
@@ -136,6 +137,7 @@ def worker(args: argparse.Namespace) -> dict:
                 full_kv=full_cache_bytes(args.tokens, geo.n_layer, geo.n_head_kv, geo.head_dim_k, geo.head_dim_v),
                 stock_kv=stock_kv_bytes(meta, args.tokens, cfg.chunk), tokens_held=round(held, 1),
                 compressions=st.compressions, compress_s=round(st.compress_seconds, 3),
+                probe_s=round(st.probe_seconds, 3),
                 first_plan_s=round(first[0], 3), first_plan_at=first[1],
                 plans=[[round(s, 4), n, round(b, 1), round(a, 1)] for s, n, b, a in plans],
                 prefill_s=round(prefill, 3))

@@ -161,7 +161,7 @@ def test_speed_grid_runs_in_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
         # spindle-local gets slower every run: a drift that rounds must spread over the rows
         t = 1.0 + 0.1 * len(calls)
         return {"prefill_seconds": t, "decode_seconds": t, "compress_seconds": 0.0,
-                "compress_seconds_decode": 0.0, "reserve_ratio": 0.25, "peak_rss_bytes": 1}
+                "compress_seconds_decode": 0.0, "probe_seconds": 0.0, "reserve_ratio": 0.25, "peak_rss_bytes": 1}
 
     monkeypatch.setattr(speed, "_run_child", child)
     engines = [{"policy": "snapkv", "n_threads": 2, "flash_attn": True},

@@ -117,6 +117,9 @@ def test_lookahead_keeps_the_needle_through_mid_prompt_plans(default_model: Path
                 found[look] = key_found(greedy_answer(eng, p.tokens), p.key)
                 held[look] = _needle_slots(eng, p.needle_start)
                 plans[look] = eng.stats.compressions
+                # a probe runs for its plan: its time counts as compression, not reading
+                s = eng.stats
+                assert (s.probe_seconds > 0) == look and s.compress_seconds > s.probe_seconds
                 assert eng.refresh_stats().reserve_ratio <= 0.25 + 1e-9
             finally:
                 eng.ctx.close()

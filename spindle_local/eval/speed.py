@@ -53,7 +53,7 @@ def _worker(args: dict) -> dict:
             ctx.decode([int(np.argmax(logits))])
             logits = ctx.logits()
         out["decode_seconds"] = time.perf_counter() - t0
-        out["compress_seconds"] = 0.0
+        out["compress_seconds"] = out["probe_seconds"] = 0.0
         ctx.close()
     else:
         from spindle_local.runtime.engine import Engine, EngineConfig
@@ -69,7 +69,8 @@ def _worker(args: dict) -> dict:
             logits = eng.step(int(np.argmax(logits)))
         out["decode_seconds"] = time.perf_counter() - t0
         s = eng.refresh_stats()
-        out["compress_seconds"] = prefill_compress
+        out["compress_seconds"] = prefill_compress  # the look-ahead probes included
+        out["probe_seconds"] = s.probe_seconds
         out["compress_seconds_decode"] = s.compress_seconds - prefill_compress
         out["reserve_ratio"] = s.reserve_ratio
         out["kv_bytes"] = s.kv_bytes
@@ -163,6 +164,7 @@ def _summary(spindle: list[dict], stock: list[dict], *, context: int, gen: int, 
         "decode_tps_runs": [round(gen / r["decode_seconds"], 2) for r in spindle] if gen else [],
         "compress_seconds": med(spindle, "compress_seconds"),
         "compress_seconds_decode": med(spindle, "compress_seconds_decode"),
+        "probe_seconds": med(spindle, "probe_seconds"),
         "prefill_seconds": med(spindle, "prefill_seconds"),
         "prefill_tps_stock": prefill_tps_stock,
         "decode_tps_stock": decode_tps_stock,

@@ -69,7 +69,8 @@ class EngineStats:
     tokens_prefilled: int = 0
     tokens_generated: int = 0
     compressions: int = 0
-    compress_seconds: float = 0.0
+    compress_seconds: float = 0.0  # plans and their look-ahead probes
+    probe_seconds: float = 0.0  # the look-ahead probes alone (part of compress_seconds)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     store_bytes: int = 0
@@ -458,7 +459,7 @@ class Engine:
                     take = room
                 elif room < take or eager:
                     self._before_irreversible()  # a transaction must be able to undo what follows
-                    ahead = self._probe(tokens[-w:], end - w) if probe and room >= 0 else None
+                    ahead = self._timed_probe(tokens[-w:], end - w) if probe and room >= 0 else None
                     # Lazy: keep in the regular cache whatever the rest of the prompt leaves room
                     # for; the cells are allocated anyway, and the tokens still to read (the
                     # question among them) then see the old ones exactly, not a store. Not with
@@ -606,6 +607,16 @@ class Engine:
     def _lookahead_ok(self, unread: int) -> bool:
         """Can a plan made now borrow the queries of the prompt's end (``unread`` tokens still to read)?"""
         return self.config.lookahead and self.rope_ok and unread >= self.config.window
+
+    def _timed_probe(self, tail: Sequence[int], final_pos: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """:meth:`_probe`, timed: a probe runs only for its plan, so its time is compression's."""
+        t0 = time.perf_counter()
+        try:
+            return self._probe(tail, final_pos)
+        finally:
+            seconds = time.perf_counter() - t0
+            self.stats.probe_seconds += seconds
+            self.stats.compress_seconds += seconds
 
     def _probe(self, tail: Sequence[int], final_pos: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """Queries of the prompt's last tokens as they would look from here: the look-ahead window.
