@@ -106,23 +106,26 @@ def test_lookahead_keeps_the_needle_through_mid_prompt_plans(default_model: Path
         keys = [random_key(rng) for _ in range(2)]
         p = builder.build(2000, depth, keys[[0.15, 0.4].index(depth)])
         assert key_found(greedy_answer(full, p.tokens), p.key)
-        found, held, plans = {}, {}, {}
-        for look in (True, False):
+        found, held, plans, probes = {}, {}, {}, {}
+        for look, reuse in ((True, False), (False, False), ("reuse", True)):
             # the mid-prompt plans alone decide what reaches the end; without salient runs,
             # which keep the key whatever the window (tests/test_question_later.py)
-            cfg = EngineConfig(policy="spindle", kv_budget=0.25, n_cells=800, n_threads=2, lookahead=look,
-                               stages={"salient": "off"})
+            cfg = EngineConfig(policy="spindle", kv_budget=0.25, n_cells=800, n_threads=2, lookahead=bool(look),
+                               lookahead_reuse=reuse, stages={"salient": "off"})
             eng = Engine(default_model, cfg, model=full.model)  # the model is shared: closed with `full`
             try:
                 found[look] = key_found(greedy_answer(eng, p.tokens), p.key)
                 held[look] = _needle_slots(eng, p.needle_start)
-                plans[look] = eng.stats.compressions
+                plans[look], probes[look] = eng.stats.compressions, eng.stats.probes
                 # a probe runs for its plan: its time counts as compression, not reading
                 s = eng.stats
-                assert (s.probe_seconds > 0) == look and s.compress_seconds > s.probe_seconds
+                assert (s.probe_seconds > 0) == bool(look) and s.compress_seconds > s.probe_seconds
                 assert eng.refresh_stats().reserve_ratio <= 0.25 + 1e-9
             finally:
                 eng.ctx.close()
+        # one probe per mid-prompt plan; reused, one until the tokens read have doubled
+        assert probes[False] == 0 and 2 <= probes[True] < plans[True] and 1 <= probes["reuse"] < probes[True], probes
+        assert found["reuse"], "a reused probe still asks the question"
         assert plans[True] >= 3 and plans[False] >= 3
         assert found[True], "the look-ahead probe should keep the pass key through the mid-prompt plans"
         assert held[True] > 1.5 * held[False], held

@@ -61,6 +61,9 @@ class EngineConfig:
     eager_compress: bool = setting(False, help="compress after every prompt chunk, not only when the cache is full")
     lookahead: bool = setting(True, "--lookahead", "Plans made while a long prompt is read also score with the "
                               "prompt's last --window tokens (its question), probed ahead of time.", negatable=True)
+    lookahead_reuse: bool = setting(False, help="a mid-prompt plan reuses the prompt's last look-ahead probe "
+                                    "until the tokens read have doubled since it was made (fewer probes: each is a "
+                                    "forward pass of --window tokens)")
     lazy_plans: bool = setting(True, help="a mid-prompt plan moves only the oldest tokens the rest of the prompt "
                                           "needs room for")
     fill_cells: bool = setting(False, help="a long prompt is planned when the regular cells are full (the chunk "

@@ -71,6 +71,7 @@ class EngineStats:
     compressions: int = 0
     compress_seconds: float = 0.0  # plans and their look-ahead probes
     probe_seconds: float = 0.0  # the look-ahead probes alone (part of compress_seconds)
+    probes: int = 0  # look-ahead probes run
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     store_bytes: int = 0
@@ -195,6 +196,8 @@ class Engine:
         self._slot_count: dict[int, np.ndarray] = {}
         self._allowance: int | None = None  # regular tokens the last plan left room for (None: no plan)
         self._prompt_end: int | None = None  # while feed() reads a prompt: the position after it
+        # while feed() reads a prompt: (tokens read when made, its queries), for lookahead_reuse
+        self._last_probe: tuple[int, tuple[np.ndarray, list[np.ndarray]]] | None = None
         # Interrupts (runtime/interrupt.py): SIGINT or another thread sets ``cancel``; feed,
         # step and generate look at it only between native calls and raise Interrupted.
         self.cancel = CancelFlag()
@@ -425,6 +428,7 @@ class Engine:
                 return self._feed_chunks(tokens, progress, all_logits)
         finally:
             self._prompt_end = None
+            self._last_probe = None  # a probe serves the plans of its own prompt only
 
     def _feed_chunks(self, tokens: list[int], progress, all_logits: bool) -> np.ndarray:
         rows: list[np.ndarray] = []
@@ -609,14 +613,31 @@ class Engine:
         return self.config.lookahead and self.rope_ok and unread >= self.config.window
 
     def _timed_probe(self, tail: Sequence[int], final_pos: int) -> tuple[np.ndarray, list[np.ndarray]]:
-        """:meth:`_probe`, timed: a probe runs only for its plan, so its time is compression's."""
+        """The look-ahead queries for the plan about to be made: :meth:`_probe`, timed (a probe
+        runs only for its plan, so its time is compression's).
+
+        With ``lookahead_reuse`` the prompt's last probe serves again until the tokens read
+        have doubled since it was made. Why that can be enough: a probe's queries stand for
+        the prompt's end seen without the unread middle, an estimate whatever it has read;
+        what a later probe adds is the text read since the last one, a shrinking share of
+        what its queries have seen when the refresh is geometric. A prompt of ``n`` tokens
+        then costs about ``log2(n / cells)`` probes instead of one per plan.
+        """
+        last = self._last_probe
+        if self.config.lookahead_reuse and last is not None and self.n_past < 2 * last[0]:
+            pos, rows = last[1]
+            return pos, list(rows)  # a plan drops the rows it has used from its own list
         t0 = time.perf_counter()
         try:
-            return self._probe(tail, final_pos)
+            probe = self._probe(tail, final_pos)
         finally:
             seconds = time.perf_counter() - t0
             self.stats.probe_seconds += seconds
             self.stats.compress_seconds += seconds
+            self.stats.probes += 1
+        if self.config.lookahead_reuse:
+            self._last_probe = (self.n_past, (probe[0], list(probe[1])))
+        return probe
 
     def _probe(self, tail: Sequence[int], final_pos: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """Queries of the prompt's last tokens as they would look from here: the look-ahead window.
