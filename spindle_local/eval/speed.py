@@ -2,10 +2,11 @@
 
 Every measurement runs in its own process (so peak RSS means something), and the
 stock and spindle-local runs alternate within one invocation: ``reps`` rounds, each
-measuring every configuration of a grid once (:func:`measure_speed`); we report medians. "Stock" is the unpatched llama-cpp-python library when one has been
-built (``spindle-local setup --stock``), driven by the same decoding loop; otherwise it
-is our library with no compression (the patch leaves the graph exactly stock while the
-store is empty) and ``stock_library`` in the result says so.
+measuring every configuration of a grid once (:func:`measure_speed`); we report
+medians. "Stock" is the unpatched llama-cpp-python library when one has been built
+(``spindle-local setup --stock``), driven by the same decoding loop; otherwise it is our
+library with no compression (the patch leaves the graph exactly stock while the store is
+empty) and ``stock_library`` in the result says so.
 """
 
 from __future__ import annotations
@@ -135,11 +136,8 @@ def measure_speed(*, model: str, context: int, gen: int, engines: list[dict], re
             runs[k].append(_run_child(dict(args, mode="spindle")))
             if progress:
                 progress("spindle", i)
-    first = {}
-    for k, engine in enumerate(engines):
-        first.setdefault(setting(engine), k)
     return [_summary(runs[k], stock[setting(e)], context=context, gen=gen, reps=reps, stock_dir=stock_dir,
-                     reused=first[setting(e)] != k) for k, e in enumerate(engines)]
+                     reused=setting(e) in map(setting, engines[:k])) for k, e in enumerate(engines)]
 
 
 def _summary(spindle: list[dict], stock: list[dict], *, context: int, gen: int, reps: int,
