@@ -301,8 +301,9 @@ class ReferenceModel:
         ``mul_mat`` also converts Q and the softmax weights to f16 (its ``vec_dot``
         type for an f16 cache): ``q_f16=True, p_f16=True`` mimic that path. With
         flash attention (llama.cpp's default on CPU) leave both False: batches of
-        64 or more query tokens run ggml's tiled f32 kernel. Batches of fewer than 64
-        tokens (decode!) run ggml's vector kernel, which rounds Q to f16 and
+        32 or more query tokens run ggml's tiled f32 kernel (64 or more in a stock
+        build; the patch tiles 32-63 rows too). Smaller batches (decode!) run ggml's
+        vector kernel, which rounds Q to f16 and
         accumulates ``softmax · V`` online in an f16 buffer: ``flash_vec=True``
         replays that kernel key by key (slower; ``attn`` still reports exact
         weights).
