@@ -1,9 +1,9 @@
 """The patched CPU flash-attention tiles: a ubatch of 32-63 query rows (a look-ahead probe, a
-short question) takes the tiled kernel in 32-row tiles instead of ggml's per-row kernel, and
-the tiled kernel's chunks are whole tiles of one head (``patches/README.md``, hooks). Each row
-of a tile is computed on its own, so a row's attention must not depend on the tile height or
-on how the ubatch was cut: the rows of a short ubatch equal, to the bit, the same rows of a
-128-row ubatch (two 64-row tiles, as before the change).
+short question) takes the tiled kernel in 32-row tiles, one tile of one head per chunk, instead
+of ggml's per-row kernel (``patches/README.md``, hooks); 64 rows or more run as in ggml. Each
+row of a tile is computed on its own, so a row's attention must not depend on the tile height
+or on how the ubatch was cut: the rows of a short ubatch equal, to the bit, the same rows of a
+128-row ubatch (64-row tiles, unchanged by the patch).
 """
 
 from __future__ import annotations
